@@ -1,0 +1,446 @@
+"""Typed experiment configuration: YAML files in ``configs/`` loaded into dataclasses.
+
+Every field has a default, so a YAML file names only what it changes. Loading checks each key:
+an unknown key, a value of the wrong type or one outside its range raises :class:`ConfigError`
+naming the file and the dotted key. ``--set a.b=c`` overrides (parsed as YAML scalars) are
+applied on top of the file and checked the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fedpanfm.organs import DEFAULT_ORGANS, OrganSet
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the file and the dotted key."""
+
+
+def _f(default: Any, *, lo: float | None = None, hi: float | None = None, doc: str = "") -> Any:
+    """A dataclass field with an inclusive range check and a description."""
+    meta = {"min": lo, "max": hi, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: typing.cast(Any, type(d)(d)), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class OrganSpec:
+    """How one organ's images are preprocessed into the grid the model sees."""
+
+    grid: list[int] = _f([16, 16, 16], lo=1, doc="target grid, 2 or 3 sizes (H, W) or (D, H, W)")
+    patch: list[int] = _f([8, 8, 8], lo=1, doc="patch size per axis; must divide grid")
+    spacing: list[float] = _f([], lo=0.0, doc="target voxel spacing in mm; [] keeps the file's")
+    normalize: Literal["zscore", "minmax", "percentile", "none"] = "zscore"
+    clip_percentiles: list[float] = _f([0.5, 99.5], lo=0.0, hi=100.0)
+
+    def check(self, where: str) -> None:
+        if len(self.grid) not in (2, 3):
+            raise ConfigError(f"{where}.grid: need 2 or 3 sizes, got {self.grid}")
+        if len(self.patch) != len(self.grid):
+            raise ConfigError(f"{where}.patch: {self.patch} must have as many axes as grid {self.grid}")
+        if any(g % p for g, p in zip(self.grid, self.patch)):
+            raise ConfigError(f"{where}.patch: {self.patch} must divide grid {self.grid}")
+        if self.spacing and len(self.spacing) != len(self.grid):
+            raise ConfigError(f"{where}.spacing: {self.spacing} must have as many axes as grid")
+        if len(self.clip_percentiles) != 2 or self.clip_percentiles[0] >= self.clip_percentiles[1]:
+            raise ConfigError(f"{where}.clip_percentiles: need [low, high] with low < high")
+
+    @property
+    def num_patches(self) -> int:
+        n = 1
+        for g, p in zip(self.grid, self.patch):
+            n *= g // p
+        return n
+
+
+def _default_organ_specs() -> dict[str, OrganSpec]:
+    # Our choice: dominant organs (adipose, heart) get large 2D grids and so more tokens,
+    # mirroring how much image area they take in a whole-body protocol.
+    big2d = dict(grid=[32, 32], patch=[4, 4], spacing=[])
+    return {
+        "brain": OrganSpec(grid=[16, 16, 16], patch=[4, 4, 4]),
+        "heart": OrganSpec(**big2d),
+        "adipose": OrganSpec(**big2d),
+        "liver": OrganSpec(grid=[16, 16, 16], patch=[8, 4, 4]),
+        "kidney": OrganSpec(grid=[8, 16, 16], patch=[4, 4, 4]),
+        "spleen": OrganSpec(grid=[8, 16, 16], patch=[4, 4, 4]),
+        "pancreas": OrganSpec(grid=[8, 16, 16], patch=[4, 4, 4]),
+    }
+
+
+@dataclass
+class DataConfig:
+    """Where and how site cohorts are read."""
+
+    extra_organs: list[str] = _f([], doc="organs beyond the built-in seven")
+    organs: dict[str, OrganSpec] = field(default_factory=_default_organ_specs)
+    on_bad: Literal["error", "skip"] = "error"
+    cache: bool = True
+    cache_dir: str = _f("", doc="preprocessed-array cache; '' means <site>/.fedpanfm_cache")
+    batch_size: int = _f(16, lo=1)
+    num_workers: int = _f(0, lo=0)
+    val_fraction: float = _f(0.2, lo=0.0, hi=0.9, doc="held-out share of each site's subjects")
+
+    def organ_set(self) -> OrganSet:
+        return OrganSet.with_extra(self.extra_organs)
+
+
+@dataclass
+class SynthConfig:
+    """The built-in synthetic cohort (see docs/synthetic-cohort.md)."""
+
+    sites: int = _f(4, lo=1, hi=256)
+    subjects: int = _f(64, lo=1, doc="subjects per site")
+    seed: int = 0
+    site_organs: list[list[str]] = _f([], doc="organ set per site; [] uses the built-in mix")
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class DexConfig:
+    """Director-experts MLP layers (REFERENCES.md, DEX)."""
+
+    enabled: bool = True
+    experts: int = _f(4, lo=1, hi=64)
+    top_k: int = _f(2, lo=1, hi=64)
+    temperature: float = _f(0.5, lo=1e-3)
+    noise_std: float = _f(1.0, lo=0.0, doc="initial router noise std; cosine-decays to 0")
+    usage_momentum: float = _f(0.99, lo=0.0, hi=1.0)
+    gema_momentum_start: float = _f(0.99, lo=0.0, hi=1.0)
+    gema_momentum_end: float = _f(0.999, lo=0.0, hi=1.0)
+    distill_temperature: float = _f(0.5, lo=1e-3)
+
+
+@dataclass
+class ModelConfig:
+    dim: int = _f(64, lo=8)
+    depth: int = _f(4, lo=1, hi=64)
+    heads: int = _f(4, lo=1)
+    mlp_ratio: float = _f(2.0, lo=0.25)
+    head_hidden_dim: int = _f(128, lo=8)
+    head_bottleneck_dim: int = _f(64, lo=8)
+    head_out_dim: int = _f(256, lo=8, doc="number of DINO prototypes")
+    dex: DexConfig = field(default_factory=DexConfig)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class MaskingConfig:
+    """Whole-organ masking policy and in-organ patch masking (docs/method.md)."""
+
+    policy: Literal["none", "random", "sgm"] = "sgm"
+    organ_mask_ratio: float = _f(0.3, lo=0.0, hi=0.95, doc="expected share of a subject's organs masked")
+    temperature: float = _f(1.0, lo=1e-3, doc="SGM softmax temperature over saliency")
+    saliency_momentum: float = _f(0.9, lo=0.0, hi=1.0)
+    global_weight: float = _f(0.5, lo=0.0, hi=1.0, doc="weight of the federation's saliency")
+    patch_mask_ratio: float = _f(0.3, lo=0.0, hi=0.95)
+
+
+@dataclass
+class LossWeights:
+    dino: float = _f(1.0, lo=0.0)
+    ibot: float = _f(1.0, lo=0.0)
+    dex: float = _f(0.1, lo=0.0)
+    balance: float = _f(0.01, lo=0.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(2, lo=1, doc="local epochs (per round in a federation)")
+    lr: float = _f(5e-4, lo=0.0)
+    min_lr: float = _f(1e-5, lo=0.0)
+    weight_decay: float = _f(0.04, lo=0.0)
+    warmup_fraction: float = _f(0.1, lo=0.0, hi=1.0)
+    teacher_momentum_start: float = _f(0.996, lo=0.0, hi=1.0)
+    teacher_momentum_end: float = _f(1.0, lo=0.0, hi=1.0)
+    teacher_temp_start: float = _f(0.04, lo=1e-3)
+    teacher_temp_end: float = _f(0.07, lo=1e-3)
+    teacher_temp_warmup_fraction: float = _f(0.3, lo=0.0, hi=1.0)
+    student_temp: float = _f(0.1, lo=1e-3)
+    center_momentum: float = _f(0.9, lo=0.0, hi=1.0)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
+    progress: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Passed through to ``deepspeed.initialize``; ``extra`` is merged in verbatim."""
+
+    zero_stage: int = _f(0, lo=0, hi=3)
+    bf16: bool = False
+    gradient_clipping: float = _f(3.0, lo=0.0)
+    gradient_accumulation_steps: int = _f(1, lo=1)
+    extra: dict[str, Any] = _f({})
+
+
+# --------------------------------------------------------------------------- federation
+
+
+@dataclass
+class RayConfig:
+    enabled: bool = True
+    address: str = _f("", doc="'' starts a local Ray; 'auto' or host:port joins a cluster")
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = _f(3, lo=1)
+    min_sites: int = _f(2, lo=1)
+    fraction_train: float = _f(1.0, lo=0.0, hi=1.0)
+    round_timeout_s: float = _f(3600.0, lo=1.0)
+    teacher_policy: Literal["server_ema", "aggregate", "local"] = "server_ema"
+    server_teacher_momentum: float = _f(0.5, lo=0.0, hi=1.0)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = _f("runs", doc="experiment runs are written under this folder")
+    tensorboard: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "fedpanfm"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cohort: str = _f("data/synthetic", doc="cohort folder (site folders below it)")
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, src: str, meta: dict[str, Any]) -> Any:
+    """Check ``value`` against the annotation ``tp``; returns the typed value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    where = f"{src}: {key}"
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key, src)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            if a is type(None) and value is None:
+                return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(value, non_none[0], key, src, meta)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]", src, meta) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _convert(v, args[1], f"{key}.{k}", src, meta) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        _range(value, key, src, meta)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        _range(float(value), key, src, meta)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _range(value: float, key: str, src: str, meta: dict[str, Any]) -> None:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{src}: {key} = {value} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{src}: {key} = {value} is above the maximum {hi}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, src: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"{src}: unknown key {key!r} (known: {', '.join(fields)})")
+    base = cls()
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            kwargs[name] = _merge_default(getattr(base, name), raw[name], hints[name], key, src, dict(f.metadata))
+        else:
+            kwargs[name] = getattr(base, name)
+    return cls(**kwargs)
+
+
+def _merge_default(default: Any, value: Any, tp: Any, key: str, src: str, meta: dict[str, Any]) -> Any:
+    """Nested dataclasses and dicts of dataclasses merge into their defaults, key by key."""
+    if dataclasses.is_dataclass(default) and isinstance(value, dict):
+        merged = {**_shallow(default), **value}
+        return _convert(merged, tp, key, src, meta)
+    if typing.get_origin(tp) is dict and isinstance(value, dict) and isinstance(default, dict):
+        val_tp = typing.get_args(tp)[1]
+        out = dict(default)
+        for k, v in value.items():
+            sub = f"{key}.{k}"
+            if dataclasses.is_dataclass(val_tp) and k in default and isinstance(v, dict):
+                out[str(k)] = _convert({**_shallow(default[k]), **v}, val_tp, sub, src, meta)
+            else:
+                out[str(k)] = _convert(v, val_tp, sub, src, meta)
+        return out
+    return _convert(value, tp, key, src, meta)
+
+
+def _shallow(obj: Any) -> dict[str, Any]:
+    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v):
+        return _shallow(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.depth=4"`` -> (["model", "depth"], 4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set model.depth=4")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"--set {text}: empty part in key {key!r}")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
+    node = raw
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {text}: {p!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict[str, Any], src: str = "<dict>", overrides: list[str] | None = None) -> ExperimentConfig:
+    """Build and check an :class:`ExperimentConfig` from a plain mapping plus ``--set`` overrides."""
+    raw = _plain(dict(raw or {}))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: the top level must be a mapping")
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        _apply_override(raw, parts, value, text)
+    label = src if not overrides else f"{src} (with --set {' '.join(overrides)})"
+    cfg = _build(ExperimentConfig, raw, "", label)
+    validate(cfg, label)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML experiment config (``None`` gives the defaults) and apply ``--set`` overrides."""
+    if path is None:
+        return config_from_dict({}, "<defaults>", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    return config_from_dict(raw, str(path), overrides)
+
+
+def validate(cfg: ExperimentConfig, src: str) -> None:
+    """Checks that span several keys."""
+    organs = cfg.data.organ_set()
+    for name, spec in cfg.data.organs.items():
+        if name not in organs:
+            raise ConfigError(
+                f"{src}: data.organs.{name}: unknown organ; known: {', '.join(organs)} "
+                "(add new organs to data.extra_organs)"
+            )
+        spec.check(f"{src}: data.organs.{name}")
+    missing = [o for o in organs if o not in cfg.data.organs]
+    if missing:
+        raise ConfigError(f"{src}: data.organs: no preprocessing spec for {', '.join(missing)}")
+    for i, site in enumerate(cfg.synth.site_organs):
+        for o in site:
+            if o not in organs:
+                raise ConfigError(f"{src}: synth.site_organs[{i}]: unknown organ {o!r}")
+    if cfg.model.dim % cfg.model.heads:
+        raise ConfigError(f"{src}: model.dim = {cfg.model.dim} must be divisible by model.heads = {cfg.model.heads}")
+    if cfg.model.dex.top_k > cfg.model.dex.experts:
+        raise ConfigError(f"{src}: model.dex.top_k = {cfg.model.dex.top_k} exceeds model.dex.experts")
+
+
+__all__ = [
+    "ConfigError",
+    "DEFAULT_ORGANS",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "DexConfig",
+    "ExperimentConfig",
+    "FederationConfig",
+    "LoggingConfig",
+    "LossWeights",
+    "MaskingConfig",
+    "ModelConfig",
+    "OrganSpec",
+    "RayConfig",
+    "SynthConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "load_config",
+    "parse_override",
+]

@@ -1,0 +1,1 @@
+"""What runs at a site: the Flower ClientApp and the site runtime."""
