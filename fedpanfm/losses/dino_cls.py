@@ -1,0 +1,86 @@
+"""DINO CLS loss: cross-entropy from the centred, sharpened teacher to the student prototypes.
+
+References (REFERENCES.md, "Self-distillation essentials"): teacher output centred by a running
+centre (momentum ``center_momentum``) and sharpened by a teacher temperature; student temperature
+0.1. The centre is a buffer, so it travels with the model's state dict.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class CenteredDistillLoss(nn.Module):
+    """Shared core of the DINO and iBOT losses: a teacher centre and a per-row cross-entropy.
+
+    Args:
+        out_dim: number of prototypes K (the head's output size).
+        student_temp: temperature of the student softmax.
+        center_momentum: EMA momentum of the teacher centre (0.9 in DINO).
+    """
+
+    def __init__(self, out_dim: int, student_temp: float, center_momentum: float) -> None:
+        super().__init__()
+        if out_dim < 1 or student_temp <= 0 or not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(
+                f"{type(self).__name__}: need out_dim >= 1, student_temp > 0, 0 <= center_momentum <= 1; "
+                f"got {out_dim}, {student_temp}, {center_momentum}"
+            )
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def _check(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temp: float) -> None:
+        k = self.center.shape[1]
+        if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2 or student_logits.shape[1] != k:
+            raise ValueError(
+                f"{type(self).__name__}: student {tuple(student_logits.shape)} and teacher "
+                f"{tuple(teacher_logits.shape)} logits must both be (N, {k})"
+            )
+        if teacher_temp <= 0:
+            raise ValueError(f"{type(self).__name__}: teacher_temp must be > 0, got {teacher_temp}")
+
+    def row_losses(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
+        """Per-row loss -sum_k softmax((t - c)/T_t)_k * log_softmax(s/T_s)_k, shape (N,).
+
+        Args:
+            student_logits: (N, K) student head outputs.
+            teacher_logits: (N, K) teacher head outputs (detached here: no gradient to the teacher).
+            teacher_temp: the teacher temperature at this step (schedules.py warms it up).
+        """
+        self._check(student_logits, teacher_logits, teacher_temp)
+        # Centre and softmax in fp32: bf16 logits / 0.04 overflow the softmax's useful range.
+        t = F.softmax((teacher_logits.detach().float() - self.center) / teacher_temp, dim=-1)
+        log_s = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+        return -(t * log_s).sum(dim=-1)
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: Tensor) -> None:
+        """EMA of the batch mean of the teacher logits (N, K) into ``center``; no-op when N = 0."""
+        if teacher_logits.dim() != 2 or teacher_logits.shape[1] != self.center.shape[1]:
+            raise ValueError(
+                f"{type(self).__name__}.update_center: teacher logits {tuple(teacher_logits.shape)} "
+                f"must be (N, {self.center.shape[1]})"
+            )
+        if teacher_logits.shape[0] == 0:
+            return
+        batch_center = teacher_logits.detach().float().mean(dim=0, keepdim=True)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+class DINOClsLoss(CenteredDistillLoss):
+    """DINO loss on the CLS token: mean over subjects of the per-subject cross-entropy.
+
+    Args:
+        out_dim: number of prototypes K.
+        student_temp: student softmax temperature (0.1 in DINO).
+        center_momentum: EMA momentum of the teacher centre (0.9 in DINO).
+    """
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
+        """Scalar loss from (B, K) student and teacher CLS logits at ``teacher_temp``."""
+        if student_logits.shape[0] == 0:
+            raise ValueError("DINOClsLoss: empty batch (0 subjects)")
+        return self.row_losses(student_logits, teacher_logits, teacher_temp).mean()

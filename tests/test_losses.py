@@ -1,0 +1,140 @@
+"""DINO / iBOT / DEX-distillation / balance losses against hand computations."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from fedpanfm.losses.balance import load_balance_loss, switch_balance
+from fedpanfm.losses.dex_distill import depth_weights, dex_distill_loss
+from fedpanfm.losses.dino_cls import DINOClsLoss
+from fedpanfm.losses.ibot_patch import IBOTPatchLoss
+
+
+def _softmax(v: list[float]) -> list[float]:
+    e = [math.exp(x) for x in v]
+    return [x / sum(e) for x in e]
+
+
+def _ce(teacher: list[float], student: list[float], center: list[float], tt: float, ts: float) -> float:
+    t = _softmax([(a - c) / tt for a, c in zip(teacher, center)])
+    s = _softmax([a / ts for a in student])
+    return -sum(ti * math.log(si) for ti, si in zip(t, s))
+
+
+def test_dino_loss_matches_hand_computation_two_subjects_three_prototypes() -> None:
+    loss = DINOClsLoss(out_dim=3, student_temp=0.5, center_momentum=0.9)
+    loss.center.copy_(torch.tensor([[0.1, -0.2, 0.3]]))
+    s = [[1.0, 0.0, -1.0], [0.2, 0.4, 0.1]]
+    t = [[0.5, 0.1, 0.0], [-0.3, 0.9, 0.2]]
+    got = loss(torch.tensor(s), torch.tensor(t), teacher_temp=0.25)
+    c = [0.1, -0.2, 0.3]
+    want = (_ce(t[0], s[0], c, 0.25, 0.5) + _ce(t[1], s[1], c, 0.25, 0.5)) / 2
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_dino_gradient_reaches_student_only_and_center_is_ema() -> None:
+    loss = DINOClsLoss(out_dim=3, student_temp=0.1, center_momentum=0.9)
+    s = torch.randn(4, 3, requires_grad=True)
+    t = torch.randn(4, 3, requires_grad=True)
+    loss(s, t, 0.04).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+    loss.update_center(t)
+    assert torch.allclose(loss.center, 0.1 * t.detach().mean(0, keepdim=True))
+    with pytest.raises(ValueError, match=r"\(N, 3\)"):
+        loss(torch.randn(4, 5), torch.randn(4, 5), 0.04)
+
+
+def test_ibot_averages_per_subject_then_over_subjects() -> None:
+    loss = IBOTPatchLoss(out_dim=4, student_temp=0.1, center_momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    rows = torch.tensor([0, 0, 0, 0, 2])  # subject 0 has 4 masked tokens, subject 2 has 1
+    per = loss.row_losses(s, t, 0.04)
+    want = (per[:4].mean() + per[4]) / 2
+    assert loss(s, t, rows, 0.04).item() == pytest.approx(want.item(), rel=1e-6)
+    # and it is not the plain token mean
+    assert abs(want.item() - per.mean().item()) > 1e-4
+
+
+def test_ibot_empty_mask_gives_zero_attached_loss() -> None:
+    loss = IBOTPatchLoss(out_dim=4, student_temp=0.1, center_momentum=0.9)
+    s = torch.zeros(0, 4, requires_grad=True)
+    out = loss(s, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 0.04)
+    assert out.item() == 0.0 and out.requires_grad
+    loss.update_center(torch.zeros(0, 4))
+    assert torch.equal(loss.center, torch.zeros(1, 4))
+
+
+@dataclass
+class _Aux:
+    gates: torch.Tensor
+    probs: torch.Tensor
+    topk: torch.Tensor
+    expert_out: torch.Tensor
+    director_out: torch.Tensor | None
+    pad: torch.Tensor
+
+
+def _aux(probs: torch.Tensor, topk: torch.Tensor, expert: torch.Tensor, director: torch.Tensor | None, pad: torch.Tensor) -> _Aux:
+    return _Aux(probs, probs, topk, expert, director, pad)
+
+
+def test_balance_is_one_when_balanced_and_larger_when_collapsed() -> None:
+    e, b = 4, 8
+    probs = torch.full((b, e), 1.0 / e)
+    topk = torch.stack([torch.arange(b) % e, (torch.arange(b) + 1) % e], dim=1)
+    assert switch_balance(probs, topk).item() == pytest.approx(1.0)
+    collapsed_probs = torch.tensor([[0.97, 0.01, 0.01, 0.01]]).repeat(b, 1)
+    collapsed_topk = torch.tensor([[0, 1]]).repeat(b, 1)
+    # f = (0.5, 0.5, 0, 0), P = (0.97, 0.01, ..) -> 4 * (0.485 + 0.005)
+    assert switch_balance(collapsed_probs, collapsed_topk).item() == pytest.approx(4 * 0.49, rel=1e-5)
+    pad = torch.zeros(b, 3, dtype=torch.bool)
+    x = torch.zeros(b, 3, 2)
+    layers = [_aux(probs, topk, x, x, pad), None, _aux(collapsed_probs, collapsed_topk, x, x, pad)]
+    assert load_balance_loss(layers).item() == pytest.approx((1.0 + 4 * 0.49) / 2, rel=1e-5)
+    assert load_balance_loss([None, None]) is None
+
+
+def test_dex_distill_depth_weights_and_padding() -> None:
+    assert depth_weights([0, 1, 3]) == pytest.approx([1 / 7, 2 / 7, 4 / 7])
+    g = torch.Generator().manual_seed(1)
+    b, t, d = 2, 3, 5
+    pad = torch.tensor([[False, False, True], [False, False, False]])
+    probs, topk = torch.full((b, 2), 0.5), torch.tensor([[0, 1], [1, 0]])
+    layers = []
+    for _ in range(2):
+        ex = torch.randn(b, t, d, generator=g, requires_grad=True)
+        di = torch.randn(b, t, d, generator=g, requires_grad=True)
+        layers.append(_aux(probs, topk, ex, di, pad))
+    got = dex_distill_loss([layers[0], None, layers[1]], temperature=0.5)
+
+    def layer_ce(a: _Aux) -> float:
+        vals = []
+        for i in range(b):
+            for j in range(t):
+                if pad[i, j]:
+                    continue
+                tt = _softmax((a.director_out[i, j] / 0.5).tolist())
+                ss = _softmax((a.expert_out[i, j] / 0.5).tolist())
+                vals.append(-sum(x * math.log(y) for x, y in zip(tt, ss)))
+        return sum(vals) / len(vals)
+
+    want = 1 / 4 * layer_ce(layers[0]) + 3 / 4 * layer_ce(layers[1])  # blocks 0 and 2
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    got.backward()
+    assert layers[0].expert_out.grad is not None and layers[0].director_out.grad is None
+    # padded token gets no gradient
+    assert layers[0].expert_out.grad[0, 2].abs().sum() == 0
+
+
+def test_dex_distill_has_zero_gradient_when_experts_equal_director() -> None:
+    x = torch.randn(2, 3, 4)
+    ex = x.clone().requires_grad_(True)
+    aux = _aux(torch.full((2, 2), 0.5), torch.tensor([[0, 1], [0, 1]]), ex, x, torch.zeros(2, 3, dtype=torch.bool))
+    dex_distill_loss([aux], temperature=0.5).backward()
+    assert ex.grad.abs().max() < 1e-6
