@@ -9,11 +9,12 @@ applied on top of the file and checked the same way.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 
@@ -89,6 +90,7 @@ class DataConfig:
     on_bad: Literal["error", "skip"] = "error"
     cache: bool = True
     cache_dir: str = _f("", doc="preprocessed-array cache; '' means <site>/.fedpanfm_cache")
+    memory_cache: bool = False  # also keep preprocessed subjects in RAM (per DataLoader worker)
     batch_size: int = _f(16, lo=1)
     num_workers: int = _f(0, lo=0)
     val_fraction: float = _f(0.2, lo=0.0, hi=0.9, doc="held-out share of each site's subjects")
@@ -401,6 +403,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(raw, str(path), overrides)
 
 
+def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
+    """The experiment config named by a Flower run config (``[tool.flwr.app.config]``).
+
+    Args:
+        run_config: a mapping with ``config`` (path of the experiment YAML; relative paths are
+            taken from the working directory) and ``overrides`` (space-separated ``KEY=VALUE``
+            items, shell-quoted where a value holds spaces; may be empty).
+    """
+    missing = [k for k in ("config", "overrides") if k not in run_config]
+    if missing:
+        raise ConfigError(
+            f"Flower run config: missing key(s) {', '.join(missing)} "
+            f"(have: {', '.join(map(str, run_config)) or 'none'}); set them in [tool.flwr.app.config]"
+        )
+    path, overrides = run_config["config"], run_config["overrides"]
+    if not isinstance(path, str) or not isinstance(overrides, str):
+        raise ConfigError("Flower run config: 'config' and 'overrides' must be strings")
+    return load_config(path, shlex.split(overrides))
+
+
 def validate(cfg: ExperimentConfig, src: str) -> None:
     """Checks that span several keys."""
     organs = cfg.data.organ_set()
@@ -441,6 +463,7 @@ __all__ = [
     "SynthConfig",
     "TrainConfig",
     "config_from_dict",
+    "config_from_run_config",
     "load_config",
     "parse_override",
 ]

@@ -70,3 +70,70 @@ def make_batch(cfg: ExperimentConfig, organ_sets: list[list[str]], seed: int = 0
         labels=labels,
         label_names=tuple(f"label{i}" for i in range(n_labels)),
     )
+
+
+def make_site(site_dir, cfg: ExperimentConfig, organ_sets: dict[str, list[str]], seed: int = 0,
+              label_names: tuple[str, ...] = ("diabetes", "stroke")):
+    """Write a small NIfTI site: subject -> organs; images at 1.5x the grid size, 2 mm voxels.
+
+    Labels: subject k has diabetes = k % 2 and stroke unknown for odd k, else 0.
+    Returns the manifest rows written.
+    """
+    from pathlib import Path
+
+    import nibabel as nib
+    import numpy as np
+
+    from fedpanfm.data.manifest import ManifestRow, write_manifest
+
+    site_dir = Path(site_dir)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k, (sid, organs) in enumerate(organ_sets.items()):
+        labels = {"diabetes": float(k % 2), "stroke": None if k % 2 else 0.0}
+        for organ in organs:
+            shape = [max(2, int(g * 1.5)) for g in cfg.data.organs[organ].grid]
+            arr = rng.normal(100.0, 20.0, size=shape).astype(np.float32)
+            rel = f"img/{sid}_{organ}.nii.gz"
+            (site_dir / "img").mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(arr, np.diag([2.0, 2.0, 2.0, 1.0])), str(site_dir / rel))
+            rows.append(ManifestRow(sid, organ, rel, {n: labels[n] for n in label_names}))
+    write_manifest(site_dir, rows, list(label_names))
+    return rows
+
+
+def global_model_state(cfg: ExperimentConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The real PanFMSSL state dict of ``cfg`` (seeded), as the federation's global state."""
+    from fedpanfm.model.meta_arch import PanFMSSL
+
+    torch.manual_seed(seed)
+    return {k: v.detach().clone() for k, v in PanFMSSL(cfg).state_dict().items()}
+
+
+def fake_site_update(cfg: ExperimentConfig, global_state: dict[str, torch.Tensor], site: str, num_examples: int,
+                     organ_subjects: list[float] | None = None, gate_mass: torch.Tensor | None = None,
+                     seed: int = 0, scale: float = 0.1):
+    """A SiteUpdate as a site would send it: every float tensor of ``global_state`` moved by
+    seeded noise of std ``scale``; organ_subjects default: every subject has every organ; gate
+    mass default: random positive (L, E) when the state has DEX experts."""
+    from fedpanfm.federation.message import SiteUpdate
+
+    g = torch.Generator().manual_seed(seed)
+    n_organs = len(cfg.data.organ_set())
+    state = {k: (v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+             for k, v in global_state.items()}
+    if gate_mass is None:
+        e = cfg.model.dex.experts if cfg.model.dex.enabled else 0
+        gate_mass = torch.rand(cfg.model.depth if e else 0, e, generator=g, dtype=torch.float64) * num_examples
+    return SiteUpdate(
+        site=site,
+        state=state,
+        num_examples=num_examples,
+        organ_subjects=torch.tensor(organ_subjects if organ_subjects is not None else [float(num_examples)] * n_organs,
+                                    dtype=torch.float64),
+        gate_mass=gate_mass,
+        saliency=torch.rand(n_organs, generator=g, dtype=torch.float64),
+        organ_names=list(cfg.data.organ_set().names),
+        metrics={"loss/total": float(torch.rand(1, generator=g)), "loss/dino": 1.0},
+        steps=3,
+    )

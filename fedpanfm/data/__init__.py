@@ -1,0 +1,1 @@
+"""Cohorts on disk: manifests, image readers, preprocessing, datasets and the synthetic cohort."""
