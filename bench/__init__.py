@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.<name>``; they print figures, they assert nothing."""

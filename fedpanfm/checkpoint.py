@@ -1,0 +1,198 @@
+"""Checkpoints: a folder with weights (safetensors), config, metadata and checksums.
+
+Layout of a checkpoint folder::
+
+    model.safetensors   fp32 tensors (the exchange format; bf16 is widened), no pickling
+    config.yaml         ExperimentConfig.to_yaml()
+    meta.json           free-form metadata (step, epoch, round, metrics ...)
+    SHA256SUMS          "<sha256>  <file name>" per file above
+
+A checkpoint is written into a temporary folder beside its destination, every file is fsynced,
+and the folder is then renamed into place, so a reader never sees a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fedpanfm.config import ExperimentConfig
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+META = "meta.json"
+SUMS = "SHA256SUMS"
+_PAYLOAD = (WEIGHTS, CONFIG, META)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is missing a file or a file does not match its checksum."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Directory fsync makes the rename itself durable; not every platform allows opening a folder.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"checkpoint state key {key!r}: expected a tensor, got {type(t).__name__}")
+        t = t.detach().to("cpu")
+        if t.is_floating_point():
+            t = t.float()
+        out[key] = t.contiguous()
+    return out
+
+
+def save_checkpoint(path_dir: Path, state: dict[str, torch.Tensor], cfg: ExperimentConfig, meta: dict[str, Any]) -> Path:
+    """Write a checkpoint folder atomically; an existing folder at ``path_dir`` is replaced.
+
+    Args:
+        path_dir: the checkpoint folder to create (its parent is created if needed).
+        state: tensor state dict (e.g. ``LocalTrainer.export_state()``); floating tensors are
+            stored as fp32.
+        cfg: the experiment config, stored as YAML so the checkpoint can be rebuilt.
+        meta: JSON-serialisable metadata (step, epoch, metrics ...).
+
+    Returns:
+        ``path_dir``.
+    """
+    path_dir = Path(path_dir)
+    path_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        meta_text = json.dumps(meta, indent=2, sort_keys=True)
+    except TypeError as exc:
+        raise TypeError(f"checkpoint {path_dir}: meta is not JSON-serialisable: {exc}") from None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path_dir.name}.tmp-", dir=path_dir.parent))
+    try:
+        save_file(_exchange_tensors(state), str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(cfg.to_yaml())
+        (tmp / META).write_text(meta_text + "\n")
+        sums = "".join(f"{_sha256(tmp / name)}  {name}\n" for name in _PAYLOAD)
+        (tmp / SUMS).write_text(sums)
+        for name in (*_PAYLOAD, SUMS):
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        if path_dir.exists():
+            # os.replace cannot replace a non-empty folder: move the old one aside first so the
+            # destination is never missing a complete checkpoint for longer than two renames.
+            old = Path(tempfile.mkdtemp(prefix=f".{path_dir.name}.old-", dir=path_dir.parent))
+            os.replace(path_dir, old / "ckpt")
+            os.replace(tmp, path_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path_dir)
+        _fsync_dir(path_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path_dir
+
+
+def _read_sums(path_dir: Path) -> dict[str, str]:
+    sums_path = path_dir / SUMS
+    if not sums_path.is_file():
+        raise CheckpointError(f"{sums_path}: missing checksum file")
+    sums: dict[str, str] = {}
+    for n, line in enumerate(sums_path.read_text().splitlines(), start=1):
+        parts = line.split()
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise CheckpointError(f"{sums_path}: line {n} is not '<sha256>  <file>': {line!r}")
+        sums[parts[1]] = parts[0]
+    missing = [name for name in _PAYLOAD if name not in sums]
+    if missing:
+        raise CheckpointError(f"{sums_path}: no checksum for {', '.join(missing)}")
+    return sums
+
+
+def load_checkpoint(path_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Read and verify a checkpoint folder.
+
+    Args:
+        path_dir: a folder written by :func:`save_checkpoint`.
+
+    Returns:
+        ``(state, cfg_dict, meta)``: fp32 CPU tensors, the config as a plain mapping (build an
+        ``ExperimentConfig`` with ``config_from_dict``), and the metadata.
+
+    Raises:
+        CheckpointError: naming the file that is missing, fails its checksum, or cannot be parsed.
+    """
+    path_dir = Path(path_dir)
+    if not path_dir.is_dir():
+        raise CheckpointError(f"{path_dir}: checkpoint folder not found")
+    sums = _read_sums(path_dir)
+    for name in _PAYLOAD:
+        p = path_dir / name
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing checkpoint file")
+        if _sha256(p) != sums[name]:
+            raise CheckpointError(f"{p}: checksum mismatch (file corrupted or changed after saving)")
+    try:
+        state = load_file(str(path_dir / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path_dir / WEIGHTS}: cannot read tensors: {exc}") from None
+    try:
+        cfg_dict = yaml.safe_load((path_dir / CONFIG).read_text())
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{path_dir / CONFIG}: not valid YAML: {exc}") from None
+    if not isinstance(cfg_dict, dict):
+        raise CheckpointError(f"{path_dir / CONFIG}: expected a mapping at the top level")
+    try:
+        meta = json.loads((path_dir / META).read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path_dir / META}: not valid JSON: {exc}") from None
+    return state, cfg_dict, meta
+
+
+def point_latest(link: Path, target: Path) -> Path:
+    """Make ``link`` a relative symlink to the checkpoint folder ``target``, replacing it atomically.
+
+    Args:
+        link: the link path, e.g. ``<run_dir>/checkpoints/latest``.
+        target: an existing checkpoint folder in the same parent folder as ``link``.
+    """
+    link, target = Path(link), Path(target)
+    if not target.is_dir():
+        raise CheckpointError(f"{target}: cannot point {link.name} at a missing checkpoint folder")
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+    return link
+
+
+__all__ = ["CheckpointError", "load_checkpoint", "point_latest", "save_checkpoint"]

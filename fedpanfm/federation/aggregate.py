@@ -1,0 +1,332 @@
+"""The server's aggregation maths: pure functions over state dicts (docs/federation.md).
+
+A round is aggregated in three steps, each a pure function:
+
+1. :func:`plan_means` splits the global keys into parameter groups (``param_groups``) and gives
+   each group its per-site weights: subjects (shared), subjects holding the organ (organ
+   tokenizers), routed gate mass (experts). Every group is then a weighted mean
+   (:func:`mean_group`), independent of the others, so the groups can run in parallel
+   (``orchestration.ray_aggregation``) or one by one (:func:`run_means_serial`).
+2. :func:`finish_round` does what depends on the means: the directors' group EMA from the
+   aggregated experts (``directors``), the teacher policy, the reset accumulators, the global saliency and
+   the round's metrics.
+3. :func:`aggregate_round` composes both.
+
+No input tensor is ever modified; a group with no weight returns the previous tensor object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedpanfm.config import ExperimentConfig
+from fedpanfm.federation.message import MessageError, SiteUpdate, state_nbytes
+from fedpanfm.federation.directors import State, director_divergence, director_momentum, global_usage, update_directors
+from fedpanfm.federation.param_groups import ParamGroup, classify, counterpart, group_keys
+from fedpanfm.federation.saliency import aggregate_saliency
+
+
+
+def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float] | Tensor) -> Tensor | None:
+    """sum_i w_i * t_i / sum_i w_i, accumulated in float64, returned in ``tensors[0]``'s dtype.
+
+    Args:
+        tensors: one tensor per site, all the same shape.
+        weights: one non-negative weight per site (normalised here).
+
+    Returns:
+        the mean, or None when every weight is zero ("keep the previous value"). Integer and
+        bool tensors are rounded back to their dtype.
+    """
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if len(tensors) != w.numel() or not tensors:
+        raise ValueError(f"weighted_mean: {len(tensors)} tensors for {w.numel()} weights")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"weighted_mean: weights must be finite and >= 0, got {w.tolist()}")
+    total = float(w.sum())
+    if total == 0.0:
+        return None
+    shape = tensors[0].shape
+    acc = torch.zeros(shape, dtype=torch.float64)
+    for i, (t, wi) in enumerate(zip(tensors, (w / total).tolist())):
+        if t.shape != shape:
+            raise ValueError(f"weighted_mean: tensor {i} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if wi:
+            # In-place mixed-dtype add promotes t to float64 without a float64 temporary copy.
+            acc.add_(t, alpha=wi)
+    dtype = tensors[0].dtype
+    return acc.to(dtype) if dtype.is_floating_point else acc.round().to(dtype)
+
+
+@dataclass(frozen=True)
+class MeanTask:
+    """One parameter group to average.
+
+    Args:
+        group: the group (for logs and metrics).
+        keys: the state-dict keys of the group.
+        weights: (n_sites,) float64 per-site weights, in update order.
+    """
+
+    group: ParamGroup
+    keys: tuple[str, ...]
+    weights: Tensor
+
+
+def mean_group(
+    keys: Sequence[str], site_states: Sequence[Mapping[str, Tensor]], weights: Tensor, previous: Mapping[str, Tensor]
+) -> State:
+    """The weighted mean of each key over the sites, or the previous tensor if no site has weight.
+
+    Args:
+        keys: the group's state-dict keys.
+        site_states: one state dict per site (holding at least ``keys``).
+        weights: (n_sites,) non-negative weights.
+        previous: the global state before the round (the fallback for an all-zero weight).
+    """
+    out: State = {}
+    for key in keys:
+        try:
+            mean = weighted_mean([s[key] for s in site_states], weights)
+        except ValueError as exc:
+            raise ValueError(f"key {key!r}: {exc}") from None
+        out[key] = previous[key] if mean is None else mean
+    return out
+
+
+def run_means_serial(tasks: Sequence[MeanTask], site_states: Sequence[Mapping[str, Tensor]], previous: Mapping[str, Tensor]) -> State:
+    """Every task's :func:`mean_group`, one after the other (the reference the Ray path matches)."""
+    out: State = {}
+    for task in tasks:
+        out.update(mean_group(task.keys, site_states, task.weights, previous))
+    return out
+
+
+RunMeans = Callable[[Sequence[MeanTask], Sequence[Mapping[str, Tensor]], Mapping[str, Tensor]], State]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _uses_site_teacher(cfg: ExperimentConfig) -> bool:
+    return cfg.federation.teacher_policy == "aggregate"
+
+
+def required_keys(global_state: Mapping[str, Tensor], cfg: ExperimentConfig) -> list[str]:
+    """The keys a site's reply must carry: all of them, less the teacher's unless the teacher
+    policy is "aggregate" (under "server_ema" and "local" the server never reads a site's teacher)."""
+    need_teacher = _uses_site_teacher(cfg)
+    return [k for k in global_state if need_teacher or classify(k).role != "teacher"]
+
+
+def _expert_grid(global_state: Mapping[str, Tensor]) -> tuple[int, int]:
+    """(blocks, experts) spanned by the expert keys; (0, 0) without DEX."""
+    groups = [classify(k) for k in global_state]
+    layers = [g.layer for g in groups if g.kind == "expert" and g.layer is not None]
+    experts = [g.expert for g in groups if g.kind == "expert" and g.expert is not None]
+    return (max(layers) + 1, max(experts) + 1) if layers else (0, 0)
+
+
+def check_update(update: SiteUpdate, global_state: Mapping[str, Tensor], cfg: ExperimentConfig) -> None:
+    """Raise :class:`MessageError` unless ``update`` fits the global model: every required key,
+    no unknown key, same shapes and dtype kinds, a gate-mass table covering every expert."""
+    where = f"site {update.site}"
+    missing = [k for k in required_keys(global_state, cfg) if k not in update.state]
+    if missing:
+        raise MessageError(f"{where}: {len(missing)} weights missing, first {missing[0]!r}")
+    unknown = [k for k in update.state if k not in global_state]
+    if unknown:
+        raise MessageError(f"{where}: unknown weight {unknown[0]!r}")
+    for key, t in update.state.items():
+        g = global_state[key]
+        if t.shape != g.shape or t.dtype.is_floating_point != g.dtype.is_floating_point:
+            raise MessageError(f"{where}: {key!r} is {t.dtype} {tuple(t.shape)}, the global model has {g.dtype} {tuple(g.shape)}")
+    layers, experts = _expert_grid(global_state)
+    if layers and (update.gate_mass.shape[0] < layers or update.gate_mass.shape[1] != experts):
+        raise MessageError(
+            f"{where}: gate mass of shape {tuple(update.gate_mass.shape)} does not cover {layers} blocks x {experts} experts"
+        )
+    if layers and float(update.gate_mass[:layers].sum()) <= 0:
+        raise MessageError(f"{where}: gate mass is all zero although the model has DEX layers (missing stats)")
+
+
+def plan_means(global_state: Mapping[str, Tensor], updates: Sequence[SiteUpdate], cfg: ExperimentConfig) -> list[MeanTask]:
+    """The weighted-mean tasks of a round (everything but directors, accumulators and, unless
+    the teacher policy is "aggregate", the teacher).
+
+    Args:
+        global_state: the global state before the round (defines the keys and groups).
+        updates: the sites' checked updates (see :func:`check_update`).
+        cfg: the experiment config (organ vocabulary, teacher policy).
+    """
+    organs = cfg.data.organ_set()
+    subjects = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+    tasks: list[MeanTask] = []
+    for group, keys in group_keys(global_state).items():
+        if group.kind in ("director", "accumulator"):
+            continue
+        if group.role == "teacher" and not _uses_site_teacher(cfg):
+            continue
+        if group.kind == "organ":
+            o = organs.index(group.organ or "")
+            weights = torch.stack([u.organ_subjects[o].to(torch.float64) for u in updates])
+        elif group.kind == "expert":
+            weights = torch.stack([u.gate_mass[group.layer, group.expert].to(torch.float64) for u in updates])
+        else:
+            weights = subjects
+        tasks.append(MeanTask(group, tuple(keys), weights))
+    return tasks
+
+
+# --------------------------------------------------------------------------- after the means
+
+
+def server_ema_teacher(student: Mapping[str, Tensor], previous_teacher: Mapping[str, Tensor], momentum: float) -> State:
+    """Global teacher = m * previous global teacher + (1 - m) * new global student, key by key.
+
+    Args:
+        student: the new global state (student keys are read).
+        previous_teacher: the previous global teacher entries (``teacher.*`` keys).
+        momentum: m in [0, 1].
+    """
+    out: State = {}
+    for key, prev in previous_teacher.items():
+        s = student[counterpart(key, "student")]
+        if prev.dtype.is_floating_point:
+            out[key] = (momentum * prev.to(torch.float64) + (1.0 - momentum) * s.to(torch.float64)).to(prev.dtype)
+        else:
+            out[key] = s
+    return out
+
+
+def mean_site_metrics(updates: Sequence[SiteUpdate]) -> dict[str, float]:
+    """Every training metric averaged over the sites reporting it, weighted by subjects."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for u in updates:
+        for k, v in u.metrics.items():
+            sums[k] = sums.get(k, 0.0) + v * u.num_examples
+            weights[k] = weights.get(k, 0.0) + u.num_examples
+    return {k: sums[k] / weights[k] for k in sums}
+
+
+@dataclass
+class RoundOutcome:
+    """What a round produced besides the weights.
+
+    Args:
+        saliency: (n_organs,) the new global saliency shares.
+        metrics: flat name -> float (tags as TensorBoard uses them).
+    """
+
+    saliency: Tensor
+    metrics: dict[str, float]
+
+
+def finish_round(
+    means: State,
+    previous: Mapping[str, Tensor],
+    updates: Sequence[SiteUpdate],
+    cfg: ExperimentConfig,
+    server_round: int,
+    previous_saliency: Tensor | None = None,
+) -> tuple[State, RoundOutcome]:
+    """Complete the new global state from the group means.
+
+    Args:
+        means: the output of the mean tasks (:func:`plan_means`).
+        previous: the global state before the round.
+        updates: the sites' checked updates.
+        cfg: the experiment config.
+        server_round: the round being closed, from 1.
+        previous_saliency: last round's global saliency (None = uniform).
+    """
+    policy = cfg.federation.teacher_policy
+    state: State = dict(means)
+    for key, t in previous.items():
+        if classify(key).kind == "accumulator":
+            state[key] = torch.zeros_like(t)
+    usage = global_usage(updates)
+    m_dir = director_momentum(cfg, server_round)
+    update_directors(state, previous, usage, m_dir, ["student", "teacher"] if policy == "aggregate" else ["student"])
+    teacher = {k: t for k, t in previous.items() if classify(k).role == "teacher" and k not in state}
+    if policy == "server_ema":
+        state.update(server_ema_teacher(state, teacher, cfg.federation.server_teacher_momentum))
+    else:
+        # "local": the sites keep their own teacher; the global teacher entries stay as they were.
+        state.update(teacher)
+    state = {k: state[k] for k in previous}  # the global key order, and proof nothing is missing
+
+    organs = cfg.data.organ_set()
+    saliency = aggregate_saliency([u.saliency for u in updates], [u.organ_subjects for u in updates], previous_saliency)
+    metrics: dict[str, float] = {f"saliency/{o}": float(s) for o, s in zip(organs.names, saliency)}
+    for l in range(usage.shape[0]):
+        total = float(usage[l].sum())
+        for e in range(usage.shape[1]):
+            metrics[f"expert_usage/layer{l}/e{e}"] = float(usage[l, e]) / total if total > 0 else 0.0
+    div = director_divergence(state)
+    for l, d in div.items():
+        metrics[f"director_divergence/layer{l}"] = d
+    if div:
+        metrics["director_divergence/mean"] = sum(div.values()) / len(div)
+        metrics["director_momentum"] = m_dir
+    metrics["bytes/received"] = float(sum(state_nbytes(u.state) for u in updates))
+    metrics["sites"] = float(len(updates))
+    metrics["subjects"] = float(sum(u.num_examples for u in updates))
+    metrics.update({f"train/{k}": v for k, v in mean_site_metrics(updates).items()})
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"round {server_round}: metric {bad[0]!r} is not finite")
+    return state, RoundOutcome(saliency, metrics)
+
+
+def aggregate_round(
+    global_state: Mapping[str, Tensor],
+    updates: Sequence[SiteUpdate],
+    cfg: ExperimentConfig,
+    server_round: int,
+    previous_saliency: Tensor | None = None,
+    run_means: RunMeans = run_means_serial,
+) -> tuple[State, RoundOutcome]:
+    """One round of server aggregation.
+
+    Args:
+        global_state: the global state dict before the round (never modified).
+        updates: the sites' updates, each already checked with :func:`check_update`.
+        cfg: the experiment config (teacher policy, DEX momenta, organ vocabulary).
+        server_round: the round being closed, from 1.
+        previous_saliency: last round's global saliency (None = uniform).
+        run_means: executes the mean tasks (serial here; Ray in orchestration).
+
+    Returns:
+        (new global state, outcome with the new global saliency and the round's metrics).
+    """
+    if not updates:
+        raise ValueError(f"round {server_round}: no site update to aggregate")
+    for u in updates:
+        check_update(u, global_state, cfg)
+    tasks = plan_means(global_state, updates, cfg)
+    means = run_means(tasks, [u.state for u in updates], global_state)
+    return finish_round(means, global_state, updates, cfg, server_round, previous_saliency)
+
+
+__all__ = [
+    "MeanTask",
+    "RoundOutcome",
+    "RunMeans",
+    "aggregate_round",
+    "check_update",
+    "finish_round",
+    "mean_group",
+    "mean_site_metrics",
+    "plan_means",
+    "required_keys",
+    "run_means_serial",
+    "server_ema_teacher",
+    "weighted_mean",
+]

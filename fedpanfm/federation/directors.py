@@ -1,0 +1,87 @@
+"""DEX directors on the server: group EMA from the aggregated experts, and how far they diverge.
+
+Our reconstruction (docs/federation.md, "Directors"): the global director of block l is updated
+as in DEX, ``theta_D <- m * theta_D + (1 - m) * sum_e w_e * theta_e``, from the previous global
+director and the round's aggregated experts, with ``w`` the gate mass all sites routed to each
+expert (global usage) and ``m`` on a cosine over rounds. The sites' own directors are not used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from fedpanfm.config import ExperimentConfig
+from fedpanfm.federation.message import SiteUpdate
+from fedpanfm.federation.param_groups import ParamGroup, group_keys, module_suffix
+from fedpanfm.model.group_ema import group_ema
+from fedpanfm.train.schedules import cosine
+
+State = dict[str, Tensor]
+
+
+def director_momentum(cfg: ExperimentConfig, server_round: int) -> float:
+    """Server group-EMA momentum of a round: cosine over rounds from
+    ``model.dex.gema_momentum_start`` (round 1) to ``gema_momentum_end`` (last round)."""
+    dex = cfg.model.dex
+    return cosine(dex.gema_momentum_start, dex.gema_momentum_end, server_round - 1, cfg.federation.rounds - 1)
+
+
+def global_usage(updates: Sequence[SiteUpdate]) -> Tensor:
+    """(L, E) float64 gate mass summed over sites (empty (0, 0) without updates)."""
+    if not updates:
+        return torch.zeros(0, 0, dtype=torch.float64)
+    return torch.stack([u.gate_mass.to(torch.float64) for u in updates]).sum(0)
+
+
+def update_directors(state: State, previous: Mapping[str, Tensor], usage: Tensor, momentum: float, roles: Sequence[str]) -> State:
+    """Group EMA of every director from the (already aggregated) experts in ``state``.
+
+    Args:
+        state: the new global state; must hold the aggregated experts; directors are written here.
+        previous: the global state before the round (the directors' EMA starts from it).
+        usage: (L, E) global gate mass; a layer with none keeps its previous director.
+        momentum: the group-EMA momentum m.
+        roles: which networks' directors to update ("student", "teacher").
+    """
+    by_group = group_keys(previous)
+    for group, keys in by_group.items():
+        if group.kind != "director" or group.role not in roles:
+            continue
+        layer = group.layer if group.layer is not None else -1
+        w = usage[layer] if 0 <= layer < usage.shape[0] else torch.zeros(0)
+        if w.numel() == 0 or float(w.sum()) <= 0:
+            state.update({k: previous[k] for k in keys})
+            continue
+        director = {module_suffix(k, group): previous[k] for k in keys}
+        experts = []
+        for e in range(w.numel()):
+            eg = ParamGroup(group.role, "expert", layer=group.layer, expert=e)
+            experts.append({module_suffix(k, eg): state[k] for k in by_group[eg]})
+        new = group_ema(director, experts, w, momentum)
+        state.update({k: new[module_suffix(k, group)] for k in keys})
+    return state
+
+
+def director_divergence(state: Mapping[str, Tensor], role: str = "student") -> dict[int, float]:
+    """Per block: mean over experts of ||theta_D - theta_e|| / ||theta_D|| (all director
+    parameters concatenated) — how far the experts have moved from their director."""
+    by_group = group_keys(state)
+    out: dict[int, float] = {}
+    for group, keys in by_group.items():
+        if group.kind != "director" or group.role != role or group.layer is None:
+            continue
+        d = torch.cat([state[k].to(torch.float64).flatten() for k in keys])
+        dists = []
+        for eg, ekeys in by_group.items():
+            if eg.kind == "expert" and eg.role == role and eg.layer == group.layer:
+                e = torch.cat([state[k].to(torch.float64).flatten() for k in ekeys])
+                dists.append(float((d - e).norm() / d.norm().clamp_min(1e-12)))
+        if dists:
+            out[group.layer] = sum(dists) / len(dists)
+    return out
+
+
+__all__ = ["director_divergence", "director_momentum", "global_usage", "update_directors"]

@@ -1,0 +1,366 @@
+"""The federation's wire format: what the server sends a site and what a site replies.
+
+Both sides import this module, so the record names and checks live in one place.
+
+Server -> site (``TrainInstruction``), a Flower ``RecordDict`` with
+    ``"arrays"``    ArrayRecord: the global ``PanFMSSL`` state dict, fp32;
+    ``"fedpanfm"``  ConfigRecord: ``protocol-version``, ``server-round``, ``num-rounds``,
+                    ``start-step`` / ``total-steps`` (schedule position), ``global-saliency``
+                    (list in organ order), ``organ-names``, ``teacher-policy``.
+Site -> server (``SiteUpdate``):
+    ``"arrays"``    ArrayRecord: the site's updated state dict, fp32;
+    ``"metrics"``   MetricRecord: ``num-examples`` (training subjects, Flower's weighting key),
+                    ``organ-subjects`` (list in organ order), ``gate-mass`` (flattened (L, E))
+                    + ``gate-mass-shape``, ``saliency`` (list in organ order), ``steps``, and the
+                    training metrics (every other key; finite scalars);
+    ``"site"``      ConfigRecord: ``protocol-version``, ``site-name``, ``organ-names``.
+
+Decoding checks the version and every field and raises :class:`MessageError` with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from torch import Tensor
+
+PROTOCOL_VERSION = 1
+ARRAYS = "arrays"
+SERVER_CONFIG = "fedpanfm"
+METRICS = "metrics"
+SITE_CONFIG = "site"
+NUM_EXAMPLES = "num-examples"
+TEACHER_POLICIES = ("server_ema", "aggregate", "local")
+# MetricRecord keys with a fixed meaning; every other key of "metrics" is a training metric.
+RESERVED_METRICS = (NUM_EXAMPLES, "organ-subjects", "gate-mass", "gate-mass-shape", "saliency", "steps")
+
+
+class MessageError(ValueError):
+    """A message does not follow the protocol.
+
+    Args:
+        reason: what is wrong, naming the record and key at fault.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def state_to_arrayrecord(state: Mapping[str, Tensor]) -> ArrayRecord:
+    """A state dict as an ArrayRecord; floating tensors travel as fp32.
+
+    Args:
+        state: key -> tensor (any device / float dtype; bf16 and fp16 are cast to fp32 because
+            numpy, hence ArrayRecord, has no bf16).
+    """
+    record = ArrayRecord()
+    for key, t in state.items():
+        t = t.detach()
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t = t.to(torch.float32)
+        # .numpy() of a contiguous CPU tensor is a view: the only copy is Flower's own serialisation.
+        record[key] = Array(t.cpu().contiguous().numpy())
+    return record
+
+
+def arrayrecord_to_state(record: ArrayRecord, where: str = "arrays") -> dict[str, Tensor]:
+    """An ArrayRecord back as torch tensors, checking dtype (fp32 for floats) and finiteness.
+
+    Args:
+        record: the record to decode.
+        where: names the sender in error messages (e.g. "site hospital_a").
+    """
+    state: dict[str, Tensor] = {}
+    for key, arr in record.items():
+        try:
+            a = arr.numpy()
+        except (TypeError, ValueError) as exc:
+            raise MessageError(f"{where}: array {key!r} cannot be decoded: {exc}") from None
+        if a.dtype.kind == "f" and a.dtype != np.float32:
+            raise MessageError(f"{where}: array {key!r} is {a.dtype}; the protocol carries float32")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise MessageError(f"{where}: array {key!r} holds NaN or Inf")
+        with warnings.catch_warnings():
+            # np.load may hand back a read-only array; we never write into received tensors.
+            warnings.simplefilter("ignore", UserWarning)
+            state[key] = torch.from_numpy(a)
+    return state
+
+
+def state_nbytes(state: Mapping[str, Tensor]) -> int:
+    """Payload bytes of a state dict (element bytes, without serialisation headers)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+# --------------------------------------------------------------------------- field checks
+
+
+def _get(record: Mapping[str, object], key: str, where: str) -> object:
+    if key not in record:
+        raise MessageError(f"{where}: missing {key!r}")
+    return record[key]
+
+
+def _int(record: Mapping[str, object], key: str, where: str, lo: int = 0) -> int:
+    v = _get(record, key, where)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise MessageError(f"{where}: {key!r} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _floats(record: Mapping[str, object], key: str, where: str, n: int | None, nonneg: bool = True) -> list[float]:
+    v = _get(record, key, where)
+    if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        raise MessageError(f"{where}: {key!r} must be a list of numbers, got {type(v).__name__}")
+    if n is not None and len(v) != n:
+        raise MessageError(f"{where}: {key!r} has {len(v)} entries, expected {n} (one per organ)")
+    out = [float(x) for x in v]
+    bad = [i for i, x in enumerate(out) if not math.isfinite(x) or (nonneg and x < 0)]
+    if bad:
+        raise MessageError(f"{where}: {key!r}[{bad[0]}] = {out[bad[0]]} (must be finite{' and >= 0' if nonneg else ''})")
+    return out
+
+
+def _str_list(record: Mapping[str, object], key: str, where: str) -> list[str]:
+    v = _get(record, key, where)
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise MessageError(f"{where}: {key!r} must be a list of strings")
+    return list(v)
+
+
+def _version(record: Mapping[str, object], where: str) -> None:
+    v = _get(record, "protocol-version", where)
+    if v != PROTOCOL_VERSION:
+        raise MessageError(f"{where}: protocol version {v!r}, this build speaks {PROTOCOL_VERSION}")
+
+
+def _record(rd: RecordDict, key: str, kind: type, where: str) -> object:
+    if key not in rd:
+        raise MessageError(f"{where}: no {kind.__name__} {key!r} (has {', '.join(rd.keys()) or 'nothing'})")
+    rec = rd[key]
+    if not isinstance(rec, kind):
+        raise MessageError(f"{where}: {key!r} is a {type(rec).__name__}, expected {kind.__name__}")
+    return rec
+
+
+def _check_organs(names: Sequence[str], expected: Sequence[str] | None, where: str) -> None:
+    if expected is not None and tuple(names) != tuple(expected):
+        raise MessageError(f"{where}: organ vocabulary {list(names)} differs from ours {list(expected)}")
+
+
+# --------------------------------------------------------------------------- server -> site
+
+
+@dataclass
+class TrainInstruction:
+    """What the server sends each site for one round of local training.
+
+    Args:
+        arrays: the global state dict, already encoded (``state_to_arrayrecord``); kept encoded
+            so the server serialises the global model once per round, not once per site.
+        server_round: the round about to run, from 1.
+        num_rounds: rounds planned in total.
+        start_step: the global optimiser step at which this round starts; a site positions its
+            LR / momentum / temperature schedules here.
+        total_steps: the optimiser steps planned over the whole run (the schedules' length).
+        global_saliency: federation-wide organ saliency shares, in ``organ_names`` order.
+        organ_names: the organ vocabulary order of ``global_saliency``.
+        teacher_policy: "server_ema", "aggregate" or "local" (docs/federation.md).
+    """
+
+    arrays: ArrayRecord
+    server_round: int
+    num_rounds: int
+    start_step: int
+    total_steps: int
+    global_saliency: list[float]
+    organ_names: list[str]
+    teacher_policy: str
+
+    def state(self) -> dict[str, Tensor]:
+        """The global weights as tensors (checked: fp32, finite)."""
+        return arrayrecord_to_state(self.arrays, "server instruction")
+
+    def to_recorddict(self) -> RecordDict:
+        return RecordDict(
+            {
+                ARRAYS: self.arrays,
+                SERVER_CONFIG: ConfigRecord(
+                    {
+                        "protocol-version": PROTOCOL_VERSION,
+                        "server-round": int(self.server_round),
+                        "num-rounds": int(self.num_rounds),
+                        "start-step": int(self.start_step),
+                        "total-steps": int(self.total_steps),
+                        "global-saliency": [float(x) for x in self.global_saliency],
+                        "organ-names": list(self.organ_names),
+                        "teacher-policy": self.teacher_policy,
+                    }
+                ),
+            }
+        )
+
+    @classmethod
+    def from_recorddict(cls, rd: RecordDict, organ_names: Sequence[str] | None = None) -> "TrainInstruction":
+        """Decode and check a server instruction.
+
+        Args:
+            rd: the message content.
+            organ_names: the receiver's organ vocabulary; a different one is an error.
+        """
+        where = "server instruction"
+        cfg = _record(rd, SERVER_CONFIG, ConfigRecord, where)
+        arrays = _record(rd, ARRAYS, ArrayRecord, where)
+        assert isinstance(cfg, ConfigRecord) and isinstance(arrays, ArrayRecord)
+        _version(cfg, where)
+        names = _str_list(cfg, "organ-names", where)
+        _check_organs(names, organ_names, where)
+        policy = _get(cfg, "teacher-policy", where)
+        if policy not in TEACHER_POLICIES:
+            raise MessageError(f"{where}: teacher-policy {policy!r} is not one of {TEACHER_POLICIES}")
+        server_round = _int(cfg, "server-round", where, lo=1)
+        num_rounds = _int(cfg, "num-rounds", where, lo=1)
+        if server_round > num_rounds:
+            raise MessageError(f"{where}: server-round {server_round} exceeds num-rounds {num_rounds}")
+        return cls(
+            arrays=arrays,
+            server_round=server_round,
+            num_rounds=num_rounds,
+            start_step=_int(cfg, "start-step", where),
+            total_steps=_int(cfg, "total-steps", where, lo=1),
+            global_saliency=_floats(cfg, "global-saliency", where, len(names)),
+            organ_names=names,
+            teacher_policy=str(policy),
+        )
+
+
+# --------------------------------------------------------------------------- site -> server
+
+
+@dataclass
+class SiteUpdate:
+    """What a site replies after local training.
+
+    Args:
+        site: the site's name (its folder / node-config ``site-name``).
+        state: the site's updated state dict (fp32 on the wire).
+        num_examples: training subjects used this round (Flower's ``num-examples``).
+        organ_subjects: (n_organs,) training subjects holding each organ, in organ order.
+        gate_mass: (L, E) gate mass the site's student routed to expert e of block l this
+            round; (L, 0) or (0, 0) without DEX.
+        saliency: (n_organs,) the site's own organ saliency estimate, in organ order.
+        organ_names: the organ vocabulary order of ``organ_subjects`` and ``saliency``.
+        metrics: training metrics (losses, mask rates ...), finite floats.
+        steps: optimiser steps taken this round.
+    """
+
+    site: str
+    state: dict[str, Tensor]
+    num_examples: int
+    organ_subjects: Tensor
+    gate_mass: Tensor
+    saliency: Tensor
+    organ_names: list[str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+
+    def to_recorddict(self) -> RecordDict:
+        clash = sorted(set(self.metrics) & set(RESERVED_METRICS))
+        if clash:
+            raise MessageError(f"site {self.site}: training metric {clash[0]!r} uses a reserved name")
+        gm = self.gate_mass.detach().to(torch.float64).cpu()
+        if gm.dim() != 2:
+            raise MessageError(f"site {self.site}: gate mass must be (L, E), got shape {tuple(gm.shape)}")
+        metrics = MetricRecord(
+            {
+                NUM_EXAMPLES: int(self.num_examples),
+                "organ-subjects": [float(x) for x in self.organ_subjects.flatten().tolist()],
+                "gate-mass": gm.flatten().tolist(),
+                "gate-mass-shape": [int(s) for s in gm.shape],
+                "saliency": [float(x) for x in self.saliency.flatten().tolist()],
+                "steps": int(self.steps),
+                **{k: float(v) for k, v in self.metrics.items()},
+            }
+        )
+        site = ConfigRecord(
+            {"protocol-version": PROTOCOL_VERSION, "site-name": self.site, "organ-names": list(self.organ_names)}
+        )
+        return RecordDict({ARRAYS: state_to_arrayrecord(self.state), METRICS: metrics, SITE_CONFIG: site})
+
+    @classmethod
+    def from_recorddict(cls, rd: RecordDict, organ_names: Sequence[str] | None = None, sender: str = "site") -> "SiteUpdate":
+        """Decode and check a site's reply.
+
+        Args:
+            rd: the reply content.
+            organ_names: the server's organ vocabulary; a site with another one is rejected.
+            sender: how to name the sender in errors until its site name is known (e.g. "node 7").
+        """
+        site_cfg = _record(rd, SITE_CONFIG, ConfigRecord, sender)
+        assert isinstance(site_cfg, ConfigRecord)
+        _version(site_cfg, sender)
+        name = _get(site_cfg, "site-name", sender)
+        if not isinstance(name, str) or not name:
+            raise MessageError(f"{sender}: 'site-name' must be a non-empty string, got {name!r}")
+        where = f"{sender} (site {name})"
+        names = _str_list(site_cfg, "organ-names", where)
+        _check_organs(names, organ_names, where)
+        m = _record(rd, METRICS, MetricRecord, where)
+        arrays = _record(rd, ARRAYS, ArrayRecord, where)
+        assert isinstance(m, MetricRecord) and isinstance(arrays, ArrayRecord)
+
+        n = _int(m, NUM_EXAMPLES, where, lo=1)
+        organ_subjects = _floats(m, "organ-subjects", where, len(names))
+        over = [i for i, c in enumerate(organ_subjects) if c > n]
+        if over:
+            raise MessageError(f"{where}: organ-subjects[{over[0]}] = {organ_subjects[over[0]]} exceeds num-examples {n}")
+        shape = _get(m, "gate-mass-shape", where)
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise MessageError(f"{where}: 'gate-mass-shape' must be [L, E] non-negative integers, got {shape!r}")
+        gate = _floats(m, "gate-mass", where, shape[0] * shape[1])
+        saliency = _floats(m, "saliency", where, len(names))
+        metrics: dict[str, float] = {}
+        for key, v in m.items():
+            if key in RESERVED_METRICS:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise MessageError(f"{where}: training metric {key!r} = {v!r} is not a finite number")
+            metrics[key] = float(v)
+        return cls(
+            site=name,
+            state=arrayrecord_to_state(arrays, where),
+            num_examples=n,
+            organ_subjects=torch.tensor(organ_subjects, dtype=torch.float64),
+            gate_mass=torch.tensor(gate, dtype=torch.float64).reshape(shape),
+            saliency=torch.tensor(saliency, dtype=torch.float64),
+            organ_names=names,
+            metrics=metrics,
+            steps=_int(m, "steps", where),
+        )
+
+
+__all__ = [
+    "ARRAYS",
+    "METRICS",
+    "MessageError",
+    "NUM_EXAMPLES",
+    "PROTOCOL_VERSION",
+    "SERVER_CONFIG",
+    "SITE_CONFIG",
+    "SiteUpdate",
+    "TEACHER_POLICIES",
+    "TrainInstruction",
+    "arrayrecord_to_state",
+    "state_nbytes",
+    "state_to_arrayrecord",
+]

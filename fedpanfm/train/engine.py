@@ -1,0 +1,429 @@
+"""The local trainer: one PanFMSSL model inside one DeepSpeed engine, reused across calls.
+
+A process that lives across federated rounds (a Ray actor in simulation serves several sites in
+turn) must not rebuild the engine each time: an init costs seconds, and the first one in a fresh
+machine compiles an op for minutes. :func:`get_trainer` therefore caches one trainer per
+model-defining config, and the trainer keeps NO site state between calls: each call's caller
+loads the site's weights (:meth:`LocalTrainer.load_state`, masker state included), step counter
+(:meth:`LocalTrainer.set_schedule_state`) and resets the optimizer.
+
+Mixed precision (our design): ``cfg.deepspeed.bf16`` runs the forward under bf16 autocast while
+weights, gradients and optimizer state stay fp32. DeepSpeed's own bf16 mode would cast the whole
+module to bf16, teacher included, and the teacher's EMA step (1 - momentum = 0.004 to 0) falls
+below bf16 resolution (2^-8 relative), so the teacher would stop moving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fedpanfm.config import ExperimentConfig
+from fedpanfm.data.batch import SubjectBatch
+from fedpanfm.train.distributed import init_single_process, pick_device
+from fedpanfm.train.schedules import Schedules
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class FitResult:
+    """What one :meth:`LocalTrainer.fit` call reports.
+
+    Args:
+        metrics: mean over the call's steps of every loss / metric the model reports, plus the
+            masker's ``saliency/<organ>`` and ``mask_rate/<organ>`` at the end of the call.
+        gate_mass: (L, E) float64, gate mass the student routed to each expert of each DEX layer,
+            summed over the call (zeros rows for blocks without DEX).
+        organ_subjects: (n_organs,) int64, distinct training subjects holding each organ.
+        saliency: (n_organs,) float32, the masker's local saliency estimate after the call
+            (``OrganMasker.local_estimate``: NaN for organs this trainer never saw).
+        subjects: distinct training subjects seen.
+        steps: optimizer steps taken.
+        seconds: wall time of the call.
+        history: per optimizer step, the step's metrics and ``schedule/<name>`` values.
+    """
+
+    metrics: dict[str, float]
+    gate_mass: torch.Tensor
+    organ_subjects: torch.Tensor
+    saliency: torch.Tensor
+    subjects: int
+    steps: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list, repr=False)
+
+
+def deepspeed_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The ``deepspeed.initialize`` config dict built from ``cfg.deepspeed`` (``extra`` merged on top).
+
+    Args:
+        cfg: the experiment config; ``cfg.data.batch_size`` is the micro-batch size.
+    """
+    ds = cfg.deepspeed
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": {"stage": ds.zero_stage},
+        # lr / weight decay here are placeholders: the trainer sets both on every step from the
+        # schedules. torch_adam avoids compiling DeepSpeed's fused Adam op.
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "torch_adam": True},
+        },
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    conf = _deep_merge(conf, ds.extra)
+    for key in ("bf16", "fp16"):
+        if isinstance(conf.get(key), dict) and conf[key].get("enabled"):
+            raise ValueError(
+                f"deepspeed.extra.{key}.enabled: DeepSpeed's {key} weights are not supported (the EMA "
+                "teacher cannot move in 16-bit); set deepspeed.bf16: true for bf16 autocast instead"
+            )
+    if conf["zero_optimization"].get("stage", 0) == 3:
+        raise ValueError("deepspeed.zero_stage = 3 partitions parameters, which the teacher EMA and "
+                         "state export read directly; use stage 0-2 (a site trains at world size 1)")
+    return conf
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Trainable parameters in two AdamW groups: with (``wd_scale`` 1) and without weight decay.
+
+    Args:
+        model: the PanFMSSL model (frozen parameters, e.g. the teacher, are left out).
+    """
+    # DINO convention: no weight decay on biases, norm scales and 1-d embeddings/tokens.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "wd_scale": 1.0}, {"params": no_decay, "wd_scale": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class LocalTrainer:
+    """PanFMSSL inside one DeepSpeed engine.
+
+    Args:
+        cfg: the experiment config (model, deepspeed, data.organs, train settings).
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        from fedpanfm.model.meta_arch import PanFMSSL
+
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        if self.device.type == "cpu":
+            # Tiny gradient / moment values fall into the fp32 subnormal range, whose arithmetic is
+            # ~100x slower on x86; measured here (bench/step_time.py) a DeepSpeed step went from
+            # ~0.2 s to 0.8-1.9 s. Flushing them to zero changes values below 1.2e-38 only.
+            torch.set_flush_denormal(True)
+        # Must precede the deepspeed import: DeepSpeed fixes its accelerator when first imported.
+        init_single_process(self.device)
+        import deepspeed
+
+        # DeepSpeed logs its whole config at INFO on every initialize; keep its warnings only.
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        self.model = PanFMSSL(cfg)
+        self.organs = cfg.data.organ_set()
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, model_parameters=param_groups(self.model), config=deepspeed_config(cfg)
+        )
+        self.step = 0
+        self.total_steps = 0
+        self._autocast_dtype = torch.bfloat16 if cfg.deepspeed.bf16 else None
+        log.info("built PanFMSSL + DeepSpeed engine on %s in %.1f s", self.device, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
+
+    def _batches(self, loader: Iterable[SubjectBatch], what: str) -> Iterator[SubjectBatch]:
+        n = 0
+        for batch in loader:
+            if not isinstance(batch, SubjectBatch):
+                raise TypeError(f"{what}: the loader yielded {type(batch).__name__}, expected SubjectBatch")
+            n += 1
+            yield batch.to(self.device)
+        if n == 0:
+            raise ValueError(f"{what}: the loader yielded no batch (no subjects?)")
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        # ZeRO / mixed-precision wrappers keep the moments in the torch optimizer they wrap.
+        opt: Any = self.optimizer
+        while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
+            opt = opt.optimizer
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"cannot find the torch optimizer inside {type(self.optimizer).__name__}")
+        return opt
+
+    def _set_optim_hparams(self, lr: float, weight_decay: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = weight_decay * group.get("wd_scale", 1.0)
+
+    # ------------------------------------------------------------------ training
+
+    def fit(
+        self,
+        loader: Iterable[SubjectBatch],
+        epochs: int,
+        total_steps: int,
+        global_saliency: torch.Tensor | None = None,
+        on_step: StepCallback | None = None,
+    ) -> FitResult:
+        """Train ``epochs`` passes over ``loader``, continuing the schedules from the current step.
+
+        Args:
+            loader: yields :class:`SubjectBatch` (``make_loader``); re-iterated each epoch.
+            epochs: local epochs in this call.
+            total_steps: optimizer steps of the whole run (all rounds); the schedules' horizon.
+            global_saliency: (n_organs,) federation-wide saliency blended into the masker with
+                ``cfg.train.masking.global_weight``; None keeps the masker local.
+            on_step: optional ``fn(step, values)`` after each optimizer step, with the step's
+                metrics and ``schedule/<name>`` values (used for TensorBoard).
+        """
+        if epochs < 1:
+            raise ValueError(f"fit: epochs = {epochs} must be >= 1")
+        sched = Schedules(self.cfg.train, self.cfg.model.dex, total_steps)
+        self.total_steps = total_steps
+        model = self.model
+        if global_saliency is not None:
+            model.masker.set_global(global_saliency.detach().float().cpu(), self.cfg.train.masking.global_weight)
+        model.masker.reset_metrics()
+        model.train()
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        n_metric_steps = 0
+        gate_mass: torch.Tensor | None = None
+        holders: list[set[tuple[str, str]]] = [set() for _ in self.organs]
+        seen: set[tuple[str, str]] = set()
+        steps0 = self.step
+        history: list[dict[str, float]] = []
+        for _ in tqdm(range(epochs), desc="local epochs", disable=not self.cfg.train.progress, leave=False):
+            for batch in self._batches(loader, "fit"):
+                s = sched.at(self.step)
+                self._set_optim_hparams(s["lr"], s["weight_decay"])
+                with self._autocast():
+                    out = self.engine(batch, {"teacher_temp": s["teacher_temp"], "noise_std": s["noise_std"]})
+                if not torch.isfinite(out.loss.detach()):
+                    raise FloatingPointError(f"fit: non-finite loss {out.loss.item()} at step {self.step}")
+                self.engine.backward(out.loss)
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                self.engine.step()
+                for k, v in out.metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n_metric_steps += 1
+                gm = out.stats.gate_mass.detach().to("cpu", torch.float64)
+                gate_mass = gm if gate_mass is None else gate_mass + gm
+                self._count_subjects(batch, holders, seen)
+                if boundary:
+                    with torch.no_grad():
+                        model.update_teacher(s["teacher_momentum"])
+                        model.update_directors(s["gema_momentum"])
+                    values = {**{k: float(v) for k, v in out.metrics.items()},
+                              **{f"schedule/{k}": v for k, v in s.items()}}
+                    history.append(values)
+                    if on_step is not None:
+                        on_step(self.step, values)
+                    self.step += 1
+        metrics = {k: v / n_metric_steps for k, v in sums.items()}
+        metrics.update(model.masker.metrics())
+        assert gate_mass is not None  # _batches raises on an empty loader
+        return FitResult(
+            metrics=metrics,
+            gate_mass=gate_mass,
+            organ_subjects=torch.tensor([len(h) for h in holders], dtype=torch.int64),
+            saliency=model.masker.local_estimate().detach().float().cpu(),
+            subjects=len(seen),
+            steps=self.step - steps0,
+            seconds=time.perf_counter() - t0,
+            history=history,
+        )
+
+    def _count_subjects(self, batch: SubjectBatch, holders: list[set[tuple[str, str]]], seen: set[tuple[str, str]]) -> None:
+        # Subject ids are unique only within a site; the pooled (centralized) loader mixes sites.
+        sites = batch.sites or [""] * batch.size
+        present = batch.present.cpu()
+        for b, sid in enumerate(batch.subject_ids):
+            key = (sites[b], sid)
+            seen.add(key)
+            for k in torch.nonzero(present[b]).flatten().tolist():
+                holders[k].add(key)
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable[SubjectBatch]) -> dict[str, float]:
+        """Mean SSL losses over ``loader`` with no update of any weight, centre or masker state.
+
+        Runs in eval mode (no router noise) but with the same organ / patch masking as training,
+        drawn from a generator seeded with ``cfg.seed`` so repeated evaluations over the same
+        batches (an unshuffled loader) give the same masks; teacher temperature is
+        ``cfg.train.teacher_temp_end``.
+        """
+        model = self.model
+        # The forward updates buffers (teacher centres, saliency EMA, usage): restore them after.
+        saved = {k: v.detach().clone() for k, v in model.named_buffers()}
+        was_training = model.training
+        model.eval()
+        # The final teacher temperature, not the schedule's at self.step: the step held by a cached
+        # trainer may be another site's, and evaluations must compare across rounds and sites.
+        sched = {"teacher_temp": self.cfg.train.teacher_temp_end, "noise_std": 0.0}
+        sums: dict[str, float] = {}
+        n = 0
+        try:
+            gen = torch.Generator().manual_seed(self.cfg.seed)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed)
+                for batch in self._batches(loader, "evaluate"):
+                    with self._autocast():
+                        out = model(batch, sched, gen)
+                    for k, v in out.metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    n += 1
+        finally:
+            for k, v in model.named_buffers():
+                v.copy_(saved[k])
+            model.train(was_training)
+        return {k: v / n for k, v in sums.items()}
+
+    # ------------------------------------------------------------------ state exchange
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The whole PanFMSSL state (student., teacher., dino_loss., ibot_loss., masker.) as
+        detached, contiguous CPU tensors; floating tensors in fp32."""
+        out: dict[str, torch.Tensor] = {}
+        for k, v in self.model.state_dict().items():
+            v = v.detach().to("cpu")
+            out[k] = (v.float() if v.is_floating_point() else v).contiguous().clone()
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy ``state`` into the model (cast to each tensor's dtype and device).
+
+        Args:
+            state: key -> tensor, keys as in :meth:`export_state`.
+            strict: True requires every model key; False leaves keys absent from ``state`` as
+                they are (e.g. a server that sends only the student). Unexpected keys and shape
+                mismatches are errors either way.
+
+        Raises:
+            ValueError: naming the missing / unexpected keys or the key whose shape differs.
+        """
+        own = self.model.state_dict()
+        unexpected = sorted(set(state) - set(own))
+        missing = sorted(set(own) - set(state)) if strict else []
+        if unexpected or missing:
+            parts = []
+            if missing:
+                parts.append(f"missing keys: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+            if unexpected:
+                parts.append(f"unexpected keys: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
+            raise ValueError(f"load_state: {'; '.join(parts)}")
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"load_state: key {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+        self._resync_master_weights()
+
+    def _resync_master_weights(self) -> None:
+        # ZeRO 1/2 keep their own fp32 copy of the weights; refresh it from the module or the next
+        # step would overwrite what was just loaded.
+        restore = getattr(self.optimizer, "_restore_from_bit16_weights", None)
+        if callable(restore):
+            restore()
+
+    def schedule_state(self) -> dict[str, int]:
+        """The counters the schedules need to continue across calls: ``step``, ``total_steps``."""
+        return {"step": self.step, "total_steps": self.total_steps}
+
+    def set_schedule_state(self, state: dict[str, int]) -> None:
+        """Restore counters from :meth:`schedule_state` (e.g. a site's step at a new round)."""
+        if "step" not in state:
+            raise ValueError(f"set_schedule_state: missing 'step' in {sorted(state)}")
+        step = int(state["step"])
+        if step < 0:
+            raise ValueError(f"set_schedule_state: step = {step} must be >= 0")
+        self.step = step
+        self.total_steps = int(state.get("total_steps", self.total_steps))
+
+    def reset_optimizer(self) -> None:
+        """Forget the AdamW moments (and its step count, so bias correction restarts).
+
+        Called by a site at the start of each round: the process may have served another site
+        since, and moments from a different site's data (or from before the server replaced the
+        weights) would push the new global weights in a stale direction. Per-site moments would
+        need shipping optimizer state per site; we choose fresh moments each round (as FedAvg
+        with a stateless local optimizer does).
+        """
+        self._base_optimizer().state.clear()
+        self.engine.zero_grad()
+
+
+_CACHE: dict[str, LocalTrainer] = {}
+
+
+def trainer_key(cfg: ExperimentConfig) -> str:
+    """Hash of every config part the built model + engine depend on.
+
+    Model, deepspeed and the organ preprocessing define the engine; the micro-batch size, the
+    train section (loss weights, masking policy read at build time), device and seed are part
+    of what the built object holds, so they are in the key too.
+    """
+    d = cfg.to_dict()
+    parts = {
+        "model": d["model"],
+        "deepspeed": d["deepspeed"],
+        "organs": d["data"]["organs"],
+        "extra_organs": d["data"]["extra_organs"],
+        "batch_size": d["data"]["batch_size"],
+        "train": d["train"],
+        "device": d["device"],
+        "seed": d["seed"],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def get_trainer(cfg: ExperimentConfig) -> LocalTrainer:
+    """The process's trainer for ``cfg``, built on first use and reused afterwards."""
+    key = trainer_key(cfg)
+    trainer = _CACHE.get(key)
+    if trainer is None:
+        trainer = _CACHE[key] = LocalTrainer(cfg)
+    return trainer
+
+
+def clear_trainer_cache() -> None:
+    """Drop cached trainers (tests; a process switching experiments)."""
+    _CACHE.clear()
+
+
+__all__ = ["FitResult", "LocalTrainer", "clear_trainer_cache", "deepspeed_config", "get_trainer", "param_groups", "trainer_key"]

@@ -1,0 +1,94 @@
+"""The federation's checkpoint policy: the global model every round, plus ``best`` and ``latest``.
+
+Layout under a run's ``checkpoints/`` folder::
+
+    round_<k>/     one checkpoint per round (fedpanfm/checkpoint.py format)
+    best  -> round_<k>   the round with the lowest validation SSL loss so far
+    latest -> round_<k>  the last round written
+
+``best`` and ``latest`` are relative symbolic links, swapped atomically (``os.replace``), so a
+reader never sees a half-written checkpoint through them and no weights are stored twice.
+
+Writing runs in the background so the next round is not held up. Our design: one writer
+thread of its own rather than ``ray_aggregation.submit_background`` (concurrent Ray tasks):
+a single writer keeps the writes in round order, so ``latest`` and ``best`` only move forward,
+and the weights are not copied through Ray's object store once more.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedpanfm.checkpoint import point_latest, save_checkpoint
+from fedpanfm.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointPolicy:
+    """Writes the global model after each round (in the background) and keeps ``best``/``latest``.
+
+    Args:
+        ckpt_dir: the run's ``checkpoints`` folder (created).
+        cfg: the experiment config, stored with every checkpoint.
+    """
+
+    def __init__(self, ckpt_dir: Path, cfg: ExperimentConfig) -> None:
+        self.dir = Path(ckpt_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.best_loss = math.inf
+        self.best_round: int | None = None
+        self.latest_round: int | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: list[Future[Path]] = []
+
+    def submit(self, server_round: int, state: dict[str, torch.Tensor], val_loss: float | None,
+               meta: dict[str, Any]) -> Future[Path]:
+        """Queue the checkpoint of ``server_round``; returns at once.
+
+        Args:
+            server_round: the round just finished (1-based).
+            state: the global state dict after it (its tensors must not be changed later:
+                pass a snapshot).
+            val_loss: the validation SSL loss of these weights (mean over sites), or None when
+                no site evaluated; the lowest so far becomes ``best``.
+            meta: extra JSON-able facts stored in ``meta.json`` (losses, sites ...).
+        """
+        is_best = val_loss is not None and math.isfinite(val_loss) and val_loss < self.best_loss
+        if is_best:
+            self.best_loss, self.best_round = float(val_loss), server_round
+        self.latest_round = server_round
+        meta = {**meta, "round": server_round, "val_loss": val_loss, "best": is_best}
+        fut = self._writer.submit(self._write, server_round, state, meta, is_best)
+        self._pending.append(fut)
+        return fut
+
+    def _write(self, server_round: int, state: dict[str, torch.Tensor], meta: dict[str, Any],
+               is_best: bool) -> Path:
+        name = f"round_{server_round}"
+        path = save_checkpoint(self.dir / name, state, self.cfg, meta)
+        point_latest(self.dir / "latest", path)
+        if is_best:
+            point_latest(self.dir / "best", path)
+        log.info("checkpoint round %d written to %s%s", server_round, path, " (best)" if is_best else "")
+        return path
+
+    def wait(self) -> list[Path]:
+        """Block until every queued write is done; re-raises the first write error."""
+        done = [f.result() for f in self._pending]
+        self._pending.clear()
+        return done
+
+    def close(self) -> None:
+        """Finish the queued writes and stop the writer thread."""
+        try:
+            self.wait()
+        finally:
+            self._writer.shutdown(wait=True)

@@ -1,0 +1,34 @@
+"""``fedpanfm simulate``: the federation on one machine (a plugin of the ``fedpanfm`` command)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from fedpanfm.cli import add_config_args
+
+
+def register_simulate(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``simulate`` subcommand.
+
+    Args:
+        subparsers: the ``fedpanfm`` command's subparsers.
+    """
+    p = subparsers.add_parser(
+        "simulate",
+        help="run the federation in simulation (synthetic cohort generated if absent)",
+        description="Run the ServerApp and one ClientApp per site in Flower's simulation runtime. "
+        "The same apps run with `flwr run .` (pyproject.toml [tool.flwr.app]).",
+    )
+    add_config_args(p, required=True)
+    p.add_argument("--cpus", type=int, default=None,
+                   help="CPUs for Ray: sites that train at once (default: all cores)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from orchestration.simulate import simulate
+
+    summary = simulate(args.config, args.overrides, cpus=args.cpus)
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,87 @@
+"""Checkpoint folders: exact round-trip, fp32 exchange format, corruption and missing files detected."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from fedpanfm.checkpoint import CheckpointError, load_checkpoint, point_latest, save_checkpoint
+from fedpanfm.config import config_from_dict
+
+
+def _state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "student.w": torch.randn(3, 4, generator=g),
+        "teacher.w": torch.randn(3, 4, generator=g).to(torch.bfloat16),
+        "masker.count": torch.arange(5, dtype=torch.int64),
+        "view": torch.randn(4, 6, generator=g).t(),  # non-contiguous
+    }
+
+
+def test_round_trip_is_exact_and_fp32(tmp_path: Path) -> None:
+    cfg = tiny_config(["model.depth=3"])
+    state = _state()
+    path = save_checkpoint(tmp_path / "ck", state, cfg, {"epoch": 2, "loss": 1.5})
+    assert sorted(p.name for p in path.iterdir()) == ["SHA256SUMS", "config.yaml", "meta.json", "model.safetensors"]
+    loaded, cfg_dict, meta = load_checkpoint(path)
+    assert set(loaded) == set(state)
+    assert loaded["teacher.w"].dtype == torch.float32  # bf16 widened to the exchange format
+    assert torch.equal(loaded["teacher.w"], state["teacher.w"].float())
+    assert torch.equal(loaded["student.w"], state["student.w"])
+    assert torch.equal(loaded["view"], state["view"])
+    assert loaded["masker.count"].dtype == torch.int64 and torch.equal(loaded["masker.count"], state["masker.count"])
+    assert meta == {"epoch": 2, "loss": 1.5}
+    assert config_from_dict(cfg_dict).model.depth == 3
+    # no temporary folder is left beside the checkpoint
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_overwrite_replaces_whole_folder(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    save_checkpoint(tmp_path / "ck", {"a": torch.zeros(2)}, cfg, {"v": 1})
+    save_checkpoint(tmp_path / "ck", {"b": torch.ones(3)}, cfg, {"v": 2})
+    state, _, meta = load_checkpoint(tmp_path / "ck")
+    assert list(state) == ["b"] and meta["v"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.yaml", "meta.json"])
+def test_corrupted_file_is_named(tmp_path: Path, name: str) -> None:
+    path = save_checkpoint(tmp_path / "ck", _state(), tiny_config(), {"epoch": 1})
+    data = bytearray((path / name).read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    (path / name).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{name}: checksum mismatch"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "meta.json", "SHA256SUMS"])
+def test_missing_file_is_named(tmp_path: Path, name: str) -> None:
+    path = save_checkpoint(tmp_path / "ck", _state(), tiny_config(), {})
+    (path / name).unlink()
+    with pytest.raises(CheckpointError, match=name):
+        load_checkpoint(path)
+
+
+def test_meta_must_be_json(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="meta is not JSON"):
+        save_checkpoint(tmp_path / "ck", {}, tiny_config(), {"bad": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_latest_link_follows_newest(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    a = save_checkpoint(tmp_path / "epoch_1", {"x": torch.zeros(1)}, cfg, {"epoch": 1})
+    b = save_checkpoint(tmp_path / "epoch_2", {"x": torch.ones(1)}, cfg, {"epoch": 2})
+    point_latest(tmp_path / "latest", a)
+    point_latest(tmp_path / "latest", b)
+    _, _, meta = load_checkpoint(tmp_path / "latest")
+    assert meta["epoch"] == 2
+    assert json.loads((tmp_path / "latest" / "meta.json").read_text())["epoch"] == 2
+    with pytest.raises(CheckpointError, match="missing checkpoint folder"):
+        point_latest(tmp_path / "latest", tmp_path / "epoch_9")

@@ -1,0 +1,103 @@
+"""Ray aggregation gives bit-identical results to the serial path; background jobs run and
+report failures; a tiny local Ray (1 CPU, no dashboard) is started here and shut down after."""
+
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from conftest import fake_site_update, global_model_state, tiny_config
+
+from fedpanfm.federation.aggregate import plan_means
+from orchestration.ray_aggregation import (
+    RayAggregator,
+    SerialAggregator,
+    make_aggregator,
+    pack_tasks,
+    submit_background,
+    wait_background,
+)
+
+# Background jobs must be importable on a Ray worker (this test module is not): library callables.
+_write = Path.write_text
+_fail = operator.truediv  # _fail(1, 0) raises ZeroDivisionError
+
+
+def test_background_without_ray_uses_threads(tmp_path, monkeypatch):
+    # Whatever other test modules left running: this test is about the no-Ray fallback.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    submit_background(_write, tmp_path / "a.txt", "round 1")
+    submit_background(_write, tmp_path / "b.txt", "round 22")
+    assert wait_background() == [7, 8]
+    assert (tmp_path / "b.txt").read_text() == "round 22"
+    submit_background(_fail, 1, 0)
+    with pytest.raises(RuntimeError, match="truediv.*division by zero"):
+        wait_background()
+    assert wait_background() == []
+
+
+def test_make_aggregator_serial_when_ray_disabled():
+    had_ray = ray.is_initialized()
+    assert isinstance(make_aggregator(tiny_config(["federation.ray.enabled=false"])), SerialAggregator)
+    assert ray.is_initialized() == had_ray  # a disabled Ray is never started
+
+
+def test_pack_tasks_covers_every_group_once():
+    cfg = tiny_config()
+    g = global_model_state(cfg)
+    ups = [fake_site_update(cfg, g, "a", 3)]
+    tasks = plan_means(g, ups, cfg)
+    bins = pack_tasks(tasks, g, 3)
+    assert len(bins) == 3 and all(bins)
+    assert sorted(id(t) for b in bins for t in b) == sorted(id(t) for t in tasks)
+    sizes = [sum(g[k].numel() for t in b for k in t.keys) for b in bins]
+    assert max(sizes) <= 2 * min(sizes)  # balanced by bytes
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if ray.is_initialized():  # another test module's Ray: use it, leave it to its owner
+        yield
+        return
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("policy", ["server_ema", "aggregate"])
+def test_ray_and_serial_are_identical(local_ray, policy):
+    cfg = tiny_config([f"federation.teacher_policy={policy}"])
+    g = global_model_state(cfg)
+    ups = [
+        fake_site_update(cfg, g, "a", 6, organ_subjects=[6, 6, 0, 6, 6, 0, 0], seed=1),
+        fake_site_update(cfg, g, "b", 4, organ_subjects=[0, 4, 4, 4, 0, 0, 0], seed=2),
+        fake_site_update(cfg, g, "c", 9, seed=3,
+                         gate_mass=torch.tensor([[1.0, 0, 0, 2], [0, 0, 3, 1]], dtype=torch.float64)),
+    ]
+    prev_sal = torch.rand(7, dtype=torch.float64)
+    serial, s_out = SerialAggregator().aggregate(g, ups, cfg, 2, prev_sal)
+    agg = make_aggregator(cfg)
+    assert isinstance(agg, RayAggregator)
+    parallel, r_out = RayAggregator(max_tasks=3).aggregate(g, ups, cfg, 2, prev_sal)
+    assert list(parallel) == list(serial)
+    for k in serial:
+        assert torch.equal(parallel[k], serial[k]), k
+        assert parallel[k].dtype == serial[k].dtype
+    assert r_out.metrics == s_out.metrics and torch.equal(r_out.saliency, s_out.saliency)
+    # The result owns writable memory (not a view into the object store).
+    parallel["student.encoder.norm.weight"].add_(1.0)
+
+
+def test_background_on_ray(local_ray, tmp_path):
+    submit_background(_write, tmp_path / "ckpt.txt", "saved")
+    submit_background(_fail, 1, 0)
+    submit_background(_write, tmp_path / "late.txt", "after a failure")
+    with pytest.raises(RuntimeError, match="1 of 3 failed.*division by zero"):
+        wait_background()
+    assert (tmp_path / "ckpt.txt").read_text() == "saved"
+    assert (tmp_path / "late.txt").read_text() == "after a failure"  # a failure does not stop the others
+    submit_background(_write, tmp_path / "ok.txt", "ok")
+    assert wait_background() == [2]
