@@ -80,6 +80,11 @@ class RunLogger:
         self.close()
 
 
+def site_run_name(site: str) -> str:
+    """The TensorBoard sub-run of a site: ``site_<name>``, without doubling a ``site_`` prefix."""
+    return site if site.startswith("site_") else f"site_{site}"
+
+
 def read_scalars(event_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """All scalars in one sub-run folder, via TensorBoard's own EventAccumulator.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from fedpanfm.cli import add_config_args
 
@@ -27,8 +26,9 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from orchestration.server_app import summary_text
     from orchestration.simulate import simulate
 
     summary = simulate(args.config, args.overrides, cpus=args.cpus)
-    print(json.dumps(summary, indent=2))
+    print("\n" + summary_text(summary), flush=True)
     return 0

@@ -36,7 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpanfm.config import ExperimentConfig, config_from_run_config
 from fedpanfm.federation.message import METRICS, NUM_EXAMPLES, SITE_CONFIG, arrayrecord_to_state, state_to_arrayrecord
 from fedpanfm.model.meta_arch import PanFMSSL
-from fedpanfm.tb import RunLogger
+from fedpanfm.tb import RunLogger, site_run_name
 from orchestration.checkpoints import CheckpointPolicy
 from orchestration.ray_aggregation import make_aggregator
 from orchestration.strategy import FedPanFM, RoundReport
@@ -140,7 +140,7 @@ class RunRecorder:
 
     def _site(self, name: str) -> RunLogger:
         if name not in self.sites:
-            self.sites[name] = RunLogger(self.tb_dir, f"site_{name}")
+            self.sites[name] = RunLogger(self.tb_dir, site_run_name(name))
         return self.sites[name]
 
     def on_round(self, report: RoundReport) -> None:
@@ -293,12 +293,12 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         summary = recorder.finish()
         if not had_ray and ray.is_initialized():
             ray.shutdown()  # we started it (deployment): leave nothing behind
-    log.info("fedpanfm run finished: %s", json.dumps(summary))
-    print(_summary_text(summary), flush=True)
+    log.info("%s\n  summary: %s", summary_text(summary), folder / "summary.json")
     return summary
 
 
-def _summary_text(s: Mapping[str, Any]) -> str:
+def summary_text(s: Mapping[str, Any]) -> str:
+    """The run summary a person reads at the end of a federation."""
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 

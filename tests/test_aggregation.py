@@ -98,6 +98,9 @@ def test_director_momentum_follows_the_round_cosine():
     assert director_momentum(cfg, 1) == pytest.approx(dex.gema_momentum_start)
     assert director_momentum(cfg, 5) == pytest.approx(dex.gema_momentum_end)
     assert director_momentum(cfg, 3) == pytest.approx((dex.gema_momentum_start + dex.gema_momentum_end) / 2)
+    # A round of 10 local steps moves the director as much as 10 local group-EMA steps would.
+    assert director_momentum(cfg, 1, local_steps=10) == pytest.approx(dex.gema_momentum_start**10)
+    assert director_momentum(cfg, 5, local_steps=0) == pytest.approx(dex.gema_momentum_end)
 
 
 def test_server_ema_teacher_formula():

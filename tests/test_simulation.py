@@ -9,7 +9,7 @@ import torch
 
 from fedpanfm.checkpoint import load_checkpoint
 from fedpanfm.config import ConfigError, config_from_run_config, load_config
-from fedpanfm.tb import read_scalars
+from fedpanfm.tb import read_scalars, site_run_name
 from orchestration.checkpoints import CheckpointPolicy
 from orchestration.server_app import initial_state
 from orchestration.simulate import simulate
@@ -47,7 +47,7 @@ def test_three_site_simulation_logs_and_checkpoints(tmp_path: Path) -> None:
     assert sum(shares) == pytest.approx(1.0, abs=1e-5)
 
     site_runs = sorted(p.name for p in (run / "tensorboard").iterdir() if p.name.startswith("site_"))
-    assert site_runs == [f"site_{s}" for s in summary["sites"]]
+    assert site_runs == sorted(site_run_name(s) for s in summary["sites"])
     site_tags = [read_scalars(run / "tensorboard" / name) for name in site_runs]
     for tags in site_tags:
         assert [step for step, _ in tags["train/loss"]] == [1, 2]

@@ -131,7 +131,7 @@ def test_experts_are_weighted_by_routed_gate_mass():
 def test_server_group_ema_of_the_directors_by_hand():
     cfg = tiny_config(["federation.teacher_policy=server_ema", "federation.rounds=4"])
     g, a, b, new = _dex_round(cfg)
-    m = cfg.model.dex.gema_momentum_start  # round 1 of the cosine
+    m = cfg.model.dex.gema_momentum_start ** 3  # round 1 of the cosine, compounded over the 3 local steps each site took
     for layer, usage in ((0, [6.0, 4.0, 1.0, 0.0]), (1, [1.0, 4.0, 3.0, 0.0])):
         w = torch.tensor(usage, dtype=torch.float64) / sum(usage)
         for part in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):

@@ -252,7 +252,8 @@ def finish_round(
         if classify(key).kind == "accumulator":
             state[key] = torch.zeros_like(t)
     usage = global_usage(updates)
-    m_dir = director_momentum(cfg, server_round)
+    mean_steps = sum(u.steps for u in updates) / len(updates) if updates else 1.0
+    m_dir = director_momentum(cfg, server_round, mean_steps)
     update_directors(state, previous, usage, m_dir, ["student", "teacher"] if policy == "aggregate" else ["student"])
     teacher = {k: t for k, t in previous.items() if classify(k).role == "teacher" and k not in state}
     if policy == "server_ema":

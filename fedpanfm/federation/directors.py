@@ -3,7 +3,7 @@
 Our reconstruction (docs/federation.md, "Directors"): the global director of block l is updated
 as in DEX, ``theta_D <- m * theta_D + (1 - m) * sum_e w_e * theta_e``, from the previous global
 director and the round's aggregated experts, with ``w`` the gate mass all sites routed to each
-expert (global usage) and ``m`` on a cosine over rounds. The sites' own directors are not used.
+expert (global usage) and ``m`` the per-step cosine momentum compounded over the round's local steps. The sites' own directors are not used.
 """
 
 from __future__ import annotations
@@ -22,11 +22,22 @@ from fedpanfm.train.schedules import cosine
 State = dict[str, Tensor]
 
 
-def director_momentum(cfg: ExperimentConfig, server_round: int) -> float:
-    """Server group-EMA momentum of a round: cosine over rounds from
-    ``model.dex.gema_momentum_start`` (round 1) to ``gema_momentum_end`` (last round)."""
+def director_momentum(cfg: ExperimentConfig, server_round: int, local_steps: float = 1.0) -> float:
+    """Server group-EMA momentum of a round.
+
+    The per-step momentum follows DEX's cosine (``model.dex.gema_momentum_start`` at round 1 to
+    ``gema_momentum_end`` at the last round); a round stands for ``local_steps`` optimiser steps
+    of the sites, so the per-step momentum is compounded over them: ``m_round = m_step **
+    local_steps``. Without this the global director would move by one step's worth per round.
+
+    Args:
+        cfg: the experiment config (``model.dex`` momenta, ``federation.rounds``).
+        server_round: the round being closed, from 1.
+        local_steps: mean optimiser steps the contributing sites took this round (>= 1 counts).
+    """
     dex = cfg.model.dex
-    return cosine(dex.gema_momentum_start, dex.gema_momentum_end, server_round - 1, cfg.federation.rounds - 1)
+    m_step = cosine(dex.gema_momentum_start, dex.gema_momentum_end, server_round - 1, cfg.federation.rounds - 1)
+    return float(m_step ** max(1.0, float(local_steps)))
 
 
 def global_usage(updates: Sequence[SiteUpdate]) -> Tensor:
