@@ -14,11 +14,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, TypeVar
 
 import yaml
 
 from fedpanfm.organs import DEFAULT_ORGANS, OrganSet
+
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -202,6 +205,16 @@ class RayConfig:
 
 
 @dataclass
+class DPConfig:
+    """Central differential privacy on the exchanged updates (docs/security.md)."""
+
+    enabled: bool = False
+    clip_norm: float = _f(1.0, lo=1e-12, doc="L2 bound on each site's update delta (student weights)")
+    noise_multiplier: float = _f(1.0, lo=0.0, doc="Gaussian noise std / sensitivity, added at the server")
+    delta: float = _f(1e-5, lo=1e-12, hi=0.5, doc="delta of the reported (epsilon, delta)")
+
+
+@dataclass
 class FederationConfig:
     rounds: int = _f(3, lo=1)
     min_sites: int = _f(2, lo=1)
@@ -209,13 +222,41 @@ class FederationConfig:
     round_timeout_s: float = _f(3600.0, lo=1.0)
     teacher_policy: Literal["server_ema", "aggregate", "local"] = "server_ema"
     server_teacher_momentum: float = _f(0.5, lo=0.0, hi=1.0)
+    transfer_dtype: Literal["fp32", "bf16"] = _f(
+        "fp32", doc="float precision of the weights a site sends back; bf16 halves the bytes (docs/performance.md)")
+    sparse_experts: bool = _f(False, doc="a site leaves out the experts it routed (almost) no gate mass to")
+    sparse_expert_min_share: float = _f(
+        0.0, lo=0.0, hi=1.0, doc="with sparse_experts: experts below this share of a block's gate mass count as unused")
     ray: RayConfig = field(default_factory=RayConfig)
+    retries: int = _f(1, lo=0, doc="re-sends of a round that got fewer than min_sites usable replies")
+    max_update_norm: float = _f(0.0, lo=0.0, doc="reject a reply with ||update - global|| above this; 0 = off")
+    max_site_subjects: int = _f(1_000_000, lo=1, doc="reject a reply claiming more training subjects")
+    robust: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim_fraction: float = _f(0.1, lo=0.0, hi=0.49, doc="share cut at each end per coordinate (trimmed_mean)")
+    dp: DPConfig = field(default_factory=DPConfig)
 
 
 @dataclass
 class LoggingConfig:
     run_dir: str = _f("runs", doc="experiment runs are written under this folder")
     tensorboard: bool = True
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalConfig:
+    """Linear-probe evaluation and missing-organ robustness (docs/evaluation.md)."""
+
+    test_fraction: float = _f(0.3, lo=0.05, hi=0.8, doc="share of subjects held out to score the probes")
+    val_fraction: float = _f(0.2, lo=0.05, hi=0.8, doc="share of subjects used to choose the L2 strength")
+    l2_grid: list[float] = _f([1e-4, 1e-3, 1e-2, 1e-1, 1.0], lo=0.0, doc="L2 strengths tried per label")
+    max_iter: int = _f(50, lo=1, doc="Newton iterations per probe fit at most")
+    bootstrap: int = _f(1000, lo=0, doc="bootstrap resamples of the test set for CIs; 0 = none")
+    ci_level: float = _f(0.95, lo=0.5, hi=0.999)
+    random_draws: int = _f(3, lo=1, doc="random organ-removal draws per subject and k")
+    batch_size: int = _f(64, lo=1, doc="subjects per encoder forward when embedding")
 
 
 @dataclass
@@ -231,6 +272,7 @@ class ExperimentConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -403,13 +445,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(raw, str(path), overrides)
 
 
+def load_yaml_dataclass(cls: type[T], path: str | Path) -> T:
+    """Load a YAML file into the dataclass ``cls`` with the checks experiment configs get.
+
+    Used for the deployment configs (coordinator, site kit): unknown keys, wrong types and
+    out-of-range values raise :class:`ConfigError` naming the file and the dotted key.
+
+    Args:
+        cls: a dataclass whose fields all have defaults (declared with ranges like the above).
+        path: the YAML file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    return typing.cast(T, _build(cls, raw, "", str(path)))
+
+
 def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     """The experiment config named by a Flower run config (``[tool.flwr.app.config]``).
 
     Args:
         run_config: a mapping with ``config`` (path of the experiment YAML; relative paths are
             taken from the working directory) and ``overrides`` (space-separated ``KEY=VALUE``
-            items, shell-quoted where a value holds spaces; may be empty).
+            items, shell-quoted where a value holds spaces; may be empty); optionally
+            ``config-yaml``: the experiment YAML's text, used instead of reading ``config``
+            (which then only labels it) when not empty.
     """
     missing = [k for k in ("config", "overrides") if k not in run_config]
     if missing:
@@ -420,6 +486,19 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     path, overrides = run_config["config"], run_config["overrides"]
     if not isinstance(path, str) or not isinstance(overrides, str):
         raise ConfigError("Flower run config: 'config' and 'overrides' must be strings")
+    inline = run_config.get("config-yaml", "")
+    if inline:
+        # Deployment: sites share no filesystem with the coordinator, so the experiment YAML
+        # travels in the run config itself (orchestration/deploy_commands.py).
+        if not isinstance(inline, str):
+            raise ConfigError("Flower run config: 'config-yaml' must be a string")
+        try:
+            raw = yaml.safe_load(inline) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Flower run config 'config-yaml' ({path}): not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Flower run config 'config-yaml' ({path}): the top level must be a mapping")
+        return config_from_dict(raw, f"{path} (sent in the run config)", shlex.split(overrides))
     return load_config(path, shlex.split(overrides))
 
 
@@ -452,6 +531,8 @@ __all__ = [
     "DataConfig",
     "DeepSpeedConfig",
     "DexConfig",
+    "DPConfig",
+    "EvalConfig",
     "ExperimentConfig",
     "FederationConfig",
     "LoggingConfig",
@@ -465,5 +546,6 @@ __all__ = [
     "config_from_dict",
     "config_from_run_config",
     "load_config",
+    "load_yaml_dataclass",
     "parse_override",
 ]

@@ -1,0 +1,58 @@
+"""Evaluation of frozen encoders: disease probes, missing-organ robustness, attention balance.
+
+Entry points: :func:`evaluate_encoder` + :func:`write_report` (the ``fedpanfm evaluate``
+command), and :func:`probe_auroc` (cheap per-round probe AUROC for the server). See
+docs/evaluation.md.
+"""
+
+from fedpanfm.evaluation.attention import AttentionBalance, attention_balance, normalised_entropy
+from fedpanfm.evaluation.auroc import auroc, average_ranks, bootstrap_counts, percentile_ci
+from fedpanfm.evaluation.embed import (
+    Embeddings,
+    collate_dataset,
+    drop_per_subject,
+    embed_batches,
+    encoder_from_checkpoint,
+    random_encoder,
+)
+from fedpanfm.evaluation.probe import (
+    ProbeScores,
+    ProbeSet,
+    ProbeSplit,
+    fit_and_score,
+    fit_probes,
+    probe_auroc,
+    score_probes,
+    split_three,
+)
+from fedpanfm.evaluation.report import EvaluationResult, evaluate_encoder, write_report
+from fedpanfm.evaluation.robustness import ConditionResult, robustness_conditions
+
+__all__ = [
+    "AttentionBalance",
+    "ConditionResult",
+    "Embeddings",
+    "EvaluationResult",
+    "ProbeScores",
+    "ProbeSet",
+    "ProbeSplit",
+    "attention_balance",
+    "auroc",
+    "average_ranks",
+    "bootstrap_counts",
+    "collate_dataset",
+    "drop_per_subject",
+    "embed_batches",
+    "encoder_from_checkpoint",
+    "evaluate_encoder",
+    "fit_and_score",
+    "fit_probes",
+    "normalised_entropy",
+    "percentile_ci",
+    "probe_auroc",
+    "random_encoder",
+    "robustness_conditions",
+    "score_probes",
+    "split_three",
+    "write_report",
+]

@@ -1,0 +1,113 @@
+"""Attention balance: how the CLS attention is spread over organs, next to what each organ is worth.
+
+Definitions (ours, docs/evaluation.md), from the last block's CLS attention averaged over heads,
+per subject b and organ o: a_{b,o} = share of the attention on o's tokens over the organs present
+(``fedpanfm.sgm.organ_attention_shares``; rows sum to 1).
+
+- ``attn_share``: mean of a_{b,o} over subjects that have o;
+- ``pooled_share``: sum_b a_{b,o} / N over all N subjects (sums to 1 over organs);
+- ``relative``: mean over subjects with o of |P_b| a_{b,o} (1 = what an organ would get if the
+  attention were spread evenly over the subject's organs; the unit SGM's saliency uses);
+- entropy: per subject, H_b = -sum_o a_{b,o} log a_{b,o} / log |P_b| over its |P_b| >= 2 present
+  organs (1 = even spread), averaged over those subjects; ``pooled_entropy`` is the entropy of
+  the pooled shares over organs seen at all, normalised the same way;
+- ``info_drop``: macro probe AUROC lost when o is removed at inference (paired, same subjects;
+  ``ConditionResult.drop`` of ``drop:<o>``), and ``info_share`` = max(info_drop, 0) normalised
+  to sum 1 over organs (NaN when no organ's removal costs anything).
+A shortcut shows as organs whose attention share far exceeds their information share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedpanfm.evaluation.embed import Embeddings
+
+
+@dataclass
+class OrganBalance:
+    """One organ's row of the attention-balance table (see the module docstring)."""
+
+    organ: str
+    n_subjects: int
+    attn_share: float
+    pooled_share: float
+    relative: float
+    info_drop: float
+    info_share: float
+
+
+@dataclass
+class AttentionBalance:
+    """Per-organ rows plus the entropy summaries."""
+
+    organs: list[OrganBalance]
+    entropy: float
+    pooled_entropy: float
+    n_entropy_subjects: int
+
+
+def normalised_entropy(shares: Tensor, present: Tensor) -> Tensor:
+    """(N,) entropy of each row of ``shares`` over its present organs, divided by log |P_b|.
+
+    Args:
+        shares: (N, O) non-negative, rows summing to 1 over present organs.
+        present: (N, O) bool.
+
+    Rows with fewer than 2 present organs give NaN (the normalised entropy is undefined).
+    """
+    p = torch.where(present, shares.double(), torch.zeros((), dtype=torch.float64))
+    plogp = torch.where(p > 0, p * torch.log(p.clamp(min=1e-300)), torch.zeros_like(p))
+    n = present.sum(dim=1).double()
+    h = -plogp.sum(dim=1)
+    return torch.where(n >= 2, h / torch.log(n.clamp(min=2)), torch.full_like(h, math.nan))
+
+
+def attention_balance(emb: Embeddings, info_drop: Mapping[str, float]) -> AttentionBalance:
+    """The attention-balance table of a full-organ embedding pass.
+
+    Args:
+        emb: full-organ embeddings (``shares`` and ``present`` are used).
+        info_drop: organ -> macro AUROC drop when that organ is removed (NaN if unknown).
+    """
+    if len(emb) == 0:
+        raise ValueError("attention_balance: no subjects")
+    shares, present = emb.shares.double(), emb.present
+    n_with = present.sum(dim=0)
+    masked = torch.where(present, shares, torch.zeros((), dtype=torch.float64))
+    attn_share = masked.sum(0) / n_with.clamp(min=1)
+    pooled = masked.sum(0) / len(emb)
+    relative = (masked * present.sum(dim=1, keepdim=True)).sum(0) / n_with.clamp(min=1)
+    drops = [float(info_drop.get(o, math.nan)) for o in emb.organ_names]
+    positive = [max(d, 0.0) if not math.isnan(d) else 0.0 for d in drops]
+    total = sum(positive)
+    rows = []
+    for k, organ in enumerate(emb.organ_names):
+        seen = int(n_with[k]) > 0
+        rows.append(OrganBalance(
+            organ=organ,
+            n_subjects=int(n_with[k]),
+            attn_share=float(attn_share[k]) if seen else math.nan,
+            pooled_share=float(pooled[k]),
+            relative=float(relative[k]) if seen else math.nan,
+            info_drop=drops[k],
+            info_share=positive[k] / total if total > 0 and not math.isnan(drops[k]) else math.nan,
+        ))
+    h = normalised_entropy(shares, present)
+    valid = ~torch.isnan(h)
+    seen_organs = (n_with > 0).unsqueeze(0)
+    pooled_h = normalised_entropy(pooled.unsqueeze(0), seen_organs)[0]
+    return AttentionBalance(
+        organs=rows,
+        entropy=float(h[valid].mean()) if valid.any() else math.nan,
+        pooled_entropy=float(pooled_h),
+        n_entropy_subjects=int(valid.sum()),
+    )
+
+
+__all__ = ["AttentionBalance", "OrganBalance", "attention_balance", "normalised_entropy"]

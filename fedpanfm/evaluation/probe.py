@@ -1,0 +1,349 @@
+"""Linear probes on frozen embeddings: one logistic regression per disease label.
+
+Our protocol (docs/evaluation.md): a subject-level train / val / test split fixed by a seed;
+embeddings standardised with the train subjects' mean and std; per label, full-batch damped-Newton
+logistic regression with ``pos_weight = n_neg / n_pos`` (class imbalance) and an L2 penalty
+chosen from ``evaluation.l2_grid`` by validation AUROC; scored by AUROC on test. Subjects whose
+label is unknown are left out for that label only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from fedpanfm.config import EvalConfig, ExperimentConfig
+from fedpanfm.data.batch import SubjectBatch
+from fedpanfm.data.dataset import split_subjects
+from fedpanfm.evaluation.auroc import auroc, bootstrap_counts, percentile_ci
+from fedpanfm.evaluation.embed import Embeddings, embed_batches
+from fedpanfm.model.encoder import PanOrganEncoder
+
+
+@dataclass
+class ProbeSplit:
+    """Disjoint subject-id lists (each sorted)."""
+
+    train: list[str]
+    val: list[str]
+    test: list[str]
+
+
+def split_three(subject_ids: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> ProbeSplit:
+    """Subject-level train / val / test split that depends only on the id set and ``seed``.
+
+    Args:
+        subject_ids: unique subject ids (pooled over sites; ids are unique over a cohort).
+        val_fraction: share of all subjects for choosing the L2 strength.
+        test_fraction: share of all subjects for scoring.
+        seed: split seed.
+    """
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"split_three: val_fraction {val_fraction} + test_fraction {test_fraction} must be below 1")
+    if len(subject_ids) < 3:
+        raise ValueError(f"split_three: need at least 3 subjects for train / val / test, got {len(subject_ids)}")
+    rest, test = split_subjects(list(subject_ids), test_fraction, seed)
+    # val is a share of all subjects, so rescale it to the remainder; a second seed keeps the two
+    # shuffles independent.
+    train, val = split_subjects(rest, val_fraction / (1.0 - test_fraction), seed + 1)
+    return ProbeSplit(train, val, test)
+
+
+@dataclass
+class LinearProbe:
+    """A fitted logistic-regression probe of one label.
+
+    Args:
+        label: the label name.
+        mean, std: (D,) standardisation fitted on the train subjects.
+        weight: (D,) coefficients on standardised embeddings; bias: the intercept.
+        l2: the chosen L2 strength; val_auroc: its validation AUROC (NaN if val had one class).
+        n_train, n_train_pos: train subjects with the label known, and positives among them.
+        note: how the L2 was chosen when it could not be tuned ('' when it was).
+    """
+
+    label: str
+    mean: Tensor
+    std: Tensor
+    weight: Tensor
+    bias: float
+    l2: float
+    val_auroc: float
+    n_train: int
+    n_train_pos: int
+    note: str = ""
+
+    def logits(self, cls: Tensor) -> Tensor:
+        """(N,) logits for (N, D) embeddings."""
+        return ((cls.double() - self.mean) / self.std) @ self.weight + self.bias
+
+
+@dataclass
+class ProbeSet:
+    """The probes of every label; labels that got no probe are in ``notes`` with the reason."""
+
+    label_names: tuple[str, ...]
+    probes: dict[str, LinearProbe] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def _objective(x1: Tensor, y: Tensor, c: Tensor, theta: Tensor, l2: Tensor) -> Tensor:
+    """(G,) class-weighted mean logistic loss + l2 / 2 * ||w||^2 of each row of ``theta`` (G, D+1)."""
+    z = x1 @ theta.T
+    # -(c y log p + (1 - y) log(1 - p)) with c = pos_weight on positives: softplus form is stable.
+    loss = c[:, None] * (y[:, None] * F.softplus(-z) + (1 - y[:, None]) * F.softplus(z))
+    return loss.mean(0) + 0.5 * l2 * (theta[:, :-1] ** 2).sum(1)
+
+
+def fit_logistic(x: Tensor, y: Tensor, l2: Tensor, max_iter: int, tol: float = 1e-10) -> tuple[Tensor, Tensor]:
+    """Class-weighted L2 logistic regressions, one per L2 strength, by damped Newton steps.
+
+    Minimises mean_i c_i BCE(x_i w + b, y_i) + l2 / 2 * ||w||^2 with c_i = n_neg / n_pos on
+    positives and 1 on negatives (``pos_weight``: both classes weigh the same in total); the
+    bias is not penalised. Newton with Armijo step halving, batched over the L2 grid: exact to
+    ``tol`` in a few iterations on probe-sized problems, and deterministic.
+
+    Args:
+        x: (n, D) standardised float64 inputs.
+        y: (n,) 0 / 1 targets with both classes present.
+        l2: (G,) L2 strengths.
+        max_iter: Newton iterations at most.
+        tol: stop when every gradient entry is below this.
+
+    Returns:
+        ``(weights (G, D), biases (G,))``.
+    """
+    y = y.double()
+    n_pos = float(y.sum())
+    n_neg = float(len(y)) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("fit_logistic: the targets hold only one class")
+    x1 = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    c = torch.where(y > 0, torch.tensor(n_neg / n_pos, dtype=torch.float64), torch.ones((), dtype=torch.float64))
+    l2 = l2.double()
+    g, d1 = len(l2), x1.shape[1]
+    ridge = torch.cat([l2[:, None].expand(g, d1 - 1), torch.full((g, 1), 1e-12, dtype=torch.float64)], 1)
+    theta = torch.zeros(g, d1, dtype=torch.float64)
+    steps = 0.5 ** torch.arange(30, dtype=torch.float64)
+    f = _objective(x1, y, c, theta, l2)
+    for _ in range(max_iter):
+        p = torch.sigmoid(x1 @ theta.T)  # (n, G)
+        grad = (x1.T @ (c[:, None] * (p - y[:, None]))).T / len(y) + ridge * theta
+        if grad.abs().max() < tol:
+            break
+        h = torch.einsum("ni,ng,nj->gij", x1, c[:, None] * p * (1 - p), x1) / len(y) + torch.diag_embed(ridge)
+        direction = torch.linalg.solve(h, grad.unsqueeze(-1)).squeeze(-1)
+        # Armijo: the largest halving of the Newton step that decreases f enough, per problem.
+        cand = theta[None] - steps[:, None, None] * direction[None]  # (S, G, D+1)
+        f_cand = _objective(x1, y, c, cand.reshape(-1, d1), l2.repeat(len(steps))).reshape(len(steps), g)
+        ok = f_cand <= f[None] - 1e-4 * steps[:, None] * (grad * direction).sum(1)[None]
+        first = torch.where(ok.any(0), ok.float().argmax(0), torch.full((g,), -1))
+        moved = first >= 0
+        pick = first.clamp(min=0)
+        theta = torch.where(moved[:, None], cand[pick, torch.arange(g)], theta)
+        f = torch.where(moved, f_cand[pick, torch.arange(g)], f)
+        if not moved.any():
+            break  # no decrease possible in floating point: at the optimum
+    return theta[:, :-1].clone(), theta[:, -1].clone()
+
+
+def _known(emb: Embeddings, j: int) -> tuple[Tensor, Tensor]:
+    """(rows with label j known, their 0/1 labels)."""
+    y = emb.labels[:, j]
+    rows = torch.nonzero(~torch.isnan(y)).flatten()
+    return rows, y[rows]
+
+
+def fit_probes(train: Embeddings, val: Embeddings, cfg: EvalConfig) -> ProbeSet:
+    """One probe per label, L2 chosen on ``val`` by AUROC (ties: the stronger L2).
+
+    Args:
+        train: embeddings of the train subjects.
+        val: embeddings of the validation subjects.
+        cfg: ``cfg.evaluation`` (``l2_grid``, ``max_iter``).
+
+    A label with only one class among its known train subjects gets no probe (reason in
+    ``ProbeSet.notes``). When val has one class the L2 cannot be tuned: the grid's middle value
+    is used and the probe's ``note`` says so.
+    """
+    if train.label_names != val.label_names:
+        raise ValueError(f"fit_probes: train labels {train.label_names} differ from val labels {val.label_names}")
+    if len(train) == 0:
+        raise ValueError("fit_probes: no train subjects")
+    if not cfg.l2_grid:
+        raise ValueError("fit_probes: evaluation.l2_grid is empty")
+    grid = torch.tensor(sorted(cfg.l2_grid), dtype=torch.float64)
+    mean = train.cls.double().mean(0)
+    # A constant embedding dimension would divide by zero; leaving it unscaled keeps it at 0.
+    std = train.cls.double().std(0, unbiased=False).clamp(min=1e-8)
+    out = ProbeSet(train.label_names)
+    for j, name in enumerate(train.label_names):
+        rows, y = _known(train, j)
+        n_pos = int(y.sum())
+        if n_pos == 0 or n_pos == len(y):
+            out.notes[name] = f"train has {n_pos} positive(s) of {len(y)} known: no probe"
+            continue
+        x = (train.cls[rows].double() - mean) / std
+        w, b = fit_logistic(x, y, grid, cfg.max_iter)
+        vrows, vy = _known(val, j)
+        vx = (val.cls[vrows].double() - mean) / std
+        val_auc = torch.stack([auroc(vx @ w[g] + b[g], vy) for g in range(len(grid))]) if len(vy) else torch.full((len(grid),), math.nan)
+        note = ""
+        if torch.isnan(val_auc).all():
+            best = len(grid) // 2
+            note = f"val has one class ({int(vy.sum())} positive(s) of {len(vy)}): L2 not tuned, grid middle used"
+        else:
+            # Last index of the maximum = the strongest L2 among equally good ones.
+            scores = val_auc.nan_to_num(-1.0)
+            best = int(torch.nonzero(scores == scores.max()).flatten()[-1])
+        out.probes[name] = LinearProbe(
+            label=name, mean=mean, std=std, weight=w[best], bias=float(b[best]), l2=float(grid[best]),
+            val_auroc=float(val_auc[best]), n_train=len(y), n_train_pos=n_pos, note=note,
+        )
+    return out
+
+
+@dataclass
+class LabelScore:
+    """Test AUROC of one label's probe (NaN with ``note`` when undefined)."""
+
+    label: str
+    auroc: float
+    ci_low: float
+    ci_high: float
+    n: int
+    n_pos: int
+    note: str = ""
+
+
+@dataclass
+class ProbeScores:
+    """Per-label and macro AUROC of a probe set on one set of subjects.
+
+    ``macro`` is the mean over labels with a finite AUROC (``n_macro_labels`` of them).
+    """
+
+    labels: list[LabelScore]
+    macro: float
+    macro_ci_low: float
+    macro_ci_high: float
+    n_macro_labels: int
+    n_subjects: int
+
+    def by_label(self) -> dict[str, float]:
+        return {s.label: s.auroc for s in self.labels}
+
+
+def score_probes(probes: ProbeSet, emb: Embeddings, n_boot: int = 0, level: float = 0.95, seed: int = 0) -> ProbeScores:
+    """AUROC of every probe on ``emb``, with percentile bootstrap CIs when ``n_boot > 0``.
+
+    The bootstrap resamples subjects (jointly for all labels, so the macro CI keeps the labels'
+    correlation); each replicate's macro is the mean over the labels defined in it.
+
+    Args:
+        probes: fitted probes (:func:`fit_probes`).
+        emb: the subjects to score (any condition's embeddings).
+        n_boot: bootstrap resamples; 0 = no CI (NaN bounds), as the robustness conditions use.
+        level: CI coverage.
+        seed: bootstrap seed.
+    """
+    if emb.label_names != probes.label_names:
+        raise ValueError(f"score_probes: embedding labels {emb.label_names} differ from the probes' {probes.label_names}")
+    counts = bootstrap_counts(len(emb), n_boot, torch.Generator().manual_seed(seed)) if n_boot > 0 and len(emb) else None
+    scores: list[LabelScore] = []
+    replicates: list[Tensor] = []
+    for j, name in enumerate(probes.label_names):
+        rows, y = _known(emb, j)
+        n, n_pos = len(y), int(y.sum())
+        probe = probes.probes.get(name)
+        if probe is None:
+            scores.append(LabelScore(name, math.nan, math.nan, math.nan, n, n_pos, probes.notes.get(name, "no probe")))
+            continue
+        logits = probe.logits(emb.cls[rows])
+        auc = float(auroc(logits, y)) if n else math.nan
+        if math.isnan(auc):
+            scores.append(LabelScore(name, math.nan, math.nan, math.nan, n, n_pos,
+                                     f"test has one class ({n_pos} positive(s) of {n} known): AUROC undefined"))
+            continue
+        lo = hi = math.nan
+        if counts is not None:
+            rep = auroc(logits, y, counts[:, rows])
+            replicates.append(rep)
+            lo, hi = percentile_ci(rep, level)
+        scores.append(LabelScore(name, auc, lo, hi, n, n_pos, probe.note))
+    finite = [s.auroc for s in scores if not math.isnan(s.auroc)]
+    macro = sum(finite) / len(finite) if finite else math.nan
+    m_lo = m_hi = math.nan
+    if replicates:
+        m_lo, m_hi = percentile_ci(torch.stack(replicates).nanmean(0), level)
+    return ProbeScores(scores, macro, m_lo, m_hi, len(finite), len(emb))
+
+
+def fit_and_score(emb: Embeddings, split: ProbeSplit, cfg: EvalConfig, seed: int = 0) -> tuple[ProbeSet, ProbeScores]:
+    """Fit probes on ``split.train`` (L2 on ``split.val``) and score ``split.test`` with CIs.
+
+    Args:
+        emb: full-condition embeddings of every subject in the split.
+        split: the subject split (:func:`split_three`).
+        cfg: ``cfg.evaluation``.
+        seed: bootstrap seed.
+    """
+    probes = fit_probes(emb.subset(split.train), emb.subset(split.val), cfg)
+    return probes, score_probes(probes, emb.subset(split.test), cfg.bootstrap, cfg.ci_level, seed)
+
+
+def probe_auroc(
+    encoder: PanOrganEncoder,
+    batches: Sequence[SubjectBatch],
+    cfg: ExperimentConfig,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Cheap probe AUROC of an encoder on a labelled cohort (the server's per-round hook).
+
+    Embeds the subjects once, splits them by ``seed`` (:func:`split_three`, so every round uses
+    the same split), fits the probes and scores the test subjects, without bootstrap.
+
+    Args:
+        encoder: the encoder to score (e.g. the global teacher encoder); left in its mode.
+        batches: the labelled cohort, collated once up front
+            (:func:`fedpanfm.evaluation.embed.collate_dataset`), so a round pays only the forward.
+        cfg: the experiment config (``cfg.evaluation`` for fractions, L2 grid, iterations).
+        seed: split seed.
+        device: where the encoder runs.
+
+    Returns:
+        TensorBoard-ready tags: ``probe/auroc_macro``, ``probe/auroc/<label>`` (finite values
+        only: undefined labels are left out), ``probe/labels_scored``, ``probe/n_test``.
+    """
+    ev = cfg.evaluation
+    emb = embed_batches(encoder, batches, device=device)
+    split = split_three(emb.subject_ids, ev.val_fraction, ev.test_fraction, seed)
+    probes = fit_probes(emb.subset(split.train), emb.subset(split.val), ev)
+    scores = score_probes(probes, emb.subset(split.test))
+    out = {f"probe/auroc/{s.label}": s.auroc for s in scores.labels if not math.isnan(s.auroc)}
+    if not math.isnan(scores.macro):
+        out["probe/auroc_macro"] = scores.macro
+    out["probe/labels_scored"] = float(scores.n_macro_labels)
+    out["probe/n_test"] = float(scores.n_subjects)
+    return out
+
+
+__all__ = [
+    "LabelScore",
+    "LinearProbe",
+    "ProbeScores",
+    "ProbeSet",
+    "ProbeSplit",
+    "fit_and_score",
+    "fit_logistic",
+    "fit_probes",
+    "probe_auroc",
+    "score_probes",
+    "split_three",
+]
