@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.machine import matmul_peak
+from bench.table import Row, check
 from fedpanfm.config import ExperimentConfig, load_config
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.data.collate import make_loader
@@ -48,18 +50,6 @@ def make_batches(cfg: ExperimentConfig, n: int) -> list[SubjectBatch]:
         batches = list(make_loader(ds, cfg, shuffle=False, seed=cfg.seed))
     full = [b for b in batches if b.size == cfg.data.batch_size] or batches
     return [full[i % len(full)] for i in range(n)]
-
-
-def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 10) -> float:
-    """Measured dense matmul FLOP/s (best of ``reps``) for ``n x n`` operands."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 class PlainLoop:
@@ -142,6 +132,40 @@ def training_flops(cfg: ExperimentConfig, batch: SubjectBatch) -> int:
         out = model(batch, {"teacher_temp": sched["teacher_temp"], "noise_std": sched["noise_std"]})
         out.loss.backward()
     return int(counter.get_total_flops())
+
+
+def measure(quick: bool, overrides: list[str] | None = None, config: str | None = None) -> list[Row]:
+    """Items 1-3 as table rows: DeepSpeed / plain, SGM / no masking, FLOP/s / matmul peak.
+
+    Args:
+        quick: fewer steps and rounds.
+        overrides: ``KEY=VALUE`` on top of :data:`DEFAULT_SETS`.
+        config: experiment YAML (None: the built-in defaults).
+    """
+    steps, repeats = (4, 3) if quick else (8, 5)
+    base = DEFAULT_SETS + list(overrides or [])
+    cfg = load_config(config, base)
+    batches = make_batches(cfg, steps)
+    total = 1000
+    trainers = {pol: LocalTrainer(load_config(config, base + [f"train.masking.policy={pol}"])) for pol in ("sgm", "none")}
+    plain = PlainLoop(trainers["sgm"].cfg, total)
+    times = interleaved({**{f"deepspeed/{pol}": deepspeed_run(t, total) for pol, t in trainers.items()},
+                         "plain/sgm": plain.run}, batches, repeats)
+    ds, pl, none = times["deepspeed/sgm"], times["plain/sgm"], times["deepspeed/none"]
+    flops = training_flops(trainers["sgm"].cfg, batches[0])
+    bf16 = cfg.deepspeed.bf16
+    peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
+    prec = "bf16" if bf16 else "fp32"
+    size = f"dim {cfg.model.dim}, depth {cfg.model.depth}, batch {cfg.data.batch_size}"
+    return [
+        Row("1 deepspeed step / plain torch", ds / pl, "<= 1.05", check(ds / pl, "<=", 1.05),
+            f"{ds * 1e3:.1f} ms vs {pl * 1e3:.1f} ms per step ({size})", {"deepspeed_s": ds, "plain_s": pl}),
+        Row("2 step SGM / masking off", ds / none, "<= 1.03", check(ds / none, "<=", 1.03),
+            f"{ds * 1e3:.1f} ms vs {none * 1e3:.1f} ms per step", {"sgm_s": ds, "none_s": none}),
+        Row(f"3 train FLOP/s / {prec} matmul peak", flops / ds / peak, ">= 0.35", check(flops / ds / peak, ">=", 0.35),
+            f"{flops / ds / 1e9:.1f} GFLOP/s ({flops / 1e9:.2f} GFLOP/step) / {peak / 1e9:.1f} GFLOP/s ({size})",
+            {"flops_per_step": flops, "step_s": ds, "peak": peak, "precision": prec}),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

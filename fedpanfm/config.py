@@ -245,6 +245,24 @@ class LoggingConfig:
 # --------------------------------------------------------------------------- evaluation
 
 
+STUDY_ARMS: tuple[str, ...] = (
+    "random_init", "single_site", "centralized", "fed_none", "fed_random", "fed_sgm", "fed_sgm_nodex",
+)
+
+
+@dataclass
+class StudyConfig:
+    """The SGM study (``fedpanfm study``, docs/results.md): arms, seeds and the evaluation cohort."""
+
+    seeds: list[int] = _f([0, 1, 2], doc="one run of every arm per seed (init, shuffling, masks, probe split)")
+    arms: list[str] = _f(list(STUDY_ARMS), doc="arms to run, a subset of STUDY_ARMS")
+    eval_sites: int = _f(2, lo=1, hi=256, doc="full-body sites of the labelled evaluation cohort")
+    eval_subjects: int = _f(150, lo=4, doc="subjects per evaluation site")
+    eval_seed: int = _f(1000, doc="synth seed of the evaluation cohort (differs from synth.seed)")
+    cpus: int = _f(0, lo=0, doc="CPUs for the federated arms' Ray; 0 = all cores")
+    quick: list[str] = _f([], doc="KEY=VALUE overrides applied by --quick")
+
+
 @dataclass
 class EvalConfig:
     """Linear-probe evaluation and missing-organ robustness (docs/evaluation.md)."""
@@ -257,6 +275,8 @@ class EvalConfig:
     ci_level: float = _f(0.95, lo=0.5, hi=0.999)
     random_draws: int = _f(3, lo=1, doc="random organ-removal draws per subject and k")
     batch_size: int = _f(64, lo=1, doc="subjects per encoder forward when embedding")
+    server_cohort: str = _f("", doc="labelled cohort the server probes each round's global teacher on; '' = off")
+    study: "StudyConfig" = field(default_factory=lambda: StudyConfig())
 
 
 @dataclass
@@ -523,6 +543,9 @@ def validate(cfg: ExperimentConfig, src: str) -> None:
         raise ConfigError(f"{src}: model.dim = {cfg.model.dim} must be divisible by model.heads = {cfg.model.heads}")
     if cfg.model.dex.top_k > cfg.model.dex.experts:
         raise ConfigError(f"{src}: model.dex.top_k = {cfg.model.dex.top_k} exceeds model.dex.experts")
+    if cfg.federation.sparse_experts and cfg.federation.dp.enabled:
+        # Central DP clips each site's whole student delta, which needs every expert it holds.
+        raise ConfigError(f"{src}: federation.sparse_experts cannot be combined with federation.dp.enabled")
 
 
 __all__ = [
@@ -541,6 +564,7 @@ __all__ = [
     "ModelConfig",
     "OrganSpec",
     "RayConfig",
+    "StudyConfig",
     "SynthConfig",
     "TrainConfig",
     "config_from_dict",

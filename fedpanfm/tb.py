@@ -26,14 +26,16 @@ class RunLogger:
         run_dir: the experiment run folder.
         name: the sub-run, e.g. ``"server"``, ``"site_a"`` or ``"pretrain"`` (letters, digits,
             ``_ . -``).
+        purge_step: when resuming a run, the first step to write again: events an interrupted
+            run wrote at this step or later are hidden by TensorBoard (None: a fresh run).
     """
 
-    def __init__(self, run_dir: Path, name: str) -> None:
+    def __init__(self, run_dir: Path, name: str, purge_step: int | None = None) -> None:
         if not _NAME.match(name):
             raise ValueError(f"TensorBoard run name {name!r}: use letters, digits, '_', '.', '-'")
         self.log_dir = Path(run_dir) / name
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
         self._hparams_done = False
 
     def scalars(self, values: dict[str, float], step: int) -> None:

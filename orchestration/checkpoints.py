@@ -70,6 +70,18 @@ class CheckpointPolicy:
         self._pending.append(fut)
         return fut
 
+    def restore(self, latest_round: int, best_round: int | None, best_loss: float | None) -> None:
+        """Continue a resumed run: the best-so-far and last round it had written.
+
+        Args:
+            latest_round: the round the run resumes after.
+            best_round: the round ``best`` points at (None: none yet).
+            best_loss: its validation loss.
+        """
+        self.latest_round = latest_round
+        self.best_round = best_round
+        self.best_loss = float(best_loss) if best_round is not None and best_loss is not None else math.inf
+
     def _write(self, server_round: int, state: dict[str, torch.Tensor], meta: dict[str, Any],
                is_best: bool) -> Path:
         name = f"round_{server_round}"

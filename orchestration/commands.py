@@ -19,7 +19,9 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
         description="Run the ServerApp and one ClientApp per site in Flower's simulation runtime. "
         "The same apps run with `flwr run .` (pyproject.toml [tool.flwr.app]).",
     )
-    add_config_args(p, required=True)
+    add_config_args(p, required=False)
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue this run folder after its last complete round (its own config.yaml)")
     p.add_argument("--cpus", type=int, default=None,
                    help="CPUs for Ray: sites that train at once (default: all cores)")
     p.set_defaults(func=_run)
@@ -29,6 +31,8 @@ def _run(args: argparse.Namespace) -> int:
     from orchestration.server_app import summary_text
     from orchestration.simulate import simulate
 
-    summary = simulate(args.config, args.overrides, cpus=args.cpus)
+    if args.resume is None and args.config is None:
+        raise SystemExit("fedpanfm simulate: --config is required (or --resume RUN_DIR)")
+    summary = simulate(args.config, args.overrides, cpus=args.cpus, resume=args.resume)
     print("\n" + summary_text(summary), flush=True)
     return 0

@@ -22,9 +22,10 @@ when Ray is not running; ``wait_background`` waits for all of them.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import warnings
 from logging import INFO
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,7 +37,12 @@ from torch import Tensor
 
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.federation.aggregate import MeanTask, RoundOutcome, State, aggregate_round, run_means_serial
-from fedpanfm.federation.message import SiteUpdate
+from fedpanfm.federation.message import SiteUpdate, state_nbytes
+
+
+#: Rounds with fewer update bytes than this aggregate serially even with Ray enabled: measured
+#: here, the serial path reduces ~2 GB/s, so 64 MiB costs ~30 ms, less than one Ray round trip.
+SERIAL_BELOW_BYTES = 64 * 2**20
 
 
 class Aggregator(Protocol):
@@ -52,6 +58,22 @@ class Aggregator(Protocol):
     ) -> tuple[State, RoundOutcome]: ...
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch intra-op parallelism off for the block, restored after.
+
+    Aggregation is memory-bound elementwise work: a second thread adds little bandwidth, and on
+    a busy machine every two-thread op waits for a descheduled thread (measured 3-7x slower
+    under load, docs/performance.md). Results do not depend on the thread count (elementwise).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class SerialAggregator:
     """Every group in the calling process, one after the other."""
 
@@ -64,7 +86,8 @@ class SerialAggregator:
         previous_saliency: Tensor | None = None,
     ) -> tuple[State, RoundOutcome]:
         """See :func:`fedpanfm.federation.aggregate.aggregate_round` (same arguments)."""
-        return aggregate_round(global_state, updates, cfg, server_round, previous_saliency, run_means_serial)
+        with one_thread():
+            return aggregate_round(global_state, updates, cfg, server_round, previous_saliency, run_means_serial)
 
 
 def _as_numpy(state: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
@@ -83,7 +106,9 @@ def _as_torch(arrays: Mapping[str, np.ndarray], keys: Sequence[str] | None = Non
 def _mean_tasks_remote(tasks: list[MeanTask], previous: dict[str, np.ndarray], *site_states: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A batch of mean tasks on a Ray worker; inputs arrive zero-copy from the object store."""
     keys = [k for t in tasks for k in t.keys]
-    sites = [_as_torch(s, keys) for s in site_states]
+    # Sparse expert transfer: a site's state may lack experts it gave zero weight.
+    sites = [_as_torch(s, [k for k in keys if k in s]) for s in site_states]
+    torch.set_num_threads(1)  # a worker process of its own; see one_thread()
     out = run_means_serial(tasks, sites, _as_torch(previous, keys))
     return {k: v.numpy() for k, v in out.items()}
 
@@ -107,12 +132,19 @@ class RayAggregator:
 
     Args:
         max_tasks: at most this many Ray tasks per round (None: the cluster's CPU count).
+        serial_below_bytes: a round whose updates total fewer bytes runs serially in this
+            process (same functions, same result): scheduling Ray tasks, and on a busy machine
+            starting their workers, costs seconds, more than averaging a small model
+            (docs/performance.md). 0: always Ray.
     """
 
-    def __init__(self, max_tasks: int | None = None) -> None:
+    def __init__(self, max_tasks: int | None = None, serial_below_bytes: int = 0) -> None:
         if not ray.is_initialized():
             raise RuntimeError("RayAggregator: Ray is not initialised; call connect_ray(address) first")
+        if serial_below_bytes < 0:
+            raise ValueError(f"RayAggregator: serial_below_bytes = {serial_below_bytes} must be >= 0")
         self.max_tasks = max_tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.serial_below_bytes = serial_below_bytes
 
     def run_means(self, tasks: Sequence[MeanTask], site_states: Sequence[Mapping[str, Tensor]], previous: Mapping[str, Tensor]) -> State:
         """Same contract as :func:`~fedpanfm.federation.aggregate.run_means_serial`."""
@@ -137,7 +169,10 @@ class RayAggregator:
         previous_saliency: Tensor | None = None,
     ) -> tuple[State, RoundOutcome]:
         """See :func:`fedpanfm.federation.aggregate.aggregate_round` (same arguments)."""
-        return aggregate_round(global_state, updates, cfg, server_round, previous_saliency, self.run_means)
+        small = sum(state_nbytes(u.state) for u in updates) < self.serial_below_bytes
+        with one_thread():
+            return aggregate_round(global_state, updates, cfg, server_round, previous_saliency,
+                                   run_means_serial if small else self.run_means)
 
 
 def connect_ray(address: str = "") -> None:
@@ -163,7 +198,7 @@ def make_aggregator(cfg: ExperimentConfig) -> Aggregator:
     if not cfg.federation.ray.enabled:
         return SerialAggregator()
     connect_ray(cfg.federation.ray.address)
-    return RayAggregator()
+    return RayAggregator(serial_below_bytes=SERIAL_BELOW_BYTES)
 
 
 # --------------------------------------------------------------------------- background work
@@ -225,6 +260,7 @@ __all__ = [
     "SerialAggregator",
     "connect_ray",
     "make_aggregator",
+    "one_thread",
     "pack_tasks",
     "submit_background",
     "wait_background",

@@ -17,6 +17,11 @@ The run folder (``<logging.run_dir>/<name>-<timestamp>`` unless the run config's
 Sites' metrics arrive in their replies; the server writes the site sub-runs, so no shared
 filesystem is assumed. The server observes the traffic at the Grid (:class:`MeteredGrid`):
 that is where bytes exchanged and the sites' validation replies are seen.
+
+Each round's checkpoint carries the server state (orchestration/resume.py); run config
+``resume`` = a run folder continues that run after its last complete round
+(docs/reliability.md). Per round the server also logs ``failures/<site>`` (cumulative),
+``memory/rss_mb`` and, with ``federation.dp``, ``dp/epsilon``.
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedpanfm.config import ExperimentConfig, config_from_run_config
+from fedpanfm.config import ExperimentConfig, config_from_run_config, load_config
+from fedpanfm.federation.privacy import epsilon
 from fedpanfm.federation.message import METRICS, NUM_EXAMPLES, SITE_CONFIG, arrayrecord_to_state, state_to_arrayrecord
 from fedpanfm.model.meta_arch import PanFMSSL
 from fedpanfm.tb import RunLogger, site_run_name
 from orchestration.checkpoints import CheckpointPolicy
 from orchestration.ray_aggregation import make_aggregator
+from orchestration.resume import SERVER, ResumePoint, find_resume_point, server_state
 from orchestration.strategy import FedPanFM, RoundReport
 
 log = logging.getLogger(__name__)
@@ -122,30 +129,48 @@ class RunRecorder:
         run_folder: the run folder (created).
         cfg: the experiment config.
         grid: the metered Grid the strategy talks through.
+        resume: the point a resumed run continues from (None: a fresh run); TensorBoard
+            continues at its next round (events an interrupted round wrote are purged).
+        saliency: returns the strategy's current global saliency (stored with checkpoints).
     """
 
-    def __init__(self, run_folder: Path, cfg: ExperimentConfig, grid: MeteredGrid) -> None:
+    def __init__(self, run_folder: Path, cfg: ExperimentConfig, grid: MeteredGrid,
+                 resume: ResumePoint | None = None, saliency: Any = None) -> None:
         self.folder = Path(run_folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "config.yaml").write_text(cfg.to_yaml())
+        if resume is None:
+            (self.folder / "config.yaml").write_text(cfg.to_yaml())
         self.cfg = cfg
         self.grid = grid
         self.tb_dir = self.folder / "tensorboard"
-        self.server = RunLogger(self.tb_dir, "server")
+        self.offset = resume.round if resume else 0
+        self._purge = self.offset + 1 if resume else None
+        self.server = RunLogger(self.tb_dir, "server", purge_step=self._purge)
         self.sites: dict[str, RunLogger] = {}
         self.checkpoints = CheckpointPolicy(self.folder / "checkpoints", cfg)
         self.report: RoundReport | None = None
         self.history: list[dict[str, float]] = []
+        self.failures: dict[str, int] = {}
+        self.stopped: str | None = None
+        self.resumed_from = resume.round if resume else None
+        self._saliency = saliency
+        if resume is not None:
+            srv = resume.server
+            self.history = list(srv.get("history", []))
+            self.failures = {str(k): int(v) for k, v in srv.get("failures", {}).items()}
+            self.checkpoints.restore(resume.round, srv.get("best_round"), srv.get("best_loss"))
         self._t_round = time.perf_counter()
 
     def _site(self, name: str) -> RunLogger:
         if name not in self.sites:
-            self.sites[name] = RunLogger(self.tb_dir, site_run_name(name))
+            self.sites[name] = RunLogger(self.tb_dir, site_run_name(name), purge_step=self._purge)
         return self.sites[name]
 
     def on_round(self, report: RoundReport) -> None:
         """Strategy hook after aggregation: keep the report; write the sites' training scalars."""
         self.report = report
+        for site, n in report.failures.items():
+            self.failures[site] = self.failures.get(site, 0) + n
         for name, values in report.site_metrics.items():
             # The "train/" prefix the server uses for the site means, so the curves overlay.
             self._site(name).scalars({f"train/{k}": v for k, v in values.items()}, report.server_round)
@@ -165,13 +190,22 @@ class RunRecorder:
             keys = set.intersection(*(set(v) for _, v in validation.values()))
             val = {k: sum(n * v[k] for n, v in validation.values()) / n_val for k in sorted(keys)}
         now = time.perf_counter()
+        fresh = self.report if self.report and self.report.server_round == server_round else None
         scalars = {
-            **(self.report.metrics if self.report and self.report.server_round == server_round else {}),
+            **(fresh.metrics if fresh else {}),
             **val,
             "time/round_s": now - self._t_round,
             "bytes/sent_total": float(self.grid.bytes_sent),
             "bytes/received_total": float(self.grid.bytes_received),
+            "memory/rss_mb": rss_mb(),
+            "attempts": float(fresh.attempts if fresh else 1),
+            **{f"failures/{site}": float(n) for site, n in self.failures.items()},
         }
+        dp = self.cfg.federation.dp
+        if dp.enabled:
+            scalars["dp/epsilon"] = epsilon(self.cfg.federation.fraction_train, dp.noise_multiplier, server_round, dp.delta)
+            if not math.isfinite(scalars["dp/epsilon"]):
+                del scalars["dp/epsilon"]  # no noise: no finite guarantee (TensorBoard takes finite values)
         self._t_round = now
         self.server.scalars(scalars, server_round)
         self.server.flush()
@@ -179,8 +213,16 @@ class RunRecorder:
             logger.flush()
         self.history.append({"round": server_round, **scalars})
         state = arrayrecord_to_state(arrays, f"global arrays of round {server_round}")
-        self.checkpoints.submit(server_round, state, val.get(VAL_LOSS),
-                                {"sites": sorted(validation) or sorted(self.report.site_metrics if self.report else [])})
+        loss = val.get(VAL_LOSS)
+        if loss is not None and math.isfinite(loss) and loss < self.checkpoints.best_loss:
+            best = (server_round, float(loss))
+        else:
+            best = (self.checkpoints.best_round, self.checkpoints.best_loss if self.checkpoints.best_round else None)
+        saliency = self._saliency() if self._saliency is not None else torch.zeros(0)
+        self.checkpoints.submit(server_round, state, loss, {
+            "sites": sorted(validation) or sorted(self.report.site_metrics if self.report else []),
+            SERVER: server_state(server_round, saliency, best[0], best[1], list(self.history), self.failures),
+        })
         return MetricRecord({k: v for k, v in val.items()}) if val else None
 
     def finish(self) -> dict[str, Any]:
@@ -192,8 +234,16 @@ class RunRecorder:
         for logger in [self.server, *self.sites.values()]:
             logger.close()
         ck = self.folder / "checkpoints"
+        dp = self.cfg.federation.dp
         summary = {
             "run_folder": str(self.folder),
+            "stopped": self.stopped,
+            "resumed_from_round": self.resumed_from,
+            "failures": dict(sorted(self.failures.items())),
+            "dp_epsilon": (epsilon(self.cfg.federation.fraction_train, dp.noise_multiplier, len(self.history), dp.delta)
+                           if dp.enabled else None),
+            "dp_delta": dp.delta if dp.enabled else None,
+            "rss_mb_per_round": [h.get("memory/rss_mb") for h in self.history],
             "rounds": len(self.history),
             "sites": sorted(self.sites),
             "final_train_loss": last.get("train/loss"),
@@ -207,6 +257,17 @@ class RunRecorder:
         }
         (self.folder / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MiB (Linux ``/proc``; 0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
 
 
 def _flat_hparams(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -263,32 +324,59 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     Args:
         grid: Flower's Grid to the site nodes.
         run_config: ``config`` (experiment YAML), ``overrides`` (``K=V ...``) and optionally
-            ``run-folder`` (where to write; "" or absent: a new time-stamped folder).
+            ``run-folder`` (where to write; "" or absent: a new time-stamped folder) and
+            ``resume`` (a run folder: continue it after its last complete round, with the
+            config it stored; ``run-folder`` is then ignored).
+
+    Raises:
+        RoundFailed: a round got fewer than ``min_sites`` usable updates after its retries;
+            the summary (``stopped``) and the previous round's checkpoint are written first.
     """
     import ray
 
-    cfg = config_from_run_config(run_config)
-    folder = Path(str(run_config.get("run-folder") or "")) if run_config.get("run-folder") else new_run_folder(cfg)
+    resume: ResumePoint | None = None
+    if run_config.get("resume"):
+        folder = Path(str(run_config["resume"]))
+        cfg = load_config(folder / "config.yaml")
+        resume = find_resume_point(folder)
+        log.info("resuming %s after round %d (%s)", folder, resume.round, resume.path)
+    else:
+        cfg = config_from_run_config(run_config)
+        folder = Path(str(run_config.get("run-folder") or "")) if run_config.get("run-folder") else new_run_folder(cfg)
     if cfg.federation.ray.enabled:
         await_simulation_ray(grid)
     had_ray = ray.is_initialized()
     aggregator = make_aggregator(cfg)
     metered = MeteredGrid(grid)
-    recorder = RunRecorder(folder, cfg, metered)
     strategy = FedPanFM(
-        cfg, planned_steps(cfg), aggregator=aggregator, on_round=recorder.on_round,
+        cfg, planned_steps(cfg), aggregator=aggregator,
         # Sites evaluate only when they hold out subjects.
         fraction_evaluate=1.0 if cfg.data.val_fraction > 0 else 0.0,
     )
-    log.info("fedpanfm run %s: %d rounds, writing to %s", cfg.name, cfg.federation.rounds, folder)
+    recorder = RunRecorder(folder, cfg, metered, resume, saliency=lambda: strategy.global_saliency)
+    strategy.on_round = recorder.on_round
+    start = initial_state(cfg)
+    if resume is not None:
+        missing = sorted(set(start) ^ set(resume.state))
+        if missing:
+            raise ValueError(f"resume {resume.path}: its weights do not fit the config ({missing[0]!r} differs)")
+        start = resume.state
+        strategy.resume_from(resume.state, resume.saliency, resume.round)
+    offset = recorder.offset
+    log.info("fedpanfm run %s: rounds %d..%d, writing to %s", cfg.name, offset + 1, cfg.federation.rounds, folder)
     try:
-        strategy.start(
-            grid=metered,  # type: ignore[arg-type]  # duck-typed Grid (delegates to Flower's)
-            initial_arrays=state_to_arrayrecord(initial_state(cfg)),
-            num_rounds=cfg.federation.rounds,
-            timeout=cfg.federation.round_timeout_s,
-            evaluate_fn=recorder.after_round,
-        )
+        if offset < cfg.federation.rounds:
+            strategy.start(
+                grid=metered,  # type: ignore[arg-type]  # duck-typed Grid (delegates to Flower's)
+                initial_arrays=state_to_arrayrecord(start),
+                num_rounds=cfg.federation.rounds - offset,
+                timeout=cfg.federation.round_timeout_s,
+                evaluate_fn=lambda r, arrays: recorder.after_round(r + offset if r else 0, arrays),
+            )
+    except Exception as exc:
+        recorder.stopped = f"{type(exc).__name__}: {exc}"
+        log.error("fedpanfm run %s stopped: %s\n  resume with: fedpanfm simulate --resume %s", cfg.name, exc, folder)
+        raise
     finally:
         summary = recorder.finish()
         if not had_ray and ray.is_initialized():
@@ -302,8 +390,14 @@ def summary_text(s: Mapping[str, Any]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
+    stopped = [f"  STOPPED: {s['stopped']}\n  resume with: fedpanfm simulate --resume {s['run_folder']}"] \
+        if s.get("stopped") else []
+    failures = [f"  site failures: {', '.join(f'{k} {v}' for k, v in s['failures'].items())}"] if s.get("failures") else []
+    privacy = [f"  differential privacy: epsilon {fmt(s['dp_epsilon'])} at delta {s['dp_delta']:g}"] \
+        if s.get("dp_epsilon") is not None else []
     return "\n".join([
         f"fedpanfm: {s['rounds']} rounds over sites {', '.join(s['sites'])}",
+        *stopped, *failures, *privacy,
         f"  final train loss {fmt(s['final_train_loss'])}, final val loss {fmt(s['final_val_loss'])}, "
         f"best val loss {fmt(s['best_val_loss'])} (round {s['best_round']})",
         f"  TensorBoard: tensorboard --logdir {s['tensorboard']}",

@@ -48,15 +48,19 @@ def ensure_cohort(cfg: ExperimentConfig) -> Path:
     return cohort
 
 
-def simulate(config: str | Path, overrides: list[str] | None = None, run_folder: Path | None = None,
-             cpus: int | None = None) -> dict[str, Any]:
+def simulate(config: str | Path | None, overrides: list[str] | None = None, run_folder: Path | None = None,
+             cpus: int | None = None, resume: Path | None = None) -> dict[str, Any]:
     """Run the federation in simulation; returns the run summary the ServerApp wrote.
 
     Args:
-        config: the experiment YAML.
-        overrides: ``KEY=VALUE`` config overrides (as ``--set`` takes them).
+        config: the experiment YAML (ignored with ``resume``: the run's own ``config.yaml``).
+        overrides: ``KEY=VALUE`` config overrides (as ``--set`` takes them; not with ``resume``).
         run_folder: where the run writes; a new ``<run_dir>/<name>-<timestamp>`` when None.
         cpus: CPUs Ray may use (one per concurrently training site); ``os.cpu_count()`` when None.
+        resume: a run folder to continue after its last complete round (docs/reliability.md).
+
+    Raises:
+        RuntimeError: the run stopped before its last round (the summary says why; resume it).
     """
     import ray
     from flwr.simulation import run_simulation
@@ -66,6 +70,15 @@ def simulate(config: str | Path, overrides: list[str] | None = None, run_folder:
 
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     overrides = list(overrides or [])
+    if resume is not None:
+        if overrides:
+            raise ValueError("simulate --resume: the run continues with its stored config; drop the overrides")
+        run_folder = Path(resume)
+        config = run_folder / "config.yaml"
+        if not config.is_file():
+            raise FileNotFoundError(f"simulate --resume {run_folder}: no config.yaml (not a run folder)")
+    if config is None:
+        raise ValueError("simulate: name a config (or --resume a run folder)")
     cfg = load_config(config, overrides)
     ensure_cohort(cfg)
     run_folder = Path(run_folder) if run_folder is not None else new_run_folder(cfg)
@@ -73,6 +86,7 @@ def simulate(config: str | Path, overrides: list[str] | None = None, run_folder:
         "config": str(Path(config).resolve()),
         "overrides": shlex.join(overrides),
         "run-folder": str(run_folder.resolve()),
+        "resume": str(run_folder.resolve()) if resume is not None else "",
     }
     started_ray = False
     if not ray.is_initialized():
@@ -91,4 +105,7 @@ def simulate(config: str | Path, overrides: list[str] | None = None, run_folder:
     summary_path = run_folder / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError(f"simulation ended without a summary: {summary_path} is missing (see the log above)")
-    return json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text())
+    if summary.get("stopped"):
+        raise RuntimeError(f"simulation stopped: {summary['stopped']}\n  resume with: fedpanfm simulate --resume {run_folder}")
+    return summary

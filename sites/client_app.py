@@ -36,7 +36,9 @@ from fedpanfm.federation.message import (
     TrainInstruction,
     arrayrecord_to_state,
 )
+from fedpanfm.federation.transfer import select_transfer
 from fedpanfm.train.engine import get_trainer
+from sites.faults import apply_fault
 from sites.runtime import SiteRuntime, site_seed
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ def train_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
     organs = cfg.data.organ_set()
     instr = TrainInstruction.from_recorddict(msg.content, organs.names)
     site = SiteRuntime.from_context(context, cfg)
+    apply_fault(site.name, instr.server_round)  # test-only, FEDPANFM_FAULT (sites/faults.py); no-op unset
     kept, schedule = site.load_kept(context)
 
     trainer = get_trainer(cfg)
@@ -99,23 +102,25 @@ def train_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
 
     new_state = trainer.export_state()
     site.keep(context, new_state, trainer.schedule_state())
-    # The full state goes back (the server keys its aggregation on the whole state dict and
-    # decides per group what to use); local-only tensors are restored from context.state anyway.
+    # Only what the server reads goes back (no teacher unless the policy aggregates it; with
+    # federation.sparse_experts no unused expert), in federation.transfer_dtype.
+    sent, gate_mass = select_transfer(new_state, result.gate_mass, cfg)
     # NaN marks a per-organ value for an organ this site never saw: left out, not invented.
     metrics = {k: float(v) for k, v in result.metrics.items() if math.isfinite(float(v))}
     metrics["time/fit_s"] = result.seconds
     update = SiteUpdate(
         site=site.name,
-        state=new_state,
+        state=sent,
         num_examples=result.subjects,
         organ_subjects=result.organ_subjects,
-        gate_mass=result.gate_mass,
+        gate_mass=gate_mass,
         # Organs the site lacks carry no weight in the server's saliency blend (weighted by
         # organ_subjects, 0 for them), so their NaN travels as 0.
         saliency=result.saliency.nan_to_num(0.0),
         organ_names=list(organs.names),
         metrics=metrics,
         steps=result.steps,
+        transfer_dtype=cfg.federation.transfer_dtype,
     )
     log.info("site %s: round %d trained %d steps on %d subjects in %.1f s",
              site.name, instr.server_round, result.steps, result.subjects, result.seconds)

@@ -83,20 +83,24 @@ def test_train_reply_state_and_evaluate(site: tuple[ExperimentConfig, dict[str, 
     assert tuple(update.gate_mass.shape) == (cfg.model.depth, cfg.model.dex.experts)
     assert update.gate_mass.sum() > 0
     assert update.steps == -(-len(runtime.train_ids) // cfg.data.batch_size) * cfg.train.epochs
-    assert set(update.state) == set(global_state)
+    # Only what the server reads comes back: no teacher under the default server_ema policy.
+    from fedpanfm.federation.aggregate import required_keys
+    assert set(update.state) == set(required_keys(global_state, cfg))
+    assert not any(k.startswith("teacher.") for k in update.state)
     changed = [k for k in global_state if k.startswith("student.") and not torch.equal(update.state[k], global_state[k])]
     assert changed, "local training changed no student weight"
 
     # The site's schedule position is kept in context.state and continues in the next round.
     step1 = json.loads(context.state[STATE_CONFIG]["schedule"])["step"]
     assert step1 == update.steps
-    reply2 = app(_instruction(cfg, update.state, 2), context)
+    reply2 = app(_instruction(cfg, {**global_state, **update.state}, 2), context)
     update2 = SiteUpdate.from_recorddict(reply2.content, organs.names)
     step2 = json.loads(context.state[STATE_CONFIG]["schedule"])["step"]
     assert step2 == step1 + update2.steps > step1
 
     # Validation: the held-out subjects, the same loss for the same weights.
-    eval_msg = _message(RecordDict({"arrays": ArrayRecord(update2.state), "config": ConfigRecord()}), "evaluate", 2)
+    eval_msg = _message(RecordDict({"arrays": ArrayRecord({**global_state, **update2.state}), "config": ConfigRecord()}),
+                        "evaluate", 2)
     metrics = [app(eval_msg, context).content["metrics"] for _ in range(2)]
     assert metrics[0]["num-examples"] == len(runtime.val_ids) > 0
     assert metrics[0]["val/loss"] == pytest.approx(metrics[1]["val/loss"])

@@ -14,7 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpanfm.federation.aggregate import aggregate_round
 from fedpanfm.federation.message import SiteUpdate, TrainInstruction, arrayrecord_to_state, state_to_arrayrecord
-from orchestration.strategy import FedPanFM, RoundReport
+from orchestration.strategy import FedPanFM, RoundFailed, RoundReport
 
 
 @pytest.fixture(autouse=True)
@@ -185,12 +185,14 @@ def test_no_usable_reply_keeps_the_global_model():
     cfg = tiny_config()
     g = global_model_state(cfg)
     strategy, _ = start(cfg, g)
-    assert strategy.aggregate_train(1, [reply(Error(code=0, reason="x"), 1)]) == (None, None)
+    # Fewer than min_sites usable replies stops the run (issue 7); the global model is untouched.
+    with pytest.raises(RoundFailed, match="min_sites"):
+        strategy.aggregate_train(1, [reply(Error(code=0, reason="x"), 1)])
     assert strategy.global_state is not None and all(torch.equal(strategy.global_state[k], g[k]) for k in g)
 
 
 def test_duplicate_site_is_dropped():
-    cfg = tiny_config()
+    cfg = tiny_config(["federation.min_sites=1"])
     g = global_model_state(cfg)
     u = fake_site_update(cfg, g, "same", 4)
     strategy, _ = start(cfg, g)

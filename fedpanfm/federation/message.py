@@ -8,7 +8,11 @@ Server -> site (``TrainInstruction``), a Flower ``RecordDict`` with
                     ``start-step`` / ``total-steps`` (schedule position), ``global-saliency``
                     (list in organ order), ``organ-names``, ``teacher-policy``.
 Site -> server (``SiteUpdate``):
-    ``"arrays"``    ArrayRecord: the site's updated state dict, fp32;
+    ``"arrays"``    ArrayRecord: the site's updated weights, fp32 numpy arrays or, with
+                    ``federation.transfer_dtype: bf16``, raw bf16 bytes (``BF16_STYPE``); the
+                    keys the server reads (``fedpanfm.federation.transfer``: no teacher unless
+                    the teacher policy is "aggregate"; with ``federation.sparse_experts`` no
+                    expert the site routed no gate mass to);
     ``"metrics"``   MetricRecord: ``num-examples`` (training subjects, Flower's weighting key),
                     ``organ-subjects`` (list in organ order), ``gate-mass`` (flattened (L, E))
                     + ``gate-mass-shape``, ``saliency`` (list in organ order), ``steps``, and the
@@ -56,25 +60,67 @@ class MessageError(ValueError):
 # --------------------------------------------------------------------------- tensors
 
 
-def state_to_arrayrecord(state: Mapping[str, Tensor]) -> ArrayRecord:
-    """A state dict as an ArrayRecord; floating tensors travel as fp32.
+#: ``Array.stype`` of a tensor sent as raw little-endian bf16 bytes (numpy has no bf16).
+BF16_STYPE = "fedpanfm.bf16"
+TRANSFER_DTYPES = ("fp32", "bf16")
+
+
+def state_to_arrayrecord(state: Mapping[str, Tensor], transfer_dtype: str = "fp32") -> ArrayRecord:
+    """A state dict as an ArrayRecord.
 
     Args:
-        state: key -> tensor (any device / float dtype; bf16 and fp16 are cast to fp32 because
-            numpy, hence ArrayRecord, has no bf16).
+        state: key -> tensor (any device / float dtype).
+        transfer_dtype: "fp32": floating tensors travel as fp32 numpy arrays (bf16 and fp16 are
+            widened), readable by any Flower code; "bf16": floating tensors travel as raw bf16
+            bytes (``Array.stype`` ``BF16_STYPE``, half the bytes of fp32), decoded back to fp32
+            by :func:`arrayrecord_to_state`. Integer / bool tensors always travel unchanged.
     """
+    if transfer_dtype not in TRANSFER_DTYPES:
+        raise MessageError(f"state_to_arrayrecord: transfer dtype {transfer_dtype!r} is not one of {TRANSFER_DTYPES}")
     record = ArrayRecord()
     for key, t in state.items():
-        t = t.detach()
+        t = t.detach().cpu()
+        if t.is_floating_point() and transfer_dtype == "bf16":
+            # Round-to-nearest-even cast, then the 2-byte patterns as they lie in memory.
+            raw = t.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+            record[key] = Array(dtype="bfloat16", shape=tuple(int(s) for s in t.shape), stype=BF16_STYPE,
+                                data=raw.tobytes())
+            continue
         if t.is_floating_point() and t.dtype != torch.float32:
             t = t.to(torch.float32)
         # .numpy() of a contiguous CPU tensor is a view: the only copy is Flower's own serialisation.
-        record[key] = Array(t.cpu().contiguous().numpy())
+        record[key] = Array(t.contiguous().numpy())
     return record
 
 
+def _npy_view(arr: Array) -> np.ndarray:
+    """The array of a numpy-serialised ``Array`` as a read-only view of its bytes.
+
+    ``Array.numpy()`` goes through ``np.load``, which copies the payload; parsing the .npy header
+    ourselves and wrapping the rest with ``np.frombuffer`` costs no copy (the aggregation reads
+    every byte of every update, so a copy per array is a whole extra pass over them).
+    """
+    import io
+
+    buf = io.BytesIO(arr.data)
+    fmt = np.lib.format
+    version = fmt.read_magic(buf)
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran, dtype = read_header(buf)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    count = int(np.prod(shape)) if shape else 1
+    flat = np.frombuffer(arr.data, dtype=dtype, count=count, offset=buf.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
 def arrayrecord_to_state(record: ArrayRecord, where: str = "arrays") -> dict[str, Tensor]:
-    """An ArrayRecord back as torch tensors, checking dtype (fp32 for floats) and finiteness.
+    """An ArrayRecord back as torch tensors, checking dtype and finiteness.
+
+    Floating arrays arrive as fp32 (numpy) or bf16 (``BF16_STYPE``); both come back as fp32
+    tensors. fp32 tensors are read-only views of the message bytes (no copy): the receiver
+    must not write into them (the trainer copies them into its parameters, the aggregation
+    only reads them).
 
     Args:
         record: the record to decode.
@@ -83,17 +129,30 @@ def arrayrecord_to_state(record: ArrayRecord, where: str = "arrays") -> dict[str
     state: dict[str, Tensor] = {}
     for key, arr in record.items():
         try:
-            a = arr.numpy()
-        except (TypeError, ValueError) as exc:
+            if arr.stype == BF16_STYPE:
+                n = int(np.prod(arr.shape)) if arr.shape else 1
+                if len(arr.data) != 2 * n:
+                    raise ValueError(f"{len(arr.data)} bytes for {n} bf16 values of shape {tuple(arr.shape)}")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # read-only buffer; widened below
+                    t = torch.frombuffer(arr.data, dtype=torch.bfloat16, count=n).reshape(tuple(arr.shape)).float()
+            else:
+                a = _npy_view(arr) if arr.stype == "numpy.ndarray" else arr.numpy()
+                if a.dtype.kind == "f" and a.dtype != np.float32:
+                    raise MessageError(f"{where}: array {key!r} is {a.dtype}; the protocol carries float32 or bf16")
+                with warnings.catch_warnings():
+                    # A view of immutable message bytes; we never write into received tensors.
+                    warnings.simplefilter("ignore", UserWarning)
+                    t = torch.from_numpy(a)
+        except MessageError:
+            raise
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise MessageError(f"{where}: array {key!r} cannot be decoded: {exc}") from None
-        if a.dtype.kind == "f" and a.dtype != np.float32:
-            raise MessageError(f"{where}: array {key!r} is {a.dtype}; the protocol carries float32")
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
+        # A NaN or Inf anywhere makes the float64 sum non-finite; a sum over finite fp32 values
+        # cannot overflow float64, so this is exact and cheaper than an elementwise mask.
+        if t.is_floating_point() and t.numel() and not math.isfinite(float(t.sum(dtype=torch.float64))):
             raise MessageError(f"{where}: array {key!r} holds NaN or Inf")
-        with warnings.catch_warnings():
-            # np.load may hand back a read-only array; we never write into received tensors.
-            warnings.simplefilter("ignore", UserWarning)
-            state[key] = torch.from_numpy(a)
+        state[key] = t
     return state
 
 
@@ -262,6 +321,8 @@ class SiteUpdate:
         organ_names: the organ vocabulary order of ``organ_subjects`` and ``saliency``.
         metrics: training metrics (losses, mask rates ...), finite floats.
         steps: optimiser steps taken this round.
+        transfer_dtype: how ``state``'s floating tensors travel: "fp32" or "bf16" (encoding
+            only; a decoded update holds fp32 whatever the sender chose).
     """
 
     site: str
@@ -273,6 +334,7 @@ class SiteUpdate:
     organ_names: list[str]
     metrics: dict[str, float] = field(default_factory=dict)
     steps: int = 0
+    transfer_dtype: str = "fp32"
 
     def to_recorddict(self) -> RecordDict:
         clash = sorted(set(self.metrics) & set(RESERVED_METRICS))
@@ -295,7 +357,7 @@ class SiteUpdate:
         site = ConfigRecord(
             {"protocol-version": PROTOCOL_VERSION, "site-name": self.site, "organ-names": list(self.organ_names)}
         )
-        return RecordDict({ARRAYS: state_to_arrayrecord(self.state), METRICS: metrics, SITE_CONFIG: site})
+        return RecordDict({ARRAYS: state_to_arrayrecord(self.state, self.transfer_dtype), METRICS: metrics, SITE_CONFIG: site})
 
     @classmethod
     def from_recorddict(cls, rd: RecordDict, organ_names: Sequence[str] | None = None, sender: str = "site") -> "SiteUpdate":
@@ -351,6 +413,8 @@ class SiteUpdate:
 
 __all__ = [
     "ARRAYS",
+    "BF16_STYPE",
+    "TRANSFER_DTYPES",
     "METRICS",
     "MessageError",
     "NUM_EXAMPLES",

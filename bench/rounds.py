@@ -1,0 +1,179 @@
+"""Items 4 and 7: what a federated round costs beyond the sites' own compute, and at scale.
+
+Item 4 compares fedpanfm's round (quickstart model, simulation) less the sites' local compute
+with a bare Flower FedAvg simulation over the same number of sites and the same arrays whose
+clients return what they got. Item 7 runs fedpanfm simulations of 8 / 32 / 64 sites, each in
+a child process whose whole process tree (Ray workers included) is sampled for resident memory.
+
+``python -m bench.rounds [--sites N] [--rounds R]``; ``--child`` is the scale probe's child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+GIB = 2**30
+
+
+def bare_flower_rounds(sites: int, rounds: int, arrays: Any) -> list[float]:
+    """Seconds per round of a bare FedAvg simulation whose clients send their arrays back."""
+    import ray
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    stamps: list[float] = []
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        rec: ArrayRecord = msg.content["arrays"]
+        return Message(RecordDict({"arrays": rec, "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=sites, min_available_nodes=sites)
+
+        def after(server_round: int, _arrays: ArrayRecord) -> None:
+            stamps.append(time.perf_counter())
+
+        strategy.start(grid=grid, initial_arrays=arrays, num_rounds=rounds, evaluate_fn=after)
+
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        run_simulation(server_app=server, client_app=client, num_supernodes=sites,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    finally:
+        ray.shutdown()
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def fedpanfm_rounds(sites: int, rounds: int, work: Path, extra: list[str] | None = None) -> dict[str, Any]:
+    """A quickstart simulation of ``sites`` sites; per-round seconds, aggregation and fit times."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from orchestration.simulate import simulate
+
+    overrides = [f"synth.sites={sites}", f"federation.min_sites={sites}", f"cohort={work / f'cohort{sites}'}",
+                 "data.val_fraction=0", f"federation.rounds={rounds}", f"logging.run_dir={work / 'runs'}",
+                 *(extra or [])]
+    summary = simulate(QUICKSTART, overrides)
+    acc = EventAccumulator(str(Path(summary["tensorboard"]) / "server"))
+    acc.Reload()
+
+    def series(tag: str) -> list[float]:
+        return [e.value for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+    return {"round_s": summary["seconds_per_round"], "aggregate_s": series("seconds/aggregate"),
+            "fit_s": series("train/time/fit_s"), "bytes_received": series("bytes/received")}
+
+
+def overhead_row(quick: bool, sites: int = 4) -> list:
+    """Item 4 as a table row."""
+    from bench.table import Row, check
+    from fedpanfm.config import load_config
+    from fedpanfm.federation.message import state_to_arrayrecord
+    from orchestration.server_app import initial_state
+
+    rounds = 3 if quick else 5
+    with tempfile.TemporaryDirectory(prefix="bench_rounds_") as tmp:
+        fed = fedpanfm_rounds(sites, rounds, Path(tmp))
+    cfg = load_config(QUICKSTART)
+    bare = bare_flower_rounds(sites, rounds, state_to_arrayrecord(initial_state(cfg)))
+    cpus = os.cpu_count() or 1
+    # Round 1 builds every actor's engine and reads the cohort: steady state from round 2.
+    steady = slice(1, None)
+    round_s = statistics.median(fed["round_s"][steady])
+    compute = statistics.median(fed["fit_s"][steady]) * sites / min(sites, cpus)
+    agg = statistics.median(fed["aggregate_s"][steady])
+    bare_s = statistics.median(bare[1:] or bare)
+    ratio = (round_s - compute) / bare_s
+    bound = 1.15 + agg / bare_s
+    return [Row("4 round overhead / bare Flower", ratio, f"<= {bound:.2f}", check(ratio, "<=", bound),
+                f"fedpanfm {round_s:.2f} s/round - local compute {compute:.2f} s = {round_s - compute:.2f} s; "
+                f"bare FedAvg {bare_s:.2f} s; aggregation {agg:.3f} s ({sites} sites)",
+                {"fedpanfm": fed, "bare_round_s": bare, "cpus": cpus})]
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def scale_rows(quick: bool, counts: tuple[int, ...] = (8, 32, 64)) -> list:
+    """Item 7: round time and peak resident memory (whole process tree) per site count."""
+    from bench.table import Row, check
+
+    rows = []
+    rounds = 2 if quick else 3
+    for n in counts:
+        with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
+            out = Path(tmp) / "result.json"
+            cmd = [sys.executable, "-m", "bench.rounds", "--child", "--sites", str(n), "--rounds", str(rounds),
+                   "--work", tmp, "--out", str(out)]
+            proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            peak = 0
+            while proc.poll() is None:
+                peak = max(peak, _tree_rss(proc.pid))
+                time.sleep(0.5)
+            err = proc.stderr.read() if proc.stderr else ""
+            if proc.returncode != 0 or not out.is_file():
+                raise RuntimeError(f"scale probe with {n} sites failed (exit {proc.returncode}):\n{err[-3000:]}")
+            res = json.loads(out.read_text())
+        round_s = res["round_s"][-1]
+        target = "<= 8 GiB" if n == 64 else ""
+        rows.append(Row(f"7 scale {n} sites: peak GiB", peak / GIB, target,
+                        check(peak / GIB, "<=", 8.0) if n == 64 else None,
+                        f"round {round_s:.1f} s (last of {rounds}); peak RSS of the process tree",
+                        {"sites": n, "peak_rss": peak, **res}))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.rounds", description=__doc__.splitlines()[0])
+    p.add_argument("--sites", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--child", action="store_true", help="run one simulation and write its timings to --out")
+    p.add_argument("--work", default=None)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if a.child:
+        res = fedpanfm_rounds(a.sites, a.rounds, Path(a.work))
+        Path(a.out).write_text(json.dumps(res))
+        return 0
+    from bench.table import render
+
+    print(render(overhead_row(a.rounds <= 3, a.sites)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

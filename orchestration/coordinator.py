@@ -1,0 +1,305 @@
+"""The coordinator: the Flower SuperLink with TLS, site authentication and persistent state.
+
+Flower 1.41's SuperLink serves its Fleet API (SuperNodes), Control API (``flwr`` CLI) and
+Runtime API (the ServerApp) over one HTTPS port. With ``--enable-supernode-auth`` only
+SuperNodes whose public key was registered through the Control API (``flwr supernode
+register``) may join; registration is kept in the ``--database`` file, so a restart keeps it.
+The ServerApp runs in a process the SuperLink starts (default ``subprocess`` isolation); it
+connects to Ray itself (``federation.ray.address``: "" a local Ray, ``auto`` / ``host:port`` a
+cluster started with ``ray start --head``).
+
+The coordinator's files live under ``state_dir`` (config ``configs/deployment.yaml``)::
+
+    state.db          SuperLink state (registered sites, runs)
+    superlink.log     SuperLink log (+ the ServerApp's output)
+    flwr_home/        the Flower CLI config the coordinator uses to register sites
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from fedpanfm.certs import check_site_name, check_tls, load_auth_public_key, load_certificate
+from fedpanfm.config import ConfigError, _f, load_yaml_dataclass
+
+
+@dataclass
+class CoordinatorConfig:
+    """The coordinator's deployment config; relative paths are from the YAML file's folder."""
+
+    server_host: str = _f("127.0.0.1", doc="the name sites and the flwr CLI dial (in the server certificate)")
+    bind_host: str = _f("0.0.0.0", doc="interface the SuperLink listens on")
+    port: int = _f(9092, lo=1, hi=65535, doc="the SuperLink's HTTPS port (Fleet, Control and Runtime APIs)")
+    certs_dir: str = _f("certs", doc="the folder `fedpanfm certs init` wrote")
+    sites: dict[str, str] = _f({}, doc="site name -> its public key file; '' = <certs_dir>/sites/<name>/auth.pub")
+    state_dir: str = _f("deploy", doc="state database, logs and the coordinator's Flower CLI config")
+    experiment: str = _f("configs/quickstart.yaml", doc="the experiment YAML `federation run` submits")
+    overrides: list[str] = _f([], doc="KEY=VALUE overrides of the experiment config")
+    run_dir: str = _f("runs", doc="run folders (checkpoints, TensorBoard) are made under this folder")
+    connection: str = _f("fedpanfm", doc="the Flower CLI connection name `federation run` writes")
+    app_dir: str = _f(".", doc="the Flower app (the project folder holding pyproject.toml)")
+
+    source: str = ""
+
+    # ------------------------------------------------------------ derived paths
+
+    @property
+    def address(self) -> str:
+        return f"{self.server_host}:{self.port}"
+
+    @property
+    def ca_cert(self) -> Path:
+        return Path(self.certs_dir) / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        return Path(self.certs_dir) / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return Path(self.certs_dir) / "server.key"
+
+    @property
+    def database(self) -> Path:
+        return Path(self.state_dir) / "state.db"
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.state_dir) / "superlink.log"
+
+    @property
+    def flwr_home(self) -> Path:
+        return Path(self.state_dir) / "flwr_home"
+
+    def site_keys(self) -> dict[str, Path]:
+        """Site name -> public key file, every name and file checked."""
+        out = {}
+        for name, key in self.sites.items():
+            check_site_name(name, f"{self.source}: sites.{name}")
+            out[name] = Path(key) if key else Path(self.certs_dir) / "sites" / name / "auth.pub"
+        return out
+
+
+def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
+    """Load ``configs/deployment.yaml``-style YAML; relative paths resolved against its folder.
+
+    Args:
+        path: the YAML file.
+    """
+    path = Path(path)
+    cfg = load_yaml_dataclass(CoordinatorConfig, path)
+    cfg.source = str(path)
+    base = path.resolve().parent
+    for name in ("certs_dir", "state_dir", "experiment", "run_dir", "app_dir"):
+        setattr(cfg, name, str(base / getattr(cfg, name)))
+    cfg.sites = {k: (str(base / v) if v else "") for k, v in cfg.sites.items()}
+    if not cfg.sites:
+        raise ConfigError(f"{path}: sites: name at least one site")
+    try:
+        cfg.site_keys()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg
+
+
+def check_files(cfg: CoordinatorConfig, insecure: bool = False) -> None:
+    """Every certificate and site key the coordinator needs exists and parses."""
+    if not insecure:
+        load_certificate(cfg.ca_cert)
+        load_certificate(cfg.server_cert)
+        if not cfg.server_key.is_file():
+            raise FileNotFoundError(f"{cfg.server_key}: server key not found (from {cfg.source}: certs_dir)")
+    for name, key in cfg.site_keys().items():
+        load_auth_public_key(key)
+
+
+def superlink_command(cfg: CoordinatorConfig, insecure: bool = False) -> list[str]:
+    """The ``flower-superlink`` command line.
+
+    Args:
+        cfg: the coordinator config.
+        insecure: no TLS and so no site authentication (Flower refuses auth without TLS).
+    """
+    exe = shutil.which("flower-superlink")
+    if exe is None:
+        raise FileNotFoundError("flower-superlink not found on PATH: install the project (pip install -e .)")
+    cmd = [exe, "--host", cfg.bind_host, "--port", str(cfg.port), "--database", str(cfg.database),
+           "--disable-runtime-dependency-installation"]
+    if insecure:
+        return cmd + ["--insecure"]
+    return cmd + ["--ssl-ca-certfile", str(cfg.ca_cert), "--ssl-certfile", str(cfg.server_cert),
+                  "--ssl-keyfile", str(cfg.server_key), "--enable-supernode-auth"]
+
+
+@contextmanager
+def _flwr_home(home: Path) -> Iterator[None]:
+    old = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = str(home)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = old
+
+
+def write_flower_connection(home: Path, name: str, address: str, ca_cert: Path | None) -> Path:
+    """Add (or replace) a SuperLink connection in the Flower CLI config and make it the default.
+
+    Flower's own writer is used, so the file is what ``flwr`` expects:
+    ``[superlink.<name>] address = ... root-certificates = ...`` in ``<home>/config.toml``.
+
+    Args:
+        home: the Flower home folder (``FLWR_HOME``; ``~/.flwr`` by default for users).
+        name: the connection name.
+        address: ``host:port`` of the SuperLink.
+        ca_cert: the CA certificate; None means an insecure connection.
+    """
+    from flwr.cli.flower_config import set_default_superlink_connection, write_superlink_connection
+    from flwr.cli.typing import SuperLinkConnection
+
+    home.mkdir(parents=True, exist_ok=True)
+    with _flwr_home(home):
+        conn = SuperLinkConnection(name=name, address=address,
+                                   root_certificates=str(Path(ca_cert).resolve()) if ca_cert else None,
+                                   insecure=True if ca_cert is None else None)
+        write_superlink_connection(conn)
+        set_default_superlink_connection(name)
+    return home / "config.toml"
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    """The environment for a ``flwr`` CLI call using the Flower home ``home``."""
+    return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def _flwr(args: list[str], home: Path, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("flwr")
+    if exe is None:
+        raise FileNotFoundError("flwr not found on PATH: install the project (pip install -e .)")
+    return subprocess.run([exe, *args], env=flwr_env(home), capture_output=True, text=True, timeout=timeout_s)
+
+
+def register_sites(cfg: CoordinatorConfig, timeout_s: float = 60.0) -> dict[str, str]:
+    """Register every configured site's public key with the running SuperLink.
+
+    A key the SuperLink already holds (a restart with the same ``state.db``) is left as is.
+    Returns site name -> ``"registered"`` or ``"already registered"``.
+
+    Args:
+        cfg: the coordinator config.
+        timeout_s: per ``flwr`` call.
+    """
+    write_flower_connection(cfg.flwr_home, cfg.connection, cfg.address, cfg.ca_cert)
+    out = {}
+    for name, key in cfg.site_keys().items():
+        load_auth_public_key(key)
+        res = _flwr(["supernode", "register", str(key), cfg.connection, "--name", name, "--format", "json"],
+                    cfg.flwr_home, timeout_s)
+        text = res.stdout + res.stderr
+        if res.returncode == 0 and '"success": true' in text:
+            out[name] = "registered"
+        elif "already" in text.lower():
+            out[name] = "already registered"
+        else:
+            raise RuntimeError(f"site {name}: registering {key} failed ({res.returncode}): {text[-2000:]}")
+    return out
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Raise if ``host:port`` cannot be bound: another SuperLink (or anything) holds it, and a
+    readiness check would otherwise be answered by that other server."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"coordinator port {host}:{port} is in use ({exc}); stop what holds it or "
+                          "change `port` in the coordinator config") from None
+
+
+def wait_until_serving(cfg: CoordinatorConfig, proc: subprocess.Popen[bytes] | None, timeout_s: float = 60.0,
+                       insecure: bool = False) -> None:
+    """Wait until the SuperLink accepts connections (a TLS handshake with the CA, or TCP).
+
+    Args:
+        cfg: the coordinator config.
+        proc: the SuperLink process; its exit ends the wait with an error.
+        timeout_s: how long to wait.
+        insecure: check a plain TCP connection instead of TLS.
+    """
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {cfg.log_file}")
+        try:
+            if insecure:
+                socket.create_connection((cfg.server_host, cfg.port), timeout=2.0).close()
+            else:
+                check_tls(cfg.address, cfg.ca_cert, timeout_s=2.0)
+            if proc is not None and proc.poll() is not None:
+                continue  # it answered, but it died meanwhile: report the exit above
+            return
+        except (ConnectionError, OSError) as exc:
+            last = exc
+            time.sleep(0.3)
+    raise TimeoutError(f"SuperLink {cfg.address} not serving after {timeout_s:.0f} s ({last}); see {cfg.log_file}")
+
+
+@dataclass
+class SuperLinkProcess:
+    """A started SuperLink: its process and where it logs.
+
+    Args:
+        proc: the ``flower-superlink`` process (its own session, so it can be stopped as a group).
+        log_file: its log file.
+    """
+
+    proc: subprocess.Popen[bytes]
+    log_file: Path
+    registered: dict[str, str] = field(default_factory=dict)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """TERM the SuperLink (it stops its ServerApp executor), KILL after ``timeout_s``."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout_s)
+
+
+def start_superlink(cfg: CoordinatorConfig, insecure: bool = False, ready_timeout_s: float = 60.0) -> SuperLinkProcess:
+    """Start the SuperLink, wait until it serves, register the sites (secure mode).
+
+    Args:
+        cfg: the coordinator config.
+        insecure: no TLS, no authentication (testing only; the caller warns).
+        ready_timeout_s: how long to wait for the SuperLink to serve.
+    """
+    check_files(cfg, insecure)
+    ensure_port_free(cfg.bind_host, cfg.port)
+    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    with open(cfg.log_file, "ab") as log:
+        proc = subprocess.Popen(superlink_command(cfg, insecure), stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+    link = SuperLinkProcess(proc, cfg.log_file)
+    try:
+        wait_until_serving(cfg, proc, ready_timeout_s, insecure)
+        if not insecure:
+            link.registered = register_sites(cfg)
+    except BaseException:
+        link.stop()
+        raise
+    return link

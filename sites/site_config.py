@@ -1,0 +1,85 @@
+"""The site kit's config: one YAML file per hospital (``sites/examples/hospital_a/site.yaml``).
+
+Relative paths in the file are taken from the file's folder, so a site kit folder can be
+moved as a whole. Loading checks every key (unknown keys, types, ranges) the way experiment
+configs are checked; :meth:`SiteConfig.check_values` adds the checks across keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedpanfm.certs import check_site_name, split_address
+from fedpanfm.config import ConfigError, ExperimentConfig, _f, load_config, load_yaml_dataclass
+
+
+@dataclass
+class SiteResources:
+    """What the site's training may use on its machine."""
+
+    cpus: int = _f(0, lo=0, doc="CPU threads for training (OMP/torch threads); 0 = all")
+    gpus: str = _f("", doc="CUDA_VISIBLE_DEVICES for the ClientApp ('' = leave as is, 'none' = no GPU)")
+
+
+@dataclass
+class SiteConfig:
+    """One site's kit.
+
+    Paths (``data_dir``, ``experiment``, ``ca_cert``, ``auth_key``, ``log_dir``) are relative to
+    the YAML file's folder unless absolute; :func:`load_site_config` resolves them.
+    """
+
+    site_name: str = _f("", doc="the site's name: as registered on the coordinator (certs init --sites)")
+    data_dir: str = _f("data", doc="the site folder: manifest.csv and the images it names")
+    organs: list[str] = _f([], doc="organs this site holds; site check compares them with the data")
+    experiment: str = _f("", doc="the federation's experiment YAML (organ preprocessing); '' = defaults")
+    coordinator: str = _f("", doc="HOST:PORT of the coordinator's SuperLink")
+    ca_cert: str = _f("ca.crt", doc="the federation's CA certificate (PEM)")
+    auth_key: str = _f("auth.key", doc="this site's private auth key (OpenSSH EC), mode 0600")
+    clientapp_port: int = _f(9094, lo=1, hi=65535, doc="local port of the SuperNode's ClientApp API")
+    log_dir: str = _f("logs", doc="where site start writes the SuperNode log")
+    resources: SiteResources = field(default_factory=SiteResources)
+
+    #: the YAML file this config came from ("" when built in code).
+    source: str = ""
+
+    def check_values(self) -> None:
+        """Checks across keys; :class:`ConfigError` names the file and the key."""
+        src = self.source or "<site config>"
+        if not self.site_name:
+            raise ConfigError(f"{src}: site_name is required")
+        try:
+            check_site_name(self.site_name, f"{src}: site_name")
+            split_address(self.coordinator, f"{src}: coordinator")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if "'" in self.data_dir:
+            # The node config passes it as a TOML literal string, which cannot hold a quote.
+            raise ConfigError(f"{src}: data_dir {self.data_dir!r} must not contain a single quote")
+
+    def experiment_config(self) -> ExperimentConfig:
+        """The experiment config used to read this site's data (organ grids, bad-input policy)."""
+        return load_config(self.experiment or None)
+
+    def node_config(self) -> str:
+        """The ``--node-config`` string telling the ClientApp which site and data to use."""
+        return f"site-name='{self.site_name}' data-dir='{self.data_dir}'"
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Load and check a site YAML; relative paths are resolved against its folder.
+
+    Args:
+        path: the site YAML file.
+    """
+    path = Path(path)
+    cfg = load_yaml_dataclass(SiteConfig, path)
+    cfg.source = str(path)
+    base = path.resolve().parent
+    for name in ("data_dir", "ca_cert", "auth_key", "log_dir"):
+        setattr(cfg, name, str(base / getattr(cfg, name)))
+    if cfg.experiment:
+        cfg.experiment = str(base / cfg.experiment)
+    cfg.check_values()
+    return cfg
