@@ -453,6 +453,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML experiment config (``None`` gives the defaults) and apply ``--set`` overrides."""
     if path is None:
         return config_from_dict({}, "<defaults>", overrides)
+    return config_from_dict(read_yaml_mapping(path), str(path), overrides)
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; a missing file, bad YAML or a non-mapping is a
+    :class:`ConfigError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -462,7 +468,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
-    return config_from_dict(raw, str(path), overrides)
+    return raw
 
 
 def load_yaml_dataclass(cls: type[T], path: str | Path) -> T:
@@ -475,16 +481,7 @@ def load_yaml_dataclass(cls: type[T], path: str | Path) -> T:
         cls: a dataclass whose fields all have defaults (declared with ranges like the above).
         path: the YAML file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
-    return typing.cast(T, _build(cls, raw, "", str(path)))
+    return typing.cast(T, _build(cls, read_yaml_mapping(path), "", str(path)))
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
