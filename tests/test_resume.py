@@ -62,17 +62,20 @@ def test_sigkill_mid_run_then_resume_finishes(tmp_path: Path) -> None:
                "federation.rounds=3", "federation.min_sites=2", "data.val_fraction=0.34", "data.batch_size=3"):
         args += ["--set", kv]
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    log_path = tmp_path / "simulate.log"
+    log_file = log_path.open("wb")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 400
         while not list(runs.glob("*/checkpoints/round_1/SHA256SUMS")):
-            assert proc.poll() is None, "simulate exited before writing round 1"
+            assert proc.poll() is None, f"simulate exited before writing round 1:\n{log_path.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no round-1 checkpoint within 400 s"
             time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: server, Ray, site actors
         proc.wait(timeout=60)
+        log_file.close()
     (run,) = runs.iterdir()
     killed_at = find_resume_point(run).round
     assert 1 <= killed_at < 3
