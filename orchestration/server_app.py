@@ -46,6 +46,7 @@ from fedpanfm.tb import RunLogger, site_run_name
 from orchestration.checkpoints import CheckpointPolicy
 from orchestration.ray_aggregation import make_aggregator
 from orchestration.resume import SERVER, ResumePoint, find_resume_point, server_state
+from orchestration.server_eval import ServerProbe
 from orchestration.strategy import FedPanFM, RoundReport
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ class RunRecorder:
         self.offset = resume.round if resume else 0
         self._purge = self.offset + 1 if resume else None
         self.server = RunLogger(self.tb_dir, "server", purge_step=self._purge)
+        # Probe AUROC on the server's labelled validation cohort, off the round's critical path.
+        self.probe = ServerProbe.from_config(cfg, self.server)
         self.sites: dict[str, RunLogger] = {}
         self.checkpoints = CheckpointPolicy(self.folder / "checkpoints", cfg)
         self.report: RoundReport | None = None
@@ -213,6 +216,8 @@ class RunRecorder:
             logger.flush()
         self.history.append({"round": server_round, **scalars})
         state = arrayrecord_to_state(arrays, f"global arrays of round {server_round}")
+        if self.probe is not None:
+            self.probe.submit(server_round, state)
         loss = val.get(VAL_LOSS)
         if loss is not None and math.isfinite(loss) and loss < self.checkpoints.best_loss:
             best = (server_round, float(loss))
@@ -228,6 +233,9 @@ class RunRecorder:
     def finish(self) -> dict[str, Any]:
         """Wait for the checkpoint writes, record hyper-parameters, close the logs; the summary."""
         self.checkpoints.close()
+        if self.probe is not None:
+            # A failed evaluation is logged, never fatal: the trained model matters more.
+            self.probe.close(raise_errors=False)
         last = self.history[-1] if self.history else {}
         final = {f"final/{k}": v for k, v in last.items() if k.startswith(("train/loss", "val/loss"))}
         self.server.hparams(_flat_hparams(self.cfg), final)

@@ -12,6 +12,11 @@ that carries its own; the module-level ``app`` reads the context's.
 
 Errors are not caught: Flower turns them into a failed reply, which the strategy tolerates.
 We log one line naming the site first, so the failure can be traced to its site.
+
+Deployment: a node config naming a ``trainer-socket`` makes this process thin: it forwards the
+message to the site's long-lived trainer worker (``sites/worker.py``), which keeps the DeepSpeed
+engine across rounds. torch, DeepSpeed and the training modules are therefore imported inside
+the functions that train, so the thin path never loads them.
 """
 
 from __future__ import annotations
@@ -21,25 +26,11 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpanfm.config import ExperimentConfig, config_from_run_config
-from fedpanfm.federation.message import (
-    ARRAYS,
-    METRICS,
-    NUM_EXAMPLES,
-    PROTOCOL_VERSION,
-    SITE_CONFIG,
-    SiteUpdate,
-    TrainInstruction,
-    arrayrecord_to_state,
-)
-from fedpanfm.federation.transfer import select_transfer
-from fedpanfm.train.engine import get_trainer
-from sites.faults import apply_fault
-from sites.runtime import SiteRuntime, site_seed
+from sites.worker import WorkerTarget, WorkerUnavailable, call_worker
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +50,23 @@ def _logged(what: str, fn: Callable[[Message, Context, ExperimentConfig], Messag
 
     def handler(msg: Message, context: Context) -> Message:
         try:
-            cfg = config_from_run_config(run_config if run_config is not None else context.run_config)
-            return fn(msg, context, cfg)
+            resolved = run_config if run_config is not None else context.run_config
+            target = WorkerTarget.from_node_config(context.node_config)
+            if target is not None:
+                try:
+                    content, stats = call_worker(target, what, msg, context, resolved)
+                    log.info("%s: %s ran in trainer worker %s in %.2f s", _site_label(context), what,
+                             stats.get("pid"), stats.get("seconds", float("nan")))
+                    return Message(content, reply_to=msg)
+                except WorkerUnavailable as exc:
+                    if target.fallback == "fail":
+                        raise
+                    log.warning("%s: %s; %s runs in this ClientApp process instead (trainer-fallback=local)",
+                                _site_label(context), exc, what)
+            elif "site-name" in context.node_config:
+                log.info("%s: no trainer-socket in the node config: %s runs in this ClientApp process",
+                         _site_label(context), what)
+            return fn(msg, context, config_from_run_config(resolved))
         except Exception as exc:
             log.error("%s: %s failed: %s: %s", _site_label(context), what, type(exc).__name__, exc)
             raise
@@ -77,6 +83,14 @@ def train_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
             site's local state between rounds).
         cfg: the experiment config.
     """
+    import torch
+
+    from fedpanfm.federation.message import SiteUpdate, TrainInstruction
+    from fedpanfm.federation.transfer import select_transfer
+    from fedpanfm.train.engine import get_trainer
+    from sites.faults import apply_fault
+    from sites.runtime import SiteRuntime, site_seed
+
     organs = cfg.data.organ_set()
     instr = TrainInstruction.from_recorddict(msg.content, organs.names)
     site = SiteRuntime.from_context(context, cfg)
@@ -138,6 +152,10 @@ def evaluate_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Mess
         context: this node's context.
         cfg: the experiment config.
     """
+    from fedpanfm.federation.message import ARRAYS, METRICS, NUM_EXAMPLES, PROTOCOL_VERSION, SITE_CONFIG, arrayrecord_to_state
+    from fedpanfm.train.engine import get_trainer
+    from sites.runtime import SiteRuntime
+
     site = SiteRuntime.from_context(context, cfg)
     if not site.val_ids:
         raise ValueError(f"site {site.name}: no held-out subjects to evaluate on (data.val_fraction = "

@@ -4,7 +4,9 @@
 preprocessed the way training will, then the cohort summary), the organs against the
 config, the CA certificate and the auth key, and a TLS connection to the coordinator with the
 CA (short timeout). ``start`` runs ``flower-supernode`` with TLS, the site's auth key and the
-node config naming the site and its data, in the foreground, logging to ``log_dir``.
+node config naming the site and its data, in the foreground, logging to ``log_dir``; beside it,
+unless ``worker.enabled: false`` or ``--no-worker``, the site's trainer worker
+(``sites/worker.py``), which keeps the DeepSpeed engine across rounds.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="give up after this many seconds without a connection (default: keep retrying)")
     start.add_argument("--restarts", type=int, default=10,
                        help="restart a SuperNode that exits after running at least a minute (default 10 times)")
+    start.add_argument("--no-worker", action="store_true",
+                       help="no trainer worker: every ClientApp process builds its own DeepSpeed engine")
     start.set_defaults(func=_run_start)
 
 
@@ -130,7 +134,8 @@ def _run_check(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- start
 
 
-def supernode_command(site: SiteConfig, insecure: bool = False, max_wait_s: float | None = None) -> list[str]:
+def supernode_command(site: SiteConfig, insecure: bool = False, max_wait_s: float | None = None,
+                      worker: bool = False) -> list[str]:
     """The ``flower-supernode`` command line for this site.
 
     Runtime dependency installation stays off (Flower's SuperNode default; sites install the
@@ -140,11 +145,12 @@ def supernode_command(site: SiteConfig, insecure: bool = False, max_wait_s: floa
         site: the site config.
         insecure: no TLS, no authentication (testing only).
         max_wait_s: stop retrying a connection after this long (None: forever).
+        worker: the node config names the site's trainer worker.
     """
     exe = shutil.which("flower-supernode")
     if exe is None:
         raise FileNotFoundError("flower-supernode not found on PATH: install the project (pip install -e .)")
-    cmd = [exe, "--superlink", site.coordinator, "--node-config", site.node_config(),
+    cmd = [exe, "--superlink", site.coordinator, "--node-config", site.node_config(worker),
            "--port", str(site.clientapp_port)]
     if insecure:
         cmd.append("--insecure")
@@ -181,9 +187,24 @@ def _run_start(args: argparse.Namespace) -> int:
     log_dir = Path(site.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "supernode.log"
-    cmd = supernode_command(site, args.insecure, args.max_wait)
-    print(f"site {site.site_name}: joining {site.coordinator}; SuperNode log: {log_path}", flush=True)
-    return supervise(cmd, supernode_env(site), log_path, args.restarts)
+    use_worker = site.worker.enabled and not args.no_worker
+    cmd = supernode_command(site, args.insecure, args.max_wait, worker=use_worker)
+    env = supernode_env(site)
+    worker = None
+    if use_worker:
+        from sites.worker import WorkerProcess
+
+        worker = WorkerProcess(site.worker.socket_path(), site.worker.key_path(), env,
+                               log_dir / "trainer_worker.log", args.restarts)
+        stats = worker.start()
+        print(f"site {site.site_name}: trainer worker {stats['pid']} on {site.worker.socket_path()}; "
+              f"log: {log_dir / 'trainer_worker.log'}", flush=True)
+    try:
+        print(f"site {site.site_name}: joining {site.coordinator}; SuperNode log: {log_path}", flush=True)
+        return supervise(cmd, env, log_path, args.restarts)
+    finally:
+        if worker is not None:
+            worker.stop()
 
 
 #: A SuperNode that ran this long had joined; its exit is a fault worth a restart.

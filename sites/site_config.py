@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from fedpanfm.certs import check_site_name, split_address
 from fedpanfm.config import ConfigError, ExperimentConfig, _f, load_config, load_yaml_dataclass
+from sites.worker import check_socket_path
 
 
 @dataclass
@@ -20,6 +22,21 @@ class SiteResources:
 
     cpus: int = _f(0, lo=0, doc="CPU threads for training (OMP/torch threads); 0 = all")
     gpus: str = _f("", doc="CUDA_VISIBLE_DEVICES for the ClientApp ('' = leave as is, 'none' = no GPU)")
+
+
+@dataclass
+class SiteWorker:
+    """The long-lived trainer worker ``site start`` runs beside the SuperNode (sites/worker.py)."""
+
+    enabled: bool = _f(True, doc="run the worker (keeps the DeepSpeed engine across rounds); site start --no-worker overrides")
+    state_dir: str = _f("state", doc="folder (mode 0700) for the worker's socket and auth key; keep the path short")
+    fallback: Literal["local", "fail"] = _f("local", doc="when the worker does not answer: train in the ClientApp, or fail")
+
+    def socket_path(self) -> Path:
+        return Path(self.state_dir) / "trainer.sock"
+
+    def key_path(self) -> Path:
+        return Path(self.state_dir) / "trainer.key"
 
 
 @dataclass
@@ -40,6 +57,7 @@ class SiteConfig:
     clientapp_port: int = _f(9094, lo=1, hi=65535, doc="local port of the SuperNode's ClientApp API")
     log_dir: str = _f("logs", doc="where site start writes the SuperNode log")
     resources: SiteResources = field(default_factory=SiteResources)
+    worker: SiteWorker = field(default_factory=SiteWorker)
 
     #: the YAML file this config came from ("" when built in code).
     source: str = ""
@@ -54,17 +72,32 @@ class SiteConfig:
             split_address(self.coordinator, f"{src}: coordinator")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if "'" in self.data_dir:
-            # The node config passes it as a TOML literal string, which cannot hold a quote.
-            raise ConfigError(f"{src}: data_dir {self.data_dir!r} must not contain a single quote")
+        for key, value in (("data_dir", self.data_dir), ("worker.state_dir", self.worker.state_dir)):
+            if "'" in value:
+                # The node config passes it as a TOML literal string, which cannot hold a quote.
+                raise ConfigError(f"{src}: {key} {value!r} must not contain a single quote")
+        if self.worker.enabled:
+            try:
+                check_socket_path(self.worker.socket_path(), f"{src}: worker.state_dir")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
     def experiment_config(self) -> ExperimentConfig:
         """The experiment config used to read this site's data (organ grids, bad-input policy)."""
         return load_config(self.experiment or None)
 
-    def node_config(self) -> str:
-        """The ``--node-config`` string telling the ClientApp which site and data to use."""
-        return f"site-name='{self.site_name}' data-dir='{self.data_dir}'"
+    def node_config(self, worker: bool = False) -> str:
+        """The ``--node-config`` string telling the ClientApp which site and data to use.
+
+        Args:
+            worker: also name the trainer worker (``trainer-socket``, ``trainer-key``,
+                ``trainer-fallback``; sites/worker.py), so the ClientApp forwards to it.
+        """
+        text = f"site-name='{self.site_name}' data-dir='{self.data_dir}'"
+        if worker:
+            w = self.worker
+            text += f" trainer-socket='{w.socket_path()}' trainer-key='{w.key_path()}' trainer-fallback='{w.fallback}'"
+        return text
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
@@ -79,6 +112,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
     base = path.resolve().parent
     for name in ("data_dir", "ca_cert", "auth_key", "log_dir"):
         setattr(cfg, name, str(base / getattr(cfg, name)))
+    cfg.worker.state_dir = str(base / cfg.worker.state_dir)
     if cfg.experiment:
         cfg.experiment = str(base / cfg.experiment)
     cfg.check_values()

@@ -23,6 +23,8 @@ def test_three_site_simulation_logs_and_checkpoints(tmp_path: Path) -> None:
         f"cohort={tmp_path / 'cohort'}", f"logging.run_dir={tmp_path / 'runs'}",
         "synth.sites=3", "synth.subjects=6", "federation.rounds=2", "federation.min_sites=3",
         "data.val_fraction=0.34", "data.batch_size=3",
+        # The server probes the global teacher on a labelled cohort each round (here the sites' own).
+        f"evaluation.server_cohort={tmp_path / 'cohort'}",
     ]
     config = ROOT / "configs" / "quickstart.yaml"
     cfg = load_config(config, overrides)
@@ -41,6 +43,9 @@ def test_three_site_simulation_logs_and_checkpoints(tmp_path: Path) -> None:
     assert expected <= set(server), sorted(expected - set(server))
     for tag in expected:
         assert [step for step, _ in server[tag]] == [1, 2], tag
+    # The server-side probe ran after every round without holding the federation up.
+    assert [step for step, _ in server["probe/n_test"]] == [1, 2]
+    assert all(v > 0 for _, v in server["probe/n_test"])
     # Every site contributed in every round.
     assert [v for _, v in server["sites"]] == [3.0, 3.0]
     shares = [server[f"saliency/{o}"][-1][1] for o in organs]

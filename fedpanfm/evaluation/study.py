@@ -1,0 +1,513 @@
+"""The SGM study: what federation, SGM and DEX buy, under one compute budget (docs/results.md).
+
+Arms (``evaluation.study.arms``, names in ``fedpanfm.config.STUDY_ARMS``):
+
+==================  ==========================================================================
+``random_init``     a randomly initialised encoder (no training)
+``single_site``     each training site pre-trained alone; the one with the best probe macro
+                    AUROC on the evaluation cohort's *validation* subjects is reported (on test)
+``centralized``     every site's training subjects pooled, SGM (``run_pretrain``)
+``fed_none``        federated, organ masking ``none``   (``simulate``)
+``fed_random``      federated, organ masking ``random``
+``fed_sgm``         federated, organ masking ``sgm``
+``fed_sgm_nodex``   federated ``sgm`` with plain MLPs (``model.dex.enabled=false``)
+==================  ==========================================================================
+
+**Budget (our definition).** Every trained arm gets the same number of *subject-epochs* (one
+subject passed once through a training step), ``S = rounds x local epochs x N`` with N the
+training subjects of all sites (after each site's validation hold-out), and therefore the same
+number of optimiser steps when each site's training count is a multiple of the batch size:
+centralized trains ``rounds x epochs`` epochs over the pooled N; a single site k trains
+``S / n_k`` epochs over its n_k; the federation trains ``epochs`` local epochs per round at
+every site, steps summed over sites. :func:`plan_budget` computes it and refuses a cohort where
+the arms' steps would differ. A single-site candidate gets the whole budget (the selection among
+sites is the baseline's own cost).
+
+The federated arms run through the ``fedpanfm.federate`` entry point (``orchestration.simulate``):
+the library never imports ``orchestration`` (architecture.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from fedpanfm.config import STUDY_ARMS, ExperimentConfig, config_from_dict
+from fedpanfm.data.batch import SubjectBatch
+from fedpanfm.data.dataset import SiteDataset, list_sites, pooled_dataset, split_subjects
+import torch
+
+from fedpanfm.evaluation.attention import normalised_entropy
+from fedpanfm.evaluation.embed import collate_dataset, embed_batches, encoder_from_checkpoint, random_encoder
+from fedpanfm.evaluation.probe import score_probes
+from fedpanfm.evaluation.report import EvaluationResult, evaluate_encoder, write_report
+from fedpanfm.model.encoder import PanOrganEncoder
+
+#: The organs the paper calls dominant; removed together for the shortcut test.
+DOMINANT: tuple[str, ...] = ("adipose", "heart")
+
+#: Federated arm -> config overrides on top of the study config.
+FEDERATED_ARMS: dict[str, list[str]] = {
+    "fed_none": ["train.masking.policy=none"],
+    "fed_random": ["train.masking.policy=random"],
+    "fed_sgm": ["train.masking.policy=sgm"],
+    "fed_sgm_nodex": ["train.masking.policy=sgm", "model.dex.enabled=false"],
+}
+
+#: ``federate(config_path, overrides, run_folder, cpus) -> run summary`` (orchestration.simulate).
+Federate = Callable[..., Mapping[str, Any]]
+Echo = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- budget
+
+
+@dataclass
+class ArmBudget:
+    """The training budget of one arm (or one single-site candidate).
+
+    Args:
+        arm: arm name (``single_site:<site>`` for a candidate).
+        epochs: epochs over the arm's own training subjects (federated: local epochs x rounds).
+        subjects: training subjects the arm sees (federated: summed over sites).
+        steps: optimiser steps in total (federated: summed over sites).
+    """
+
+    arm: str
+    epochs: int
+    subjects: int
+    steps: int
+
+    @property
+    def subject_epochs(self) -> int:
+        return self.epochs * self.subjects
+
+
+def site_train_counts(cohort_dir: Path, cfg: ExperimentConfig) -> dict[str, int]:
+    """Site folder name -> training subjects after the validation hold-out (``split_subjects``,
+    the rule both ``run_pretrain`` and a federated site use).
+
+    Args:
+        cohort_dir: the training cohort.
+        cfg: ``data.val_fraction`` and ``seed``.
+    """
+    out = {}
+    for site in list_sites(cohort_dir):
+        train, _ = split_subjects(SiteDataset(site, cfg).subject_ids, cfg.data.val_fraction, cfg.seed)
+        out[site.name] = len(train)
+    return out
+
+
+def _steps(subjects: int, epochs: int, cfg: ExperimentConfig) -> int:
+    # LocalTrainer's count: batches per epoch (the last one may be short), over accumulation.
+    return (epochs * math.ceil(subjects / cfg.data.batch_size)) // cfg.deepspeed.gradient_accumulation_steps
+
+
+def plan_budget(cfg: ExperimentConfig, counts: Mapping[str, int]) -> dict[str, ArmBudget]:
+    """Every arm's budget for the same subject-epochs ``rounds x epochs x N``.
+
+    Args:
+        cfg: ``federation.rounds``, ``train.epochs`` (local epochs per round), ``data.batch_size``.
+        counts: site -> training subjects (:func:`site_train_counts`).
+
+    Returns:
+        arm -> budget for ``random_init`` (0 steps), ``centralized``, each federated arm and each
+        ``single_site:<site>`` candidate.
+
+    Raises:
+        ValueError: the trained arms' steps would differ (naming them and the fix), or a site's
+            training count does not divide the budget into whole epochs.
+    """
+    if not counts or min(counts.values()) < 1:
+        raise ValueError(f"plan_budget: every site needs training subjects, got {dict(counts)}")
+    rounds, epochs = cfg.federation.rounds, cfg.train.epochs
+    total = sum(counts.values())
+    budget = rounds * epochs * total
+    fed_steps = sum(_steps(n, rounds * epochs, cfg) for n in counts.values())
+    out = {"random_init": ArmBudget("random_init", 0, 0, 0),
+           "centralized": ArmBudget("centralized", rounds * epochs, total, _steps(total, rounds * epochs, cfg))}
+    for arm in FEDERATED_ARMS:
+        out[arm] = ArmBudget(arm, rounds * epochs, total, fed_steps)
+    for site, n in counts.items():
+        if budget % n:
+            raise ValueError(f"plan_budget: site {site} has {n} training subjects, which does not divide the "
+                             f"budget of {budget} subject-epochs into whole epochs; use equal-sized sites")
+        out[f"single_site:{site}"] = ArmBudget(f"single_site:{site}", budget // n, n, _steps(n, budget // n, cfg))
+    steps = {a: b.steps for a, b in out.items() if a != "random_init"}
+    if len(set(steps.values())) > 1:
+        raise ValueError(
+            f"plan_budget: the arms would take different optimiser steps {steps}; make every site's training "
+            f"count ({dict(counts)}) a multiple of data.batch_size = {cfg.data.batch_size}"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation of one arm
+
+
+@dataclass
+class ArmScore:
+    """One arm's evaluation on the labelled evaluation cohort (one seed).
+
+    Args:
+        macro: test macro AUROC, all organs.
+        val_macro: mean validation AUROC of the probes (what single-site selection reads).
+        macro_no_dominant: test macro AUROC with adipose and heart removed at inference.
+        full_same_subjects: all-organ macro AUROC on the subjects the removal condition scored.
+        entropy: mean normalised CLS-attention entropy over organs (attention balance).
+        dominant_attention: pooled CLS-attention share of adipose + heart.
+        dominant_info: information share of adipose + heart (AUROC-drop based; NaN if undefined).
+        attention: organ -> pooled attention share; info: organ -> information share.
+    """
+
+    macro: float
+    val_macro: float
+    macro_no_dominant: float
+    full_same_subjects: float
+    entropy: float
+    dominant_attention: float
+    dominant_info: float
+    attention: dict[str, float] = field(default_factory=dict)
+    info: dict[str, float] = field(default_factory=dict)
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    v = [x for x in values if not math.isnan(x)]
+    return sum(v) / len(v) if v else math.nan
+
+
+def score_arm(result: EvaluationResult, encoder: PanOrganEncoder, batches: Sequence[SubjectBatch]) -> ArmScore:
+    """The study's numbers from one evaluation, plus the adipose + heart removal condition.
+
+    Args:
+        result: :func:`evaluate_encoder` on ``batches`` (its probes and split are reused).
+        encoder: the evaluated encoder.
+        batches: the collated evaluation cohort.
+    """
+    test = set(result.split.test)
+    full = embed_batches(encoder, batches)
+    reduced = embed_batches(encoder, batches, transform=lambda _i, b: b.drop_organs(list(DOMINANT)))
+    ids = [s for s in reduced.subject_ids if s in test]
+    if not ids:
+        raise ValueError("score_arm: no test subject keeps an organ once adipose and heart are removed")
+    no_dom = score_probes(result.probes, reduced.subset(ids))
+    same = score_probes(result.probes, full.subset(ids))
+    b = result.balance
+    attention = {o.organ: o.pooled_share for o in b.organs}
+    info = {o.organ: o.info_share for o in b.organs}
+    dom_info = [info[o] for o in DOMINANT]
+    return ArmScore(
+        macro=result.scores.macro,
+        val_macro=_finite_mean([p.val_auroc for p in result.probes.probes.values()]),
+        macro_no_dominant=no_dom.macro,
+        full_same_subjects=same.macro,
+        entropy=b.entropy,
+        dominant_attention=sum(attention[o] for o in DOMINANT),
+        dominant_info=math.nan if any(math.isnan(x) for x in dom_info) else sum(dom_info),
+        attention=attention,
+        info=info,
+    )
+
+
+def token_reference(batches: Sequence[SubjectBatch], cfg: ExperimentConfig) -> dict[str, float]:
+    """What the attention numbers would be if CLS attention were spread in proportion to token counts.
+
+    Every organ's tokens weigh the same (``data.organs.<organ>`` patches per image); an untrained
+    encoder is close to this. A dominant-organ shortcut is attention beyond it on adipose + heart.
+
+    Args:
+        batches: the collated evaluation cohort (``present`` is read).
+        cfg: organ grids and patches.
+
+    Returns:
+        ``adipose_heart_attention`` (mean over subjects of adipose + heart's token share) and
+        ``attention_entropy`` (mean normalised entropy of the token shares, subjects with >= 2 organs).
+    """
+    organs = cfg.data.organ_set().names
+    tokens = torch.tensor([float(cfg.data.organs[o].num_patches) for o in organs], dtype=torch.float64)
+    present = torch.cat([b.present.cpu() for b in batches])
+    weight = present.double() * tokens
+    shares = weight / weight.sum(dim=1, keepdim=True).clamp(min=1.0)
+    entropy = normalised_entropy(shares, present)
+    return {
+        "adipose_heart_attention": float(shares[:, [organs.index(o) for o in DOMINANT]].sum(dim=1).mean()),
+        "attention_entropy": float(entropy[~torch.isnan(entropy)].mean()),
+    }
+
+
+def evaluate_arm(encoder: PanOrganEncoder, cfg: ExperimentConfig, batches: Sequence[SubjectBatch], seed: int,
+                 out_dir: Path, title: str) -> ArmScore:
+    """Full evaluation report of one encoder under ``out_dir`` (``fedpanfm evaluate``'s files) and its
+    study numbers.
+
+    Args:
+        encoder: the frozen encoder (CPU).
+        cfg: the study config (``evaluation`` section).
+        batches: the collated evaluation cohort.
+        seed: probe split / bootstrap / draw seed (the same for every arm of a seed: paired).
+        out_dir: the report folder.
+        title: the report's heading.
+    """
+    result = evaluate_encoder(encoder, cfg, batches, seed)
+    write_report(result, out_dir, title=title)
+    return score_arm(result, encoder, batches)
+
+
+# --------------------------------------------------------------------------- the study
+
+
+@dataclass
+class ArmRun:
+    """One arm at one seed: its scores and what it cost."""
+
+    arm: str
+    seed: int
+    score: ArmScore
+    steps: int
+    seconds: float
+    note: str = ""
+
+
+def derive(cfg: ExperimentConfig, overrides: Sequence[str], src: str = "study") -> ExperimentConfig:
+    """``cfg`` with ``KEY=VALUE`` overrides, checked as ``--set`` items are."""
+    return config_from_dict(cfg.to_dict(), src, list(overrides))
+
+
+def check_study(cfg: ExperimentConfig) -> None:
+    """Reject study settings the runner cannot honour (unknown arms, no seeds)."""
+    st = cfg.evaluation.study
+    unknown = [a for a in st.arms if a not in STUDY_ARMS]
+    if unknown:
+        raise ValueError(f"evaluation.study.arms: unknown arm(s) {unknown}; known: {', '.join(STUDY_ARMS)}")
+    if not st.arms or not st.seeds:
+        raise ValueError("evaluation.study: needs at least one arm and one seed")
+    if len(set(st.seeds)) != len(st.seeds):
+        raise ValueError(f"evaluation.study.seeds: duplicate seeds {st.seeds}")
+
+
+def eval_cohort_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The evaluation cohort's generator config: full-body sites from another synth seed."""
+    st = cfg.evaluation.study
+    if st.eval_seed == cfg.synth.seed:
+        raise ValueError(f"evaluation.study.eval_seed = {st.eval_seed} equals synth.seed: the evaluation "
+                         "cohort must come from a different seed than the training cohort")
+    organs = list(cfg.data.organ_set())
+    return derive(cfg, [f"synth.sites={st.eval_sites}", f"synth.subjects={st.eval_subjects}",
+                        f"synth.seed={st.eval_seed}", f"synth.site_organs={[organs] * st.eval_sites}"])
+
+
+def default_federate() -> Federate:
+    """The federation runner registered under the ``fedpanfm.federate`` entry point (``simulate``)."""
+    eps = [ep for ep in entry_points(group="fedpanfm.federate") if ep.name == "simulate"]
+    if not eps:
+        raise RuntimeError("no 'simulate' in the fedpanfm.federate entry points: run `pip install -e . --no-deps`")
+    return eps[0].load()
+
+
+def federated_steps(tensorboard_dir: Path) -> int:
+    """Optimiser steps a federated run took: the sites' ``train/steps`` (one value per site and
+    round, written by the server's RunRecorder to ``site_*`` sub-runs), summed.
+
+    Args:
+        tensorboard_dir: the run's TensorBoard folder (``summary["tensorboard"]``).
+
+    Raises:
+        RuntimeError: no site sub-run holds ``train/steps``.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    total, seen = 0.0, False
+    for site in sorted(Path(tensorboard_dir).glob("site_*")):
+        acc = EventAccumulator(str(site), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "train/steps" in acc.Tags().get("scalars", []):
+            seen = True
+            total += sum(e.value for e in acc.Scalars("train/steps"))
+    if not seen:
+        raise RuntimeError(f"{tensorboard_dir}: no site sub-run holds 'train/steps'; cannot check the federation's budget")
+    return int(round(total))
+
+
+class Study:
+    """Runs the arms of ``cfg.evaluation.study`` and keeps their scores.
+
+    Args:
+        cfg: the study config (training cohort = ``cohort``; budget from ``federation.rounds``
+            and ``train.epochs``).
+        out: the study folder (created; must be empty or absent).
+        federate: the federation runner; None = :func:`default_federate`.
+        echo: where progress lines go.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, out: Path, federate: Federate | None = None, echo: Echo = print) -> None:
+        check_study(cfg)
+        self.out = Path(out).resolve()
+        if self.out.exists() and any(self.out.iterdir()):
+            raise FileExistsError(f"study folder {self.out} is not empty; choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cfg = derive(cfg, [f"cohort={self.out / 'cohort_train'}", f"logging.run_dir={self.out / 'runs'}"])
+        self.federate = federate
+        self.echo = echo
+        self.runs: list[ArmRun] = []
+        self.budget: dict[str, ArmBudget] = {}
+        self.single_site_choice: dict[int, str] = {}
+        self.seconds: dict[str, float] = {}
+        self.reference: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- setup
+
+    def prepare(self) -> list[SubjectBatch]:
+        """Generate both cohorts, plan the budget, collate the evaluation cohort."""
+        from fedpanfm.data.synthetic import generate_cohort
+
+        t0 = time.perf_counter()
+        generate_cohort(Path(self.cfg.cohort), self.cfg)
+        eval_cfg = eval_cohort_config(self.cfg)
+        generate_cohort(self.out / "cohort_eval", eval_cfg)
+        self.budget = plan_budget(self.cfg, site_train_counts(Path(self.cfg.cohort), self.cfg))
+        (self.out / "experiment.yaml").write_text(self.cfg.to_yaml())
+        batches = collate_dataset(pooled_dataset(self.out / "cohort_eval", self.cfg), self.cfg)
+        self.reference = token_reference(batches, self.cfg)
+        self.seconds["prepare"] = time.perf_counter() - t0
+        n_eval = sum(b.size for b in batches)
+        steps = self.budget["centralized"].steps
+        self.echo(f"study: {len(self.cfg.evaluation.study.arms)} arms x {len(self.cfg.evaluation.study.seeds)} seeds, "
+                  f"{steps} optimiser steps per trained arm, {n_eval} evaluation subjects "
+                  f"({self.seconds['prepare']:.1f}s to prepare)")
+        return batches
+
+    # ---------------------------------------------------------------- arms
+
+    def _pretrain(self, cohort: Path, run_dir: Path, overrides: list[str]) -> tuple[PanOrganEncoder, int]:
+        from fedpanfm.train.pretrain import run_pretrain
+
+        cfg = derive(self.cfg, overrides)
+        summary = run_pretrain(cfg, cohort, run_dir, echo=lambda _m: None)
+        encoder, _ = encoder_from_checkpoint(summary.checkpoint)
+        return encoder, summary.steps
+
+    def _check_steps(self, arm: str, planned: int, done: int) -> None:
+        if planned != done:
+            raise RuntimeError(f"study arm {arm}: planned {planned} optimiser steps but the run took {done}")
+
+    def run_arm(self, arm: str, seed: int, batches: Sequence[SubjectBatch]) -> ArmRun:
+        """Train (unless ``random_init``) and evaluate one arm at one seed."""
+        t0 = time.perf_counter()
+        folder = self.out / "arms" / f"{arm}_seed{seed}"
+        base = [f"seed={seed}"]
+        rounds_epochs = self.cfg.federation.rounds * self.cfg.train.epochs
+        note = ""
+        if arm == "random_init":
+            encoder, steps = random_encoder(self.cfg, seed), 0
+        elif arm == "centralized":
+            encoder, steps = self._pretrain(Path(self.cfg.cohort), folder / "train",
+                                            base + ["train.masking.policy=sgm", f"train.epochs={rounds_epochs}"])
+            self._check_steps(arm, self.budget[arm].steps, steps)
+        elif arm == "single_site":
+            return self._single_site(seed, batches, folder, t0)
+        elif arm in FEDERATED_ARMS:
+            federate = self.federate or default_federate()
+            summary = federate(self.out / "experiment.yaml", base + FEDERATED_ARMS[arm], run_folder=folder / "train",
+                               cpus=self.cfg.evaluation.study.cpus or os.cpu_count() or 1)
+            if summary.get("rounds") != self.cfg.federation.rounds:
+                raise RuntimeError(f"study arm {arm} seed {seed}: the federation ran {summary.get('rounds')} of "
+                                   f"{self.cfg.federation.rounds} rounds (see {folder / 'train'})")
+            encoder, _ = encoder_from_checkpoint(Path(summary["checkpoint_latest"]))
+            steps = federated_steps(Path(summary["tensorboard"]))
+            self._check_steps(arm, self.budget[arm].steps, steps)
+            note = "steps summed over sites"
+        else:
+            raise ValueError(f"unknown study arm {arm!r}; known: {', '.join(STUDY_ARMS)}")
+        score = evaluate_arm(encoder, self.cfg, batches, seed, folder / "evaluation", f"{arm}, seed {seed}")
+        return ArmRun(arm, seed, score, steps, time.perf_counter() - t0, note)
+
+    def _single_site(self, seed: int, batches: Sequence[SubjectBatch], folder: Path, t0: float) -> ArmRun:
+        best: tuple[float, str, ArmScore, int] | None = None
+        for site in list_sites(Path(self.cfg.cohort)):
+            key = f"single_site:{site.name}"
+            # A cohort folder holding only this site (a link: the files and their cache are shared).
+            cohort = folder / "cohorts" / site.name
+            cohort.mkdir(parents=True, exist_ok=True)
+            (cohort / site.name).symlink_to(site, target_is_directory=True)
+            encoder, steps = self._pretrain(cohort, folder / site.name / "train",
+                                            [f"seed={seed}", "train.masking.policy=sgm",
+                                             f"train.epochs={self.budget[key].epochs}"])
+            self._check_steps(key, self.budget[key].steps, steps)
+            score = evaluate_arm(encoder, self.cfg, batches, seed, folder / site.name / "evaluation",
+                                 f"single site {site.name}, seed {seed}")
+            self.echo(f"  single site {site.name}: val macro {score.val_macro:.3f}, test macro {score.macro:.3f}")
+            if best is None or score.val_macro > best[0]:
+                best = (score.val_macro, site.name, score, steps)
+        assert best is not None  # list_sites never returns an empty list
+        self.single_site_choice[seed] = best[1]
+        return ArmRun("single_site", seed, best[2], best[3], time.perf_counter() - t0,
+                      f"best by validation AUROC: {best[1]}")
+
+    def run(self) -> list[ArmRun]:
+        """Prepare, then every arm at every seed (seed-major, so a partial study has whole seeds)."""
+        t0 = time.perf_counter()
+        # One intra-op thread here: the federated arms' site actors also run one each, and on a
+        # shared small machine extra threads oversubscribe the cores (measured on 2 busy cores:
+        # one evaluation took 40 s with the default threads, 1.5 s with one).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        batches = self.prepare()
+        st = self.cfg.evaluation.study
+        ray_started = self._start_ray() if any(a in FEDERATED_ARMS for a in st.arms) else False
+        try:
+            for seed in st.seeds:
+                for arm in st.arms:
+                    run = self.run_arm(arm, seed, batches)
+                    self.runs.append(run)
+                    self.seconds[f"{arm}:{seed}"] = run.seconds
+                    s = run.score
+                    self.echo(f"{arm} seed {seed}: macro AUROC {s.macro:.3f}, without adipose+heart "
+                              f"{s.macro_no_dominant:.3f}, entropy {s.entropy:.3f}, adipose+heart attention "
+                              f"{s.dominant_attention:.2f}, {run.steps} steps, {run.seconds:.1f}s"
+                              + (f" ({run.note})" if run.note else ""))
+        finally:
+            torch.set_num_threads(threads)
+            if ray_started:
+                import ray
+
+                ray.shutdown()
+        self.seconds["total"] = time.perf_counter() - t0
+        return self.runs
+
+    def _start_ray(self) -> bool:
+        # One Ray for all federated arms (simulate reuses a running one): saves a Ray start per arm.
+        import logging
+
+        import ray
+
+        if ray.is_initialized():
+            return False
+        ray.init(num_cpus=self.cfg.evaluation.study.cpus or os.cpu_count() or 1, include_dashboard=False,
+                 logging_level=logging.WARNING)
+        return True
+
+
+__all__ = [
+    "DOMINANT",
+    "FEDERATED_ARMS",
+    "ArmBudget",
+    "ArmRun",
+    "ArmScore",
+    "Study",
+    "check_study",
+    "default_federate",
+    "derive",
+    "eval_cohort_config",
+    "evaluate_arm",
+    "federated_steps",
+    "plan_budget",
+    "score_arm",
+    "site_train_counts",
+    "token_reference",
+]
