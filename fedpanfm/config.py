@@ -182,6 +182,7 @@ class TrainConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     progress: bool = True
+    cpu_threads: int = _f(0, lo=0, doc="torch intra-op threads of a CPU trainer (process-wide); 0 keeps torch's default")
 
 
 @dataclass

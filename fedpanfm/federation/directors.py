@@ -8,6 +8,7 @@ expert (global usage) and ``m`` the per-step cosine momentum compounded over the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -76,6 +77,11 @@ def update_directors(state: State, previous: Mapping[str, Tensor], usage: Tensor
     return state
 
 
+def _norm(t: Tensor) -> Tensor:
+    """Euclidean norm of a tensor, accumulated in float64."""
+    return torch.linalg.vector_norm(t.flatten(), dtype=torch.float64)
+
+
 def director_divergence(state: Mapping[str, Tensor], role: str = "student") -> dict[int, float]:
     """Per block: mean over experts of ||theta_D - theta_e|| / ||theta_D|| (all director
     parameters concatenated) — how far the experts have moved from their director."""
@@ -84,12 +90,15 @@ def director_divergence(state: Mapping[str, Tensor], role: str = "student") -> d
     for group, keys in by_group.items():
         if group.kind != "director" or group.role != role or group.layer is None:
             continue
-        d = torch.cat([state[k].to(torch.float64).flatten() for k in keys])
+        # Squared norms summed key by key (float64 accumulation), instead of concatenating the
+        # director and each expert into float64 copies.
+        d_sq = sum(float(_norm(state[k]) ** 2) for k in keys)
         dists = []
         for eg, ekeys in by_group.items():
             if eg.kind == "expert" and eg.role == role and eg.layer == group.layer:
-                e = torch.cat([state[k].to(torch.float64).flatten() for k in ekeys])
-                dists.append(float((d - e).norm() / d.norm().clamp_min(1e-12)))
+                sfx = {module_suffix(k, eg): k for k in ekeys}
+                diff_sq = sum(float(_norm(state[k] - state[sfx[module_suffix(k, group)]]) ** 2) for k in keys)
+                dists.append(math.sqrt(diff_sq) / max(math.sqrt(d_sq), 1e-12))
         if dists:
             out[group.layer] = sum(dists) / len(dists)
     return out

@@ -162,14 +162,24 @@ class DEXLayer(nn.Module):
             y (B, T, D) and the :class:`DexAux` of this call.
         """
         gates, probs, topk = self.route(x[:, 0])
-        y = torch.zeros_like(x)
-        # E is small: one pass per expert over just the images routed to it.
-        for e, expert in enumerate(self.experts):
-            rows = (topk == e).any(dim=-1).nonzero().flatten()
-            if rows.numel() == 0:
-                continue
-            out = expert(x[rows]) * gates[rows, e].to(x.dtype)[:, None, None]
-            y = y.index_add(0, rows, out)
+        # The B * k (image, expert) slots sorted by expert: one gather puts every expert's images
+        # in one contiguous slice, each expert runs once on its slice (a view, no copy), and one
+        # index_add scatters the gated outputs back (the per-expert gather / index_add of every
+        # expert cost E full copies of the activations). A stable sort keeps each image's
+        # experts in id order, so the sums are those of the per-expert loop.
+        slot_expert = topk.flatten()
+        order = slot_expert.argsort(stable=True)
+        img = order.div(self.top_k, rounding_mode="floor")
+        counts = torch.bincount(slot_expert, minlength=self.num_experts).tolist()
+        xs = x.index_select(0, img)
+        slot_gate = gates.gather(1, topk).flatten()[order].to(x.dtype)
+        outs, lo = [], 0
+        for expert, n in zip(self.experts, counts):
+            if n:
+                outs.append(expert(xs[lo : lo + n]))
+            lo += n
+        mixed = torch.cat(outs) if outs else xs  # no slot at all only for an empty batch
+        y = torch.zeros_like(x).index_add_(0, img, mixed * slot_gate[:, None, None])
         director_out = None
         if self.training and self.distill:
             with torch.no_grad():

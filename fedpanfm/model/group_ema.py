@@ -39,9 +39,13 @@ def _mix(director: Tensor, experts: Sequence[Tensor], w: Tensor, momentum: float
     """m * director + (1 - m) * sum_e w_e * experts[e], computed in float32 (or float64) and
     returned in the director's dtype, so bf16 weights do not lose the small EMA step."""
     acc = torch.float64 if director.dtype == torch.float64 else torch.float32
-    stacked = torch.stack([e.detach().to(director.device, acc) for e in experts])
-    mean = torch.tensordot(w.to(director.device, acc), stacked, dims=1)
-    return (momentum * director.detach().to(acc) + (1.0 - momentum) * mean).to(director.dtype)
+    # One accumulator, each expert added in place: no stacked copy of all experts (the server
+    # runs this on ~100M-parameter states, docs/performance.md item 5).
+    out = director.detach().to(acc, copy=True).mul_(momentum)
+    for e, wi in zip(experts, w.tolist()):
+        if wi:
+            out.add_(e.detach().to(director.device), alpha=(1.0 - momentum) * wi)
+    return out.to(director.dtype)
 
 
 def group_ema(
@@ -93,11 +97,23 @@ def group_ema_module_(director: nn.Module, experts: Sequence[nn.Module], weights
     _check_momentum(momentum)
     w = normalise_weights(weights, len(experts))
     expert_params = [dict(e.named_parameters()) for e in experts]
-    for key, p in director.named_parameters():
+    named = list(director.named_parameters())
+    for key, p in named:
         for e, ex in enumerate(expert_params):
             if key not in ex or ex[key].shape != p.shape:
                 raise ValueError(f"group EMA: key {key!r} missing or of another shape in expert {e}")
-        p.copy_(_mix(p, [ex[key] for ex in expert_params], w, momentum))
+    targets = [p for _, p in named]
+    if any(p.dtype not in (torch.float32, torch.float64) for p in targets):
+        # 16-bit directors: mix in float32 (see _mix) so the small EMA step is not rounded away.
+        for key, p in named:
+            p.copy_(_mix(p, [ex[key] for ex in expert_params], w, momentum))
+        return w
+    # In place over all of the director's tensors at once (one foreach op per expert): this runs
+    # after every optimiser step, where the stack + tensordot of _mix cost a copy of all experts.
+    torch._foreach_mul_(targets, momentum)
+    for e, ex in enumerate(expert_params):
+        if float(w[e]) > 0:
+            torch._foreach_add_(targets, [ex[key].detach() for key, _ in named], alpha=(1.0 - momentum) * float(w[e]))
     return w
 
 

@@ -105,6 +105,7 @@ class PanFMSSL(nn.Module):
         self.organs = cfg.data.organ_set()
         self.masker = OrganMasker(self.organs, t.masking)
         self.num_patches = {o: cfg.data.organs[o].num_patches for o in self.organs}
+        self._ema_params: tuple[list[Tensor], list[Tensor]] | None = None
 
     def train(self, mode: bool = True) -> "PanFMSSL":
         """Switch the student, losses and masker; the teacher always stays in eval mode."""
@@ -204,10 +205,15 @@ class PanFMSSL(nn.Module):
         """
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"update_teacher: momentum {momentum} outside [0, 1]")
-        t_params = list(self.teacher.parameters())
-        s_params = [p.detach() for p in self.student.parameters()]
-        torch._foreach_mul_(t_params, momentum)
-        torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+        if self._ema_params is None:
+            # Parameter objects are never replaced (state loads copy in place, .to() swaps their
+            # data), so the pairing is built once: walking both module trees cost as much as the
+            # EMA itself per step. Held as Parameters (not detached views) so a device move
+            # cannot leave the cache pointing at old storage; no_grad covers the in-place op.
+            self._ema_params = (list(self.teacher.parameters()), list(self.student.parameters()))
+        t_params, s_params = self._ema_params
+        # One pass over teacher and student (lerp) instead of a mul_ pass and an add_ pass.
+        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
 
     @torch.no_grad()
     def update_directors(self, momentum: float) -> list[Tensor]:

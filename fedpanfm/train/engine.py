@@ -76,13 +76,17 @@ def deepspeed_config(cfg: ExperimentConfig) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
-        "gradient_clipping": ds.gradient_clipping,
+        # At ZeRO stage 0 the trainer clips itself (LocalTrainer.fit: one foreach norm over all
+        # gradients instead of DeepSpeed's per-parameter Python loop); ZeRO 1/2 own the gradients.
+        "gradient_clipping": 0.0 if ds.zero_stage == 0 else ds.gradient_clipping,
         "zero_optimization": {"stage": ds.zero_stage},
         # lr / weight decay here are placeholders: the trainer sets both on every step from the
-        # schedules. torch_adam avoids compiling DeepSpeed's fused Adam op.
+        # schedules. torch_adam avoids compiling DeepSpeed's fused Adam op; torch's own fused
+        # AdamW (CPU and CUDA) updates all parameters in one kernel per group instead of ~10 ops
+        # per parameter (docs/performance.md: 0.5 s of a 3.9 s step at dim 192 went there).
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "torch_adam": True},
+            "params": {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "torch_adam": True, "fused": True},
         },
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -140,6 +144,11 @@ class LocalTrainer:
             # ~100x slower on x86; measured here (bench/step_time.py) a DeepSpeed step went from
             # ~0.2 s to 0.8-1.9 s. Flushing them to zero changes values below 1.2e-38 only.
             torch.set_flush_denormal(True)
+            if cfg.train.cpu_threads > 0:
+                # On a shared or oversubscribed machine every multi-threaded op waits for its
+                # slowest (descheduled) thread: measured 7-10x slower steps with 2 threads than
+                # with 1 at load 12 on 2 cores (docs/performance.md).
+                torch.set_num_threads(cfg.train.cpu_threads)
         # Must precede the deepspeed import: DeepSpeed fixes its accelerator when first imported.
         init_single_process(self.device)
         import deepspeed
@@ -156,6 +165,13 @@ class LocalTrainer:
         self.step = 0
         self.total_steps = 0
         self._autocast_dtype = torch.bfloat16 if cfg.deepspeed.bf16 else None
+        self._clip = cfg.deepspeed.gradient_clipping if cfg.deepspeed.zero_stage == 0 else 0.0
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        dist = torch.distributed
+        if cfg.deepspeed.zero_stage == 0 and dist.is_initialized() and dist.get_world_size() == 1:
+            # A site trains at world size 1: DeepSpeed's gradient all-reduce is the identity there
+            # but still walked every parameter after each backward (17 ms of a 100 ms step).
+            self.engine.enable_backward_allreduce = False
         log.info("built PanFMSSL + DeepSpeed engine on %s in %.1f s", self.device, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ helpers
@@ -237,6 +253,8 @@ class LocalTrainer:
                     raise FloatingPointError(f"fit: non-finite loss {out.loss.item()} at step {self.step}")
                 self.engine.backward(out.loss)
                 boundary = self.engine.is_gradient_accumulation_boundary()
+                if boundary and self._clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self._trainable, self._clip, foreach=True)
                 self.engine.step()
                 for k, v in out.metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
