@@ -36,7 +36,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import Tensor
 
 from fedpanfm.config import ExperimentConfig
-from fedpanfm.federation.aggregate import MeanTask, RoundOutcome, State, aggregate_round, run_means_serial
+from fedpanfm.federation.aggregate import MeanTask, RoundOutcome, RunMeans, State, aggregate_round, run_means_serial
 from fedpanfm.federation.message import SiteUpdate, state_nbytes
 
 
@@ -77,6 +77,10 @@ def one_thread() -> Iterator[None]:
 class SerialAggregator:
     """Every group in the calling process, one after the other."""
 
+    def means_runner(self, updates: Sequence[SiteUpdate]) -> RunMeans:
+        """The function that computes this round's group means (see ``aggregate_round``)."""
+        return run_means_serial
+
     def aggregate(
         self,
         global_state: Mapping[str, Tensor],
@@ -87,7 +91,8 @@ class SerialAggregator:
     ) -> tuple[State, RoundOutcome]:
         """See :func:`fedpanfm.federation.aggregate.aggregate_round` (same arguments)."""
         with one_thread():
-            return aggregate_round(global_state, updates, cfg, server_round, previous_saliency, run_means_serial)
+            return aggregate_round(global_state, updates, cfg, server_round, previous_saliency,
+                                   self.means_runner(updates))
 
 
 def _as_numpy(state: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
@@ -127,7 +132,7 @@ def pack_tasks(tasks: Sequence[MeanTask], state: Mapping[str, Tensor], max_tasks
     return bins
 
 
-class RayAggregator:
+class RayAggregator(SerialAggregator):
     """The mean tasks as Ray tasks (num_cpus=0) over the object store.
 
     Args:
@@ -160,19 +165,10 @@ class RayAggregator:
             out.update({k: torch.from_numpy(np.array(v)) for k, v in result.items()})
         return out
 
-    def aggregate(
-        self,
-        global_state: Mapping[str, Tensor],
-        updates: Sequence[SiteUpdate],
-        cfg: ExperimentConfig,
-        server_round: int,
-        previous_saliency: Tensor | None = None,
-    ) -> tuple[State, RoundOutcome]:
-        """See :func:`fedpanfm.federation.aggregate.aggregate_round` (same arguments)."""
+    def means_runner(self, updates: Sequence[SiteUpdate]) -> RunMeans:
+        """Ray tasks, or the serial path for a round smaller than ``serial_below_bytes``."""
         small = sum(state_nbytes(u.state) for u in updates) < self.serial_below_bytes
-        with one_thread():
-            return aggregate_round(global_state, updates, cfg, server_round, previous_saliency,
-                                   run_means_serial if small else self.run_means)
+        return run_means_serial if small else self.run_means
 
 
 def connect_ray(address: str = "") -> None:
