@@ -137,3 +137,31 @@ def fake_site_update(cfg: ExperimentConfig, global_state: dict[str, torch.Tensor
         metrics={"loss/total": float(torch.rand(1, generator=g)), "loss/dino": 1.0},
         steps=3,
     )
+
+
+def site_message(content, message_type: str, server_round: int, dst_node: int):
+    """A Flower ``Message`` to a site, as the ServerApp would send it.
+
+    Explicit metadata: outside a Flower run there is no task identity to derive it from.
+    """
+    import time
+
+    from flwr.app import Message, Metadata
+
+    meta = Metadata(run_id=1, message_id=f"{message_type}-{server_round}", src_node_id=1, dst_node_id=dst_node,
+                    reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=3600.0,
+                    message_type=message_type)
+    return Message(content=content, metadata=meta)
+
+
+def train_message(cfg: ExperimentConfig, state: dict[str, torch.Tensor], server_round: int, dst_node: int):
+    """The server's train instruction of ``server_round`` (2 rounds, 20 planned steps, uniform saliency)."""
+    from fedpanfm.federation.message import TrainInstruction, state_to_arrayrecord
+
+    organs = cfg.data.organ_set()
+    instr = TrainInstruction(
+        arrays=state_to_arrayrecord(state), server_round=server_round, num_rounds=2,
+        start_step=0, total_steps=20, global_saliency=[1.0 / len(organs)] * len(organs),
+        organ_names=list(organs.names), teacher_policy=cfg.federation.teacher_policy,
+    )
+    return site_message(instr.to_recorddict(), "train", server_round, dst_node)

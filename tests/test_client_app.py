@@ -4,40 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from conftest import site_message, tiny_config, train_message
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.synthetic import generate_cohort
-from fedpanfm.federation.message import SiteUpdate, TrainInstruction, state_to_arrayrecord
+from fedpanfm.federation.message import SiteUpdate
 from fedpanfm.model.meta_arch import PanFMSSL
 from sites.client_app import app
 from sites.runtime import STATE_CONFIG, SiteConfigError, SiteRuntime, resolve_site, site_seed
 
 NODE = 7
-
-
-def _message(content: RecordDict, message_type: str, server_round: int) -> Message:
-    # Explicit metadata: outside a Flower run there is no task identity to derive it from.
-    meta = Metadata(run_id=1, message_id=f"{message_type}-{server_round}", src_node_id=1, dst_node_id=NODE,
-                    reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=3600.0,
-                    message_type=message_type)
-    return Message(content=content, metadata=meta)
-
-
-def _instruction(cfg: ExperimentConfig, state: dict[str, torch.Tensor], server_round: int) -> Message:
-    organs = cfg.data.organ_set()
-    instr = TrainInstruction(
-        arrays=state_to_arrayrecord(state), server_round=server_round, num_rounds=2,
-        start_step=0, total_steps=20, global_saliency=[1.0 / len(organs)] * len(organs),
-        organ_names=list(organs.names), teacher_policy=cfg.federation.teacher_policy,
-    )
-    return _message(instr.to_recorddict(), "train", server_round)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +51,7 @@ def test_train_reply_state_and_evaluate(site: tuple[ExperimentConfig, dict[str, 
     torch.manual_seed(0)
     global_state = {k: v.detach().float().clone() for k, v in PanFMSSL(cfg).state_dict().items()}
 
-    reply = app(_instruction(cfg, global_state, 1), context)
+    reply = app(train_message(cfg, global_state, 1, NODE), context)
     assert not reply.has_error(), reply.error
     update = SiteUpdate.from_recorddict(reply.content, organs.names)
 
@@ -93,14 +74,14 @@ def test_train_reply_state_and_evaluate(site: tuple[ExperimentConfig, dict[str, 
     # The site's schedule position is kept in context.state and continues in the next round.
     step1 = json.loads(context.state[STATE_CONFIG]["schedule"])["step"]
     assert step1 == update.steps
-    reply2 = app(_instruction(cfg, {**global_state, **update.state}, 2), context)
+    reply2 = app(train_message(cfg, {**global_state, **update.state}, 2, NODE), context)
     update2 = SiteUpdate.from_recorddict(reply2.content, organs.names)
     step2 = json.loads(context.state[STATE_CONFIG]["schedule"])["step"]
     assert step2 == step1 + update2.steps > step1
 
     # Validation: the held-out subjects, the same loss for the same weights.
-    eval_msg = _message(RecordDict({"arrays": ArrayRecord({**global_state, **update2.state}), "config": ConfigRecord()}),
-                        "evaluate", 2)
+    eval_msg = site_message(RecordDict({"arrays": ArrayRecord({**global_state, **update2.state}), "config": ConfigRecord()}),
+                        "evaluate", 2, NODE)
     metrics = [app(eval_msg, context).content["metrics"] for _ in range(2)]
     assert metrics[0]["num-examples"] == len(runtime.val_ids) > 0
     assert metrics[0]["val/loss"] == pytest.approx(metrics[1]["val/loss"])

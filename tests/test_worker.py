@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import global_model_state, tiny_config
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from conftest import global_model_state, site_message, tiny_config, train_message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common.config import parse_config_args
 
 from fedpanfm.config import ConfigError, ExperimentConfig
 from fedpanfm.data.synthetic import generate_cohort
-from fedpanfm.federation.message import BF16_STYPE, SiteUpdate, TrainInstruction, state_to_arrayrecord
+from fedpanfm.federation.message import BF16_STYPE, SiteUpdate
 from sites.client_app import app
 from sites.runtime import STATE_ARRAYS, STATE_CONFIG
 from sites.site_commands import supernode_command
@@ -156,21 +156,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, di
     return cfg, {"config": str(path), "overrides": ""}, node_config, tmp
 
 
-def _message(content: RecordDict, message_type: str, server_round: int) -> Message:
-    meta = Metadata(run_id=1, message_id=f"{message_type}-{server_round}", src_node_id=1, dst_node_id=NODE,
-                    reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=3600.0,
-                    message_type=message_type)
-    return Message(content=content, metadata=meta)
-
-
-def _train_msg(cfg: ExperimentConfig, state: dict[str, torch.Tensor], server_round: int) -> Message:
-    organs = cfg.data.organ_set()
-    instr = TrainInstruction(arrays=state_to_arrayrecord(state), server_round=server_round, num_rounds=2,
-                             start_step=0, total_steps=20, global_saliency=[1.0 / len(organs)] * len(organs),
-                             organ_names=list(organs.names), teacher_policy=cfg.federation.teacher_policy)
-    return _message(instr.to_recorddict(), "train", server_round)
-
-
 def _start_worker(sock: Path, key: Path, log: Path) -> subprocess.Popen[bytes]:
     ensure_authkey(key)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same threads as this process
@@ -226,7 +211,7 @@ def test_worker_replies_as_in_process_and_keeps_one_engine(site) -> None:  # typ
     try:
         state = global_model_state(cfg)
         for rnd in (1, 2):
-            msg = _train_msg(cfg, state, rnd)
+            msg = train_message(cfg, state, rnd, NODE)
             mine = SiteUpdate.from_recorddict(app(msg, local).content, organs)
             theirs = SiteUpdate.from_recorddict(app(msg, remote).content, organs)
             _assert_same_update(mine, theirs)
@@ -238,14 +223,14 @@ def test_worker_replies_as_in_process_and_keeps_one_engine(site) -> None:  # typ
             for k in kept_l:
                 torch.testing.assert_close(kept_l[k], kept_r[k], rtol=1e-4, atol=1e-5)
             state = {**state, **mine.state}
-        eval_msg = _message(RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord()}), "evaluate", 2)
+        eval_msg = site_message(RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord()}), "evaluate", 2, NODE)
         ev_l, ev_r = app(eval_msg, local).content["metrics"], app(eval_msg, remote).content["metrics"]
         assert ev_l["num-examples"] == ev_r["num-examples"] > 0
         assert ev_r["val/loss"] == pytest.approx(ev_l["val/loss"], rel=1e-4)
         stats = ping(WorkerTarget(sock, key))
         assert stats["pid"] == proc.pid and stats["requests"] == 3 and stats["engine_builds"] == 1
         # A failure inside the worker comes back as an error, not as a fallback.
-        bad = _message(RecordDict({"config": ConfigRecord()}), "evaluate", 1)
+        bad = site_message(RecordDict({"config": ConfigRecord()}), "evaluate", 1, NODE)
         with pytest.raises(RuntimeError, match=r"trainer worker: ValueError: .*no ArrayRecord 'arrays'"):
             app(bad, remote)
     finally:
@@ -280,7 +265,7 @@ def test_dead_worker_falls_back_or_fails_clearly(site, caplog: pytest.LogCapture
     with socket.socket(socket.AF_UNIX) as s, pytest.raises(ConnectionRefusedError):
         s.connect(str(sock))
 
-    msg = _train_msg(cfg, global_model_state(cfg), 1)
+    msg = train_message(cfg, global_model_state(cfg), 1, NODE)
     dead = {**node_config, "trainer-socket": str(sock), "trainer-key": str(key)}
     context = Context(run_id=1, node_id=NODE, node_config=dead, state=RecordDict(), run_config=run_config)
     with caplog.at_level(logging.WARNING, logger="sites.client_app"):
