@@ -107,6 +107,7 @@ class SiteRuntime:
         site_dir: the site folder (holds ``manifest.csv``).
         train_ids: subject ids the site trains on.
         val_ids: held-out subject ids (validation SSL loss).
+        dataset: the whole site, validated once; the train / val loaders are subsets of it.
     """
 
     cfg: ExperimentConfig
@@ -114,6 +115,7 @@ class SiteRuntime:
     site_dir: Path
     train_ids: list[str]
     val_ids: list[str]
+    dataset: SiteDataset
 
     @classmethod
     def from_context(cls, context: Context, cfg: ExperimentConfig) -> "SiteRuntime":
@@ -124,11 +126,12 @@ class SiteRuntime:
             cfg: the experiment config.
         """
         name, site_dir = resolve_site(context.node_config, cfg)
-        ids = SiteDataset(site_dir, cfg).subject_ids
-        train_ids, val_ids = split_subjects(ids, cfg.data.val_fraction, site_seed(name, cfg.seed))
+        dataset = SiteDataset(site_dir, cfg)
+        train_ids, val_ids = split_subjects(dataset.subject_ids, cfg.data.val_fraction, site_seed(name, cfg.seed))
         if not train_ids:
             raise SiteConfigError(f"site {name} ({site_dir}): no training subjects after the split")
-        return cls(cfg=cfg, name=name, site_dir=site_dir, train_ids=list(train_ids), val_ids=list(val_ids))
+        return cls(cfg=cfg, name=name, site_dir=site_dir, train_ids=list(train_ids), val_ids=list(val_ids),
+                   dataset=dataset)
 
     def loader(self, split: str, round_seed: int = 0) -> Any:
         """A batch loader over the ``"train"`` or ``"val"`` subjects.
@@ -138,7 +141,7 @@ class SiteRuntime:
             round_seed: mixed into the shuffle seed so each round sees another order.
         """
         ids = {"train": self.train_ids, "val": self.val_ids}[split]
-        dataset = SiteDataset(self.site_dir, self.cfg, subjects=ids)
+        dataset = self.dataset.subset(ids)
         seed = site_seed(self.name, self.cfg.seed) + round_seed
         return make_loader(dataset, self.cfg, shuffle=split == "train", seed=seed)
 

@@ -69,11 +69,11 @@ def pooled_split(cohort_dir: Path, cfg: ExperimentConfig) -> tuple[ConcatDataset
         )
     train, val = [], []
     for site in list_sites(cohort_dir):
-        ids = SiteDataset(site, cfg).subject_ids
-        tr, va = split_subjects(ids, cfg.data.val_fraction, cfg.seed)
-        train.append(SiteDataset(site, cfg, tr))
+        full = SiteDataset(site, cfg)  # validates every file once; the splits are views of it
+        tr, va = split_subjects(full.subject_ids, cfg.data.val_fraction, cfg.seed)
+        train.append(full.subset(tr))
         if va:
-            val.append(SiteDataset(site, cfg, va))
+            val.append(full.subset(va))
     return ConcatDataset(train), (ConcatDataset(val) if val else None)
 
 
