@@ -165,3 +165,17 @@ def train_message(cfg: ExperimentConfig, state: dict[str, torch.Tensor], server_
         organ_names=list(organs.names), teacher_policy=cfg.federation.teacher_policy,
     )
     return site_message(instr.to_recorddict(), "train", server_round, dst_node)
+
+
+def one_site_run(tmp) -> tuple[ExperimentConfig, dict[str, str]]:
+    """A generated one-site tiny cohort under ``tmp`` and the Flower run config naming its YAML."""
+    from pathlib import Path
+
+    from fedpanfm.data.synthetic import generate_cohort
+
+    cfg = tiny_config([f"cohort={tmp / 'cohort'}", "synth.sites=1", "synth.subjects=8",
+                       "data.val_fraction=0.25", "data.batch_size=3", "device=cpu"])
+    generate_cohort(Path(cfg.cohort), cfg)
+    path = tmp / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    return cfg, {"config": str(path), "overrides": ""}

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import site_message, tiny_config, train_message
+from conftest import one_site_run, site_message, train_message
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedpanfm.config import ExperimentConfig
-from fedpanfm.data.synthetic import generate_cohort
 from fedpanfm.federation.message import SiteUpdate
 from fedpanfm.model.meta_arch import PanFMSSL
 from sites.client_app import app
@@ -25,12 +24,8 @@ NODE = 7
 def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, dict[str, str], Path]:
     """A one-site tiny cohort and the run config that names it."""
     tmp = tmp_path_factory.mktemp("client_app")
-    cfg = tiny_config([f"cohort={tmp / 'cohort'}", "synth.sites=1", "synth.subjects=8",
-                       "data.val_fraction=0.25", "data.batch_size=3", "device=cpu"])
-    generate_cohort(Path(cfg.cohort), cfg)
-    path = tmp / "config.yaml"
-    path.write_text(cfg.to_yaml())
-    return cfg, {"config": str(path), "overrides": ""}, tmp
+    cfg, run_config = one_site_run(tmp)
+    return cfg, run_config, tmp
 
 
 def _manifest_organs(site_dir: Path, subjects: list[str]) -> dict[str, int]:

@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import global_model_state, site_message, tiny_config, train_message
+from conftest import global_model_state, one_site_run, site_message, train_message
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common.config import parse_config_args
 
 from fedpanfm.config import ConfigError, ExperimentConfig
-from fedpanfm.data.synthetic import generate_cohort
 from fedpanfm.federation.message import BF16_STYPE, SiteUpdate
 from sites.client_app import app
 from sites.runtime import STATE_ARRAYS, STATE_CONFIG
@@ -146,14 +145,10 @@ def test_site_config_names_the_worker(tmp_path: Path) -> None:
 def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, dict[str, str], dict[str, str], Path]:
     """A one-site tiny cohort, its run config, the deployment node config naming it, a scratch folder."""
     tmp = tmp_path_factory.mktemp("worker")
-    cfg = tiny_config([f"cohort={tmp / 'cohort'}", "synth.sites=1", "synth.subjects=8",
-                       "data.val_fraction=0.25", "data.batch_size=3", "device=cpu"])
-    generate_cohort(Path(cfg.cohort), cfg)
-    path = tmp / "config.yaml"
-    path.write_text(cfg.to_yaml())
+    cfg, run_config = one_site_run(tmp)
     site_dir = sorted(p for p in Path(cfg.cohort).iterdir() if (p / "manifest.csv").is_file())[0]
     node_config = {"site-name": site_dir.name, "data-dir": str(site_dir)}
-    return cfg, {"config": str(path), "overrides": ""}, node_config, tmp
+    return cfg, run_config, node_config, tmp
 
 
 def _start_worker(sock: Path, key: Path, log: Path) -> subprocess.Popen[bytes]:
