@@ -110,6 +110,9 @@ class SynthConfig:
     subjects: int = _f(64, lo=1, doc="subjects per site")
     seed: int = 0
     site_organs: list[list[str]] = _f([], doc="organ set per site; [] uses the built-in mix")
+    disease_signal: float = _f(
+        1.0, lo=0.0, hi=10.0, doc="scale of the disease factors' visible effect on the images (0 = invisible)"
+    )
 
 
 # --------------------------------------------------------------------------- model
@@ -163,6 +166,7 @@ class LossWeights:
     ibot: float = _f(1.0, lo=0.0)
     dex: float = _f(0.1, lo=0.0)
     balance: float = _f(0.01, lo=0.0)
+    koleo: float = _f(0.0, lo=0.0, doc="KoLeo spread of the student CLS (DINOv2); 0 = off")
 
 
 @dataclass

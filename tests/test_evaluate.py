@@ -36,6 +36,10 @@ def cohort(tmp_path_factory) -> tuple[Path, Path]:
     return root / "cohort", root / "ckpt"
 
 
+def cfg_dim() -> int:
+    return tiny_config().model.dim
+
+
 def _csv(path: Path) -> list[dict[str, str]]:
     with path.open() as f:
         return list(csv.DictReader(f))
@@ -55,6 +59,10 @@ def test_evaluate_command_end_to_end(cohort, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     test_ids = set(summary["split"]["test"])
     assert summary["meta"]["test"] == len(test_ids) and summary["meta"]["subjects"] == 40
+    # The cohort is synthetic, so its latent factors are known and their decodability is reported.
+    fac = summary["factors"]
+    assert set(fac["r2"]) >= {"body_size", "renal", "age"} and 1.0 <= fac["participation_ratio"] <= cfg_dim()
+    assert fac["n_test"] == len(test_ids) and "What the embedding encodes" in (out / "report.md").read_text()
     # organ sets of the test subjects, read independently from the cohort
     cfg = tiny_config()
     ds = pooled_dataset(cohort_dir, cfg)

@@ -138,3 +138,21 @@ def test_dex_distill_has_zero_gradient_when_experts_equal_director() -> None:
     aux = _aux(torch.full((2, 2), 0.5), torch.tensor([[0, 1], [0, 1]]), ex, x, torch.zeros(2, 3, dtype=torch.bool))
     dex_distill_loss([aux], temperature=0.5).backward()
     assert ex.grad.abs().max() < 1e-6
+
+
+def test_koleo_hand_computed_and_spreads_points() -> None:
+    from fedpanfm.losses.koleo import koleo_loss
+
+    # Unit vectors at 0, 90 and 180 degrees (scaled: the loss normalises): every nearest
+    # neighbour is at 90 degrees, distance sqrt(2).
+    x = torch.tensor([[2.0, 0.0], [0.0, 0.5], [-3.0, 0.0]])
+    assert koleo_loss(x).item() == pytest.approx(-math.log(math.sqrt(2.0)), abs=1e-6)
+    assert koleo_loss(x[:1]) is None
+    # A gradient step on the loss pushes the two close points apart.
+    y = torch.tensor([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0]], requires_grad=True)
+    before = torch.nn.functional.normalize(y.detach(), dim=-1)
+    koleo_loss(y).backward()
+    with torch.no_grad():
+        y -= 0.05 * y.grad
+    after = torch.nn.functional.normalize(y.detach(), dim=-1)
+    assert (after[0] - after[1]).norm() > (before[0] - before[1]).norm()

@@ -146,3 +146,20 @@ def test_missing_schedule_key_and_dex_disabled() -> None:
     assert "loss/dex" not in out.metrics and "loss/balance" not in out.metrics
     assert torch.equal(out.stats.gate_mass, torch.zeros(cfg.model.depth, cfg.model.dex.experts))
     out.loss.backward()
+
+
+def test_koleo_weight_enters_the_total() -> None:
+    from fedpanfm.losses.koleo import koleo_loss
+
+    cfg = tiny_config(["train.loss.koleo=0.5"])
+    model = _model(cfg)
+    batch = make_batch(cfg, ORGAN_SETS, seed=2)
+    gen = torch.Generator().manual_seed(1)
+    out = model(batch, SCHED, generator=gen)
+    m, w = out.metrics, cfg.train.loss
+    assert "loss/koleo" in m
+    want = w.dino * m["loss/dino"] + w.ibot * m["loss/ibot"] + w.dex * m["loss/dex"] + w.balance * m["loss/balance"]
+    assert out.loss.item() == pytest.approx(want + 0.5 * m["loss/koleo"], rel=1e-5)
+    off = _model(tiny_config())(batch, SCHED, generator=torch.Generator().manual_seed(1))
+    assert "loss/koleo" not in off.metrics  # the default weight 0 leaves the step unchanged
+    assert koleo_loss(torch.zeros(1, 4)) is None

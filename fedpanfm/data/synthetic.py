@@ -43,6 +43,7 @@ from fedpanfm.data.synthetic_factors import (
     sample_presence,
     sample_scanner,
     site_protocols,
+    visible_factors,
 )
 from fedpanfm.data.synthetic_render import render_organ
 
@@ -119,11 +120,12 @@ def generate_cohort(out_dir: Path, cfg: ExperimentConfig) -> list[Path]:
             y = sample_labels(child_rng(syn.seed, "labels", k, j), f)
             present, restored = sample_presence(child_rng(syn.seed, "presence", k, j), f, protocol)
             fs = {name: float(v[0]) for name, v in f.items()}
+            seen = visible_factors(fs, syn.disease_signal)
             labels = {name: _finite(v[0]) for name, v in y.items()}
             imaged = [o for o in protocol if present[o][0]]
             for o in imaged:
                 shape, spacing, _ = geometry[o]
-                img = render_organ(o, shape, fs, scanner, child_rng(syn.seed, "render", k, j, o))
+                img = render_organ(o, shape, seen, scanner, child_rng(syn.seed, "render", k, j, o))
                 rel = f"images/{sid}_{o}.nii.gz"
                 _write_nifti(site_dir / rel, img, spacing)
                 rows.append(ManifestRow(subject_id=sid, organ=o, path=rel, labels=labels))

@@ -159,6 +159,21 @@ def sample_factors(rng: np.random.Generator, n: int, age_shift: float = 0.0) -> 
     return out
 
 
+def visible_factors(factors: dict[str, float], signal: float) -> dict[str, float]:
+    """The factor values the renderers draw: disease factors scaled by ``signal``, nuisance kept.
+
+    Labels always read the true factors; ``signal`` only sets how strongly disease shows in the
+    images (``synth.disease_signal``; 0 = invisible), so the same subjects can be rendered with a
+    harder or an easier signal while the dominant organs' nuisance variation stays as it is.
+
+    Args:
+        factors: one subject's factors, name -> value.
+        signal: multiplier of every non-nuisance latent factor.
+    """
+    scaled = set(SHARED_FACTORS).union(*ORGAN_FACTORS.values()) - set(NUISANCE_FACTORS)
+    return {k: v * signal if k in scaled else v for k, v in factors.items()}
+
+
 def _linear(factors: Factors, weights: dict[str, float]) -> np.ndarray:
     n = len(next(iter(factors.values())))
     return sum((w * factors[f] for f, w in weights.items()), np.zeros(n))

@@ -42,6 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedpanfm.config import load_config
     from fedpanfm.data.dataset import pooled_dataset
     from fedpanfm.evaluation.embed import collate_dataset, encoder_from_checkpoint, random_encoder
+    from fedpanfm.evaluation.factors import load_cohort_factors
     from fedpanfm.evaluation.report import evaluate_encoder, write_report
     from fedpanfm.train.distributed import pick_device
 
@@ -70,12 +71,15 @@ def _run(args: argparse.Namespace) -> int:
     encoder.to(device)
     out = Path(args.out) if args.out else Path(cfg.logging.run_dir) / f"{cfg.name}_evaluate_{time.strftime('%Y%m%d-%H%M%S')}"
     batches = collate_dataset(pooled_dataset(Path(args.cohort), cfg), cfg)
-    result = evaluate_encoder(encoder, cfg, batches, seed, device)
+    result = evaluate_encoder(encoder, cfg, batches, seed, device, load_cohort_factors(Path(args.cohort)))
     result.meta.update({"checkpoint": label, "cohort": str(args.cohort), "total_seconds": round(time.perf_counter() - t0, 2)})
     paths = write_report(result, out, title=f"Evaluation of {label}")
     sc = result.scores
     print(f"evaluated {label} on {result.meta['subjects']} subjects (test {result.meta['test']}): "
           f"macro AUROC {sc.macro:.3f} [{sc.macro_ci_low:.3f}, {sc.macro_ci_high:.3f}] over {sc.n_macro_labels} label(s), "
           f"attention entropy {result.balance.entropy:.3f}, {result.meta['total_seconds']:.1f}s")
+    if result.factors is not None:
+        print(f"latent factors: mean R^2 {result.factors.signal_r2:.3f} over the factors labels read, "
+              f"participation ratio {result.factors.participation_ratio:.2f}")
     print(f"report: {paths['report.md']}; TensorBoard: tensorboard --logdir {out}")
     return 0

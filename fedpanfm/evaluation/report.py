@@ -28,6 +28,7 @@ from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.evaluation.attention import AttentionBalance, attention_balance
 from fedpanfm.evaluation.embed import embed_batches
+from fedpanfm.evaluation.factors import CohortFactors, FactorReport, factor_decodability
 from fedpanfm.evaluation.probe import ProbeScores, ProbeSet, ProbeSplit, fit_and_score, split_three
 from fedpanfm.evaluation.robustness import ConditionResult, robustness_conditions
 from fedpanfm.model.encoder import PanOrganEncoder
@@ -47,6 +48,7 @@ class EvaluationResult:
         robustness: one row per missing-organ condition (:func:`robustness_conditions`).
         balance: the attention-balance table (over all subjects, full organs).
         meta: free-form facts (seed, subject counts, seconds, checkpoint ...).
+        factors: linear decodability of the cohort's latent factors (synthetic cohorts only).
     """
 
     split: ProbeSplit
@@ -55,6 +57,7 @@ class EvaluationResult:
     robustness: list[ConditionResult]
     balance: AttentionBalance
     meta: dict[str, Any] = field(default_factory=dict)
+    factors: FactorReport | None = None
 
 
 def evaluate_encoder(
@@ -63,6 +66,7 @@ def evaluate_encoder(
     batches: Sequence[SubjectBatch],
     seed: int,
     device: torch.device | str = "cpu",
+    factors: CohortFactors | None = None,
 ) -> EvaluationResult:
     """Probes, missing-organ robustness and attention balance of a frozen encoder.
 
@@ -72,6 +76,7 @@ def evaluate_encoder(
         batches: every labelled subject, collated once (``collate_dataset``).
         seed: split, bootstrap and random-draw seed.
         device: where the encoder runs.
+        factors: the cohort's latent factors (:func:`load_cohort_factors`); None skips that table.
     """
     t0 = time.perf_counter()
     ev = cfg.evaluation
@@ -97,7 +102,8 @@ def evaluate_encoder(
         "test": len(split.test),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    return EvaluationResult(split, probes, scores, robustness, balance, meta)
+    decoded = factor_decodability(full, split, *factors) if factors is not None else None
+    return EvaluationResult(split, probes, scores, robustness, balance, meta, decoded)
 
 
 # --------------------------------------------------------------------------- tables
@@ -179,6 +185,8 @@ def summary_dict(result: EvaluationResult) -> dict[str, Any]:
         "scores": dataclasses.asdict(result.scores),
         "robustness": [dataclasses.asdict(r) for r in result.robustness],
         "attention": dataclasses.asdict(result.balance),
+        "factors": None if result.factors is None else {
+            **dataclasses.asdict(result.factors), "signal_r2": result.factors.signal_r2},
     })
 
 
@@ -264,6 +272,10 @@ def tensorboard_scalars(result: EvaluationResult) -> dict[int, dict[str, float]]
         s0[f"attention/share/{o.organ}"] = o.attn_share
         s0[f"attention/pooled_share/{o.organ}"] = o.pooled_share
         s0[f"attention/info_share/{o.organ}"] = o.info_share
+    if result.factors is not None:
+        s0["factors/participation_ratio"] = result.factors.participation_ratio
+        s0["factors/signal_r2"] = result.factors.signal_r2
+        s0.update({f"factors/r2/{k}": v for k, v in result.factors.r2.items()})
     return {k: {t: v for t, v in d.items() if math.isfinite(v)} for k, d in sorted(steps.items())}
 
 
@@ -312,6 +324,19 @@ def write_report(result: EvaluationResult, out_dir: Path, title: str = "Evaluati
         _md_table(*tables["attention"]),
         "",
     ]
+    if result.factors is not None:
+        f = result.factors
+        md += [
+            "## What the embedding encodes (latent factors of the synthetic cohort)",
+            "",
+            f"Ridge R^2 of each factor from the CLS embedding (fit on {f.n_fit}, scored on {f.n_test} subjects); "
+            f"nuisance factors (no label reads them): {', '.join(f.nuisance) or 'none'}. "
+            f"Mean over the factors the labels read: **{_fmt(f.signal_r2)}**; participation ratio of the "
+            f"embedding {_fmt(f.participation_ratio)} directions.",
+            "",
+            _md_table(["factor", "r2", "nuisance"], [[k, v, k in f.nuisance] for k, v in f.r2.items()]),
+            "",
+        ]
     paths["report.md"] = out_dir / "report.md"
     paths["report.md"].write_text("\n".join(md))
     paths["summary.json"] = out_dir / "summary.json"

@@ -45,6 +45,7 @@ import torch
 
 from fedpanfm.evaluation.attention import normalised_entropy
 from fedpanfm.evaluation.embed import collate_dataset, embed_batches, encoder_from_checkpoint, random_encoder
+from fedpanfm.evaluation.factors import CohortFactors, load_cohort_factors
 from fedpanfm.evaluation.probe import score_probes
 from fedpanfm.evaluation.report import EvaluationResult, evaluate_encoder, write_report
 from fedpanfm.model.encoder import PanOrganEncoder
@@ -164,6 +165,9 @@ class ArmScore:
         dominant_attention: pooled CLS-attention share of adipose + heart.
         dominant_info: information share of adipose + heart (AUROC-drop based; NaN if undefined).
         attention: organ -> pooled attention share; info: organ -> information share.
+        body_size_r2: ridge R^2 of the body-size nuisance factor from the CLS embedding.
+        signal_r2: mean ridge R^2 of the latent factors the labels read.
+        participation_ratio: effective number of directions of the CLS embedding.
     """
 
     macro: float
@@ -175,6 +179,9 @@ class ArmScore:
     dominant_info: float
     attention: dict[str, float] = field(default_factory=dict)
     info: dict[str, float] = field(default_factory=dict)
+    body_size_r2: float = math.nan
+    signal_r2: float = math.nan
+    participation_ratio: float = math.nan
 
 
 def _finite_mean(values: Sequence[float]) -> float:
@@ -202,6 +209,7 @@ def score_arm(result: EvaluationResult, encoder: PanOrganEncoder, batches: Seque
     attention = {o.organ: o.pooled_share for o in b.organs}
     info = {o.organ: o.info_share for o in b.organs}
     dom_info = [info[o] for o in DOMINANT]
+    f = result.factors
     return ArmScore(
         macro=result.scores.macro,
         val_macro=_finite_mean([p.val_auroc for p in result.probes.probes.values()]),
@@ -212,6 +220,9 @@ def score_arm(result: EvaluationResult, encoder: PanOrganEncoder, batches: Seque
         dominant_info=math.nan if any(math.isnan(x) for x in dom_info) else sum(dom_info),
         attention=attention,
         info=info,
+        body_size_r2=math.nan if f is None else f.r2.get("body_size", math.nan),
+        signal_r2=math.nan if f is None else f.signal_r2,
+        participation_ratio=math.nan if f is None else f.participation_ratio,
     )
 
 
@@ -242,7 +253,7 @@ def token_reference(batches: Sequence[SubjectBatch], cfg: ExperimentConfig) -> d
 
 
 def evaluate_arm(encoder: PanOrganEncoder, cfg: ExperimentConfig, batches: Sequence[SubjectBatch], seed: int,
-                 out_dir: Path, title: str) -> ArmScore:
+                 out_dir: Path, title: str, factors: CohortFactors | None = None) -> ArmScore:
     """Full evaluation report of one encoder under ``out_dir`` (``fedpanfm evaluate``'s files) and its
     study numbers.
 
@@ -253,8 +264,9 @@ def evaluate_arm(encoder: PanOrganEncoder, cfg: ExperimentConfig, batches: Seque
         seed: probe split / bootstrap / draw seed (the same for every arm of a seed: paired).
         out_dir: the report folder.
         title: the report's heading.
+        factors: the evaluation cohort's latent factors (None: no factor decodability).
     """
-    result = evaluate_encoder(encoder, cfg, batches, seed)
+    result = evaluate_encoder(encoder, cfg, batches, seed, factors=factors)
     write_report(result, out_dir, title=title)
     return score_arm(result, encoder, batches)
 
@@ -359,6 +371,7 @@ class Study:
         self.single_site_choice: dict[int, str] = {}
         self.seconds: dict[str, float] = {}
         self.reference: dict[str, float] = {}
+        self.factors: CohortFactors | None = None
 
     # ---------------------------------------------------------------- setup
 
@@ -374,6 +387,7 @@ class Study:
         (self.out / "experiment.yaml").write_text(self.cfg.to_yaml())
         batches = collate_dataset(pooled_dataset(self.out / "cohort_eval", self.cfg), self.cfg)
         self.reference = token_reference(batches, self.cfg)
+        self.factors = load_cohort_factors(self.out / "cohort_eval")
         self.seconds["prepare"] = time.perf_counter() - t0
         n_eval = sum(b.size for b in batches)
         steps = self.budget["centralized"].steps
@@ -424,7 +438,8 @@ class Study:
             note = "steps summed over sites"
         else:
             raise ValueError(f"unknown study arm {arm!r}; known: {', '.join(STUDY_ARMS)}")
-        score = evaluate_arm(encoder, self.cfg, batches, seed, folder / "evaluation", f"{arm}, seed {seed}")
+        score = evaluate_arm(encoder, self.cfg, batches, seed, folder / "evaluation", f"{arm}, seed {seed}",
+                             self.factors)
         return ArmRun(arm, seed, score, steps, time.perf_counter() - t0, note)
 
     def _single_site(self, seed: int, batches: Sequence[SubjectBatch], folder: Path, t0: float) -> ArmRun:
@@ -440,7 +455,7 @@ class Study:
                                              f"train.epochs={self.budget[key].epochs}"])
             self._check_steps(key, self.budget[key].steps, steps)
             score = evaluate_arm(encoder, self.cfg, batches, seed, folder / site.name / "evaluation",
-                                 f"single site {site.name}, seed {seed}")
+                                 f"single site {site.name}, seed {seed}", self.factors)
             self.echo(f"  single site {site.name}: val macro {score.val_macro:.3f}, test macro {score.macro:.3f}")
             if best is None or score.val_macro > best[0]:
                 best = (score.val_macro, site.name, score, steps)

@@ -30,6 +30,9 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("entropy", "attention_entropy", "mean normalised CLS-attention entropy over organs"),
     ("dominant_attention", "adipose_heart_attention", "pooled CLS-attention share of adipose + heart"),
     ("dominant_info", "adipose_heart_info", "information share of adipose + heart (AUROC drop)"),
+    ("signal_r2", "disease_factor_r2", "mean ridge R^2 of the latent factors the labels read, from the CLS"),
+    ("body_size_r2", "body_size_r2", "ridge R^2 of the body-size nuisance factor, from the CLS"),
+    ("participation_ratio", "cls_participation_ratio", "effective number of directions of the CLS embedding"),
 )
 
 TABLE_HEADER: tuple[str, ...] = (

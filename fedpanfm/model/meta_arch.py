@@ -26,6 +26,7 @@ from fedpanfm.losses.balance import load_balance_loss
 from fedpanfm.losses.dex_distill import dex_distill_loss
 from fedpanfm.losses.dino_cls import DINOClsLoss
 from fedpanfm.losses.ibot_patch import IBOTPatchLoss
+from fedpanfm.losses.koleo import koleo_loss
 from fedpanfm.model.encoder import EncoderOutput, PanOrganEncoder
 from fedpanfm.model.heads import DINOHead
 from fedpanfm.sgm import OrganMasker, organ_attention_shares
@@ -173,6 +174,11 @@ class PanFMSSL(nn.Module):
         if loss_bal is not None:
             total = total + w.balance * loss_bal
             metrics["loss/balance"] = loss_bal.item()
+        if w.koleo > 0:
+            loss_koleo = koleo_loss(s_out.cls)
+            if loss_koleo is not None:
+                total = total + w.koleo * loss_koleo
+                metrics["loss/koleo"] = loss_koleo.item()
         metrics["loss"] = total.item()
         n_present = int(present.sum())
         metrics["mask/organ_ratio"] = float(organ_mask.sum()) / max(n_present, 1)
