@@ -51,16 +51,16 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def copy_bandwidth(nbytes: int = 400 * 2**20, reps: int = 5) -> float:
+def copy_bandwidth(nbytes: int = 400 * 2**20, reps: int = 5, threads: int = 0) -> float:
     """Bytes copied per second by one large fp32 ``Tensor.copy_`` (best of ``reps``).
 
     Args:
         nbytes: size of the copied buffer; far beyond the caches, so this is memory bandwidth.
         reps: timed repetitions.
+        threads: torch intra-op threads for the copy (restored after); 0 = one per core.
     """
-    # All cores (torch's default), whatever an earlier trainer set process-wide: the machine's copy.
     before = torch.get_num_threads()
-    torch.set_num_threads(default_threads())
+    torch.set_num_threads(threads or default_threads())
     try:
         src = torch.ones(nbytes // 4)
         dst = torch.empty_like(src)
@@ -73,3 +73,10 @@ def copy_bandwidth(nbytes: int = 400 * 2**20, reps: int = 5) -> float:
     finally:
         torch.set_num_threads(before)
     return nbytes / best
+
+
+def machine_copy(nbytes: int = 400 * 2**20, reps: int = 5) -> float:
+    """The larger of the all-core and the one-thread copy bandwidth (as :func:`machine_peak`:
+    under load a two-thread copy can fall far below one thread's, and the machine's copy is the
+    best either reaches)."""
+    return max(copy_bandwidth(nbytes, reps), copy_bandwidth(nbytes, reps, threads=1))

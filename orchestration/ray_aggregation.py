@@ -6,8 +6,12 @@ result is finished (directors, teacher policy, metrics) in the calling process. 
 therefore gives bit-identical results to the serial one.
 
 Ray specifics:
-- each site's state dict is ``ray.put`` once, as numpy arrays (views of the tensors, so the only
-  copy is into the object store; tasks read them zero-copy);
+- each site's state dict is ``ray.put`` once, packed as one flat array per dtype
+  (``pack_state``), as soon as the strategy has decoded it (``RayAggregator.receive``) rather
+  than when the round is aggregated; tasks read zero-copy views (``unpack_state``) and return
+  their means packed the same way;
+- groups nobody weighted stay in this process, and the previous global tensors travel only
+  for experts a site left out;
 - tasks take ``num_cpus=0``: in simulation the ClientApp actors hold every CPU, and a 1-CPU task
   would wait for one forever;
 - the groups are packed into a few tasks (``max_tasks``, balanced by bytes) rather than one task
@@ -23,9 +27,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import math
 import warnings
 from logging import INFO
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,6 +52,8 @@ SERIAL_BELOW_BYTES = 64 * 2**20
 
 class Aggregator(Protocol):
     """Closes a round: global state + site updates -> new global state and outcome."""
+
+    def receive(self, update: SiteUpdate, round_sites: int) -> None: ...
 
     def aggregate(
         self,
@@ -77,6 +84,15 @@ def one_thread() -> Iterator[None]:
 class SerialAggregator:
     """Every group in the calling process, one after the other."""
 
+    def receive(self, update: SiteUpdate, round_sites: int) -> None:
+        """Called by the strategy with each checked update as it is decoded, before the
+        round is aggregated; the serial path needs nothing ahead of time.
+
+        Args:
+            update: the decoded, checked update.
+            round_sites: sites the round was sent to (how large the round will be).
+        """
+
     def means_runner(self, updates: Sequence[SiteUpdate]) -> RunMeans:
         """The function that computes this round's group means (see ``aggregate_round``)."""
         return run_means_serial
@@ -95,27 +111,56 @@ class SerialAggregator:
                                    self.means_runner(updates))
 
 
-def _as_numpy(state: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
-    # Views, not copies: ray.put copies once into the object store.
-    return {k: t.detach().cpu().contiguous().numpy() for k, t in state.items()}
+#: A state dict as the object store holds it: one flat array per dtype, and per key
+#: (key, dtype name, offset, shape) into it.
+Packed = tuple[dict[str, np.ndarray], list[tuple[str, str, int, tuple[int, ...]]]]
 
 
-def _as_torch(arrays: Mapping[str, np.ndarray], keys: Sequence[str] | None = None) -> dict[str, Tensor]:
+def pack_state(state: Mapping[str, Tensor]) -> Packed:
+    """``state`` as one flat numpy array per dtype plus its layout (one copy).
+
+    ``ray.put`` of one large array runs at memory-copy speed; a dict of hundreds of arrays
+    (pickled with an out-of-band buffer each) ran 3-10x slower here (docs/performance.md).
+
+    Args:
+        state: key -> CPU tensor.
+    """
+    by_dtype: dict[torch.dtype, list[tuple[str, Tensor]]] = {}
+    for k, t in state.items():
+        by_dtype.setdefault(t.dtype, []).append((k, t))
+    flats: dict[str, np.ndarray] = {}
+    layout: list[tuple[str, str, int, tuple[int, ...]]] = []
+    for dtype, items in by_dtype.items():
+        name = str(dtype).removeprefix("torch.")
+        flat = torch.empty(sum(t.numel() for _, t in items), dtype=dtype)
+        offset = 0
+        for k, t in items:
+            flat[offset : offset + t.numel()].copy_(t.reshape(-1))
+            layout.append((k, name, offset, tuple(t.shape)))
+            offset += t.numel()
+        flats[name] = flat.numpy()
+    return flats, layout
+
+
+def unpack_state(packed: Packed, keys: Collection[str] | None = None) -> dict[str, Tensor]:
+    """Tensors viewing a :func:`pack_state` payload (no copy), for ``keys`` present (None: all)."""
+    flats, layout = packed
     with warnings.catch_warnings():
         # Object-store arrays are read-only; the aggregation never writes into its inputs.
         warnings.simplefilter("ignore", UserWarning)
-        return {k: torch.from_numpy(arrays[k]) for k in (keys if keys is not None else arrays)}
+        whole = {name: torch.from_numpy(a) for name, a in flats.items()}
+    return {k: whole[name][off : off + math.prod(shape)].view(shape)
+            for k, name, off, shape in layout if keys is None or k in keys}
 
 
 @ray.remote(num_cpus=0)
-def _mean_tasks_remote(tasks: list[MeanTask], previous: dict[str, np.ndarray], *site_states: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _mean_tasks_remote(tasks: list[MeanTask], previous: Packed, *site_states: Packed) -> Packed:
     """A batch of mean tasks on a Ray worker; inputs arrive zero-copy from the object store."""
-    keys = [k for t in tasks for k in t.keys]
+    keys = {k for t in tasks for k in t.keys}
     # Sparse expert transfer: a site's state may lack experts it gave zero weight.
-    sites = [_as_torch(s, [k for k in keys if k in s]) for s in site_states]
+    sites = [unpack_state(s, keys) for s in site_states]
     torch.set_num_threads(1)  # a worker process of its own; see one_thread()
-    out = run_means_serial(tasks, sites, _as_torch(previous, keys))
-    return {k: v.numpy() for k, v in out.items()}
+    return pack_state(run_means_serial(tasks, sites, unpack_state(previous, keys)))
 
 
 def pack_tasks(tasks: Sequence[MeanTask], state: Mapping[str, Tensor], max_tasks: int) -> list[list[MeanTask]]:
@@ -150,25 +195,49 @@ class RayAggregator(SerialAggregator):
             raise ValueError(f"RayAggregator: serial_below_bytes = {serial_below_bytes} must be >= 0")
         self.max_tasks = max_tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.serial_below_bytes = serial_below_bytes
+        #: (state, object ref) of updates put into the object store by :meth:`receive`.
+        self._staged: list[tuple[Mapping[str, Tensor], ray.ObjectRef]] = []
 
-    def run_means(self, tasks: Sequence[MeanTask], site_states: Sequence[Mapping[str, Tensor]], previous: Mapping[str, Tensor]) -> State:
-        """Same contract as :func:`~fedpanfm.federation.aggregate.run_means_serial`."""
-        if not tasks:
-            return {}
-        site_refs = [ray.put(_as_numpy(s)) for s in site_states]
-        needed = {k for t in tasks for k in t.keys}
-        prev_ref = ray.put(_as_numpy({k: previous[k] for k in needed}))
-        futures = [_mean_tasks_remote.remote(batch, prev_ref, *site_refs) for batch in pack_tasks(tasks, previous, self.max_tasks)]
+    def receive(self, update: SiteUpdate, round_sites: int) -> None:
+        """Put the update's arrays into the object store now, while the strategy decodes the
+        other replies, so the round's aggregation does not start with one copy of every update
+        (docs/performance.md, item 5). Rounds that will run serially are not put."""
+        if state_nbytes(update.state) * max(1, round_sites) >= self.serial_below_bytes:
+            with one_thread():  # see one_thread(): a two-thread copy was 10-25x slower under load
+                self._staged.append((update.state, ray.put(pack_state(update.state))))
+
+    def run_means(self, tasks: Sequence[MeanTask], site_states: Sequence[Mapping[str, Tensor]], previous: Mapping[str, Tensor],
+                  staged: Sequence[tuple[Mapping[str, Tensor], ray.ObjectRef]] = ()) -> State:
+        """Same contract as :func:`~fedpanfm.federation.aggregate.run_means_serial`; ``staged``:
+        (state, object ref) of states already in the object store (:meth:`receive`)."""
         out: State = {}
+        # A group nobody weighted keeps the previous tensor (as mean_group does): no task.
+        remote = []
+        for t in tasks:
+            if float(t.weights.sum()) > 0:
+                remote.append(t)
+            else:
+                out.update({k: previous[k] for k in t.keys})
+        if not remote:
+            return out
+        refs = {id(state): ref for state, ref in staged}  # the states live on in site_states
+        site_refs = [refs[id(s)] if id(s) in refs else ray.put(pack_state(s)) for s in site_states]
+        # The previous tensors only stand in for experts a site left out (zero weight there).
+        absent = {k for t in remote for k in t.keys if any(k not in s for s in site_states)}
+        prev_ref = ray.put(pack_state({k: previous[k] for k in absent}))
+        futures = [_mean_tasks_remote.remote(batch, prev_ref, *site_refs) for batch in pack_tasks(remote, previous, self.max_tasks)]
         for result in ray.get(futures):
             # One copy out of the object store: the new global state must own its memory.
-            out.update({k: torch.from_numpy(np.array(v)) for k, v in result.items()})
+            out.update({k: src.clone() for k, src in unpack_state(result).items()})
         return out
 
     def means_runner(self, updates: Sequence[SiteUpdate]) -> RunMeans:
-        """Ray tasks, or the serial path for a round smaller than ``serial_below_bytes``."""
-        small = sum(state_nbytes(u.state) for u in updates) < self.serial_below_bytes
-        return run_means_serial if small else self.run_means
+        """Ray tasks, or the serial path for a round smaller than ``serial_below_bytes``; takes
+        the updates staged by :meth:`receive` (the next round starts with none)."""
+        staged, self._staged = self._staged, []
+        if sum(state_nbytes(u.state) for u in updates) < self.serial_below_bytes:
+            return run_means_serial
+        return lambda tasks, site_states, previous: self.run_means(tasks, site_states, previous, staged)
 
 
 def connect_ray(address: str = "") -> None:
@@ -257,6 +326,8 @@ __all__ = [
     "connect_ray",
     "make_aggregator",
     "one_thread",
+    "unpack_state",
+    "pack_state",
     "pack_tasks",
     "submit_background",
     "wait_background",

@@ -31,6 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -133,10 +134,12 @@ class RunRecorder:
         resume: the point a resumed run continues from (None: a fresh run); TensorBoard
             continues at its next round (events an interrupted round wrote are purged).
         saliency: returns the strategy's current global saliency (stored with checkpoints).
+        global_state: returns the strategy's current global weights as tensors (what
+            ``after_round`` gets encoded), so they are not decoded again; None decodes them.
     """
 
     def __init__(self, run_folder: Path, cfg: ExperimentConfig, grid: MeteredGrid,
-                 resume: ResumePoint | None = None, saliency: Any = None) -> None:
+                 resume: ResumePoint | None = None, saliency: Any = None, global_state: Any = None) -> None:
         self.folder = Path(run_folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         if resume is None:
@@ -150,6 +153,11 @@ class RunRecorder:
         # Probe AUROC on the server's labelled validation cohort, off the round's critical path.
         self.probe = ServerProbe.from_config(cfg, self.server)
         self.sites: dict[str, RunLogger] = {}
+        # TensorBoard writes (protobuf building, file flushes) run on one thread of their own, in
+        # order, while the server waits for the next round's replies: off the round's critical
+        # path (docs/performance.md, item 4). A failed write is raised at the next round.
+        self._tb = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorboard")
+        self._tb_jobs: list[Future[None]] = []
         self.checkpoints = CheckpointPolicy(self.folder / "checkpoints", cfg)
         self.report: RoundReport | None = None
         self.history: list[dict[str, float]] = []
@@ -157,6 +165,7 @@ class RunRecorder:
         self.stopped: str | None = None
         self.resumed_from = resume.round if resume else None
         self._saliency = saliency
+        self._global_state = global_state
         if resume is not None:
             srv = resume.server
             self.history = list(srv.get("history", []))
@@ -169,6 +178,20 @@ class RunRecorder:
             self.sites[name] = RunLogger(self.tb_dir, site_run_name(name), purge_step=self._purge)
         return self.sites[name]
 
+    def _write(self, fn: Any, *args: Any) -> None:
+        """Queue one TensorBoard call on the writer thread; re-raise an earlier one's error."""
+        done = [j for j in self._tb_jobs if j.done()]
+        self._tb_jobs = [j for j in self._tb_jobs if not j.done()]
+        for job in done:
+            job.result()
+        self._tb_jobs.append(self._tb.submit(fn, *args))
+
+    def _wait_writes(self) -> None:
+        """Block until every queued TensorBoard call ran; re-raises the first error."""
+        jobs, self._tb_jobs = self._tb_jobs, []
+        for job in jobs:
+            job.result()
+
     def on_round(self, report: RoundReport) -> None:
         """Strategy hook after aggregation: keep the report; write the sites' training scalars."""
         self.report = report
@@ -176,7 +199,7 @@ class RunRecorder:
             self.failures[site] = self.failures.get(site, 0) + n
         for name, values in report.site_metrics.items():
             # The "train/" prefix the server uses for the site means, so the curves overlay.
-            self._site(name).scalars({f"train/{k}": v for k, v in values.items()}, report.server_round)
+            self._write(self._site(name).scalars, {f"train/{k}": v for k, v in values.items()}, report.server_round)
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """``evaluate_fn`` of ``strategy.start``: called after each round's evaluation (and
@@ -184,9 +207,10 @@ class RunRecorder:
         if server_round == 0:
             self._t_round = time.perf_counter()
             return None
+        t0 = time.perf_counter()
         validation = site_validation(self.grid.evaluate_replies)
         for name, (_, values) in validation.items():
-            self._site(name).scalars(values, server_round)
+            self._write(self._site(name).scalars, values, server_round)
         n_val = sum(n for n, _ in validation.values())
         val = {}
         if n_val:
@@ -210,14 +234,19 @@ class RunRecorder:
             if not math.isfinite(scalars["dp/epsilon"]):
                 del scalars["dp/epsilon"]  # no noise: no finite guarantee (TensorBoard takes finite values)
         self._t_round = now
-        self.server.scalars(scalars, server_round)
-        self.server.flush()
-        for logger in self.sites.values():
-            logger.flush()
+        t_scalars = time.perf_counter()
+        self._write(self.server.scalars, scalars, server_round)
+        for logger in [self.server, *self.sites.values()]:
+            self._write(logger.flush)
+        t_tb = time.perf_counter()
         self.history.append({"round": server_round, **scalars})
-        state = arrayrecord_to_state(arrays, f"global arrays of round {server_round}")
+        # The strategy's tensors are the arrays before encoding (never written in place).
+        held = self._global_state() if self._global_state is not None else None
+        state = dict(held) if held is not None else arrayrecord_to_state(arrays, f"global arrays of round {server_round}")
+        t_decode = time.perf_counter()
         if self.probe is not None:
             self.probe.submit(server_round, state)
+        t_probe = time.perf_counter()
         loss = val.get(VAL_LOSS)
         if loss is not None and math.isfinite(loss) and loss < self.checkpoints.best_loss:
             best = (server_round, float(loss))
@@ -228,10 +257,26 @@ class RunRecorder:
             "sites": sorted(validation) or sorted(self.report.site_metrics if self.report else []),
             SERVER: server_state(server_round, saliency, best[0], best[1], list(self.history), self.failures),
         })
+        # This hook's own spans (seconds), in the round's step.
+        self._write(self.server.scalars, {
+            "time/server/record_s": t_scalars - t0,  # validation means, RSS probe
+            "time/server/tensorboard_s": t_tb - t_scalars,
+            "time/server/decode_global_s": t_decode - t_tb,
+            "time/server/probe_submit_s": t_probe - t_decode,
+            "time/server/checkpoint_submit_s": time.perf_counter() - t_probe,
+        }, server_round)
+        self._write(self.server.flush)
         return MetricRecord({k: v for k, v in val.items()}) if val else None
 
     def finish(self) -> dict[str, Any]:
         """Wait for the checkpoint writes, record hyper-parameters, close the logs; the summary."""
+        failed_write: Exception | None = None
+        try:
+            self._wait_writes()
+        except Exception as exc:  # noqa: BLE001 - raised below, once the run is closed properly
+            failed_write = exc
+        finally:
+            self._tb.shutdown(wait=True)
         self.checkpoints.close()
         if self.probe is not None:
             # A failed evaluation is logged, never fatal: the trained model matters more.
@@ -264,6 +309,8 @@ class RunRecorder:
             "seconds_per_round": [h["time/round_s"] for h in self.history],
         }
         (self.folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        if failed_write is not None:
+            raise failed_write
         return summary
 
 
@@ -361,7 +408,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         # Sites evaluate only when they hold out subjects.
         fraction_evaluate=1.0 if cfg.data.val_fraction > 0 else 0.0,
     )
-    recorder = RunRecorder(folder, cfg, metered, resume, saliency=lambda: strategy.global_saliency)
+    recorder = RunRecorder(folder, cfg, metered, resume, saliency=lambda: strategy.global_saliency,
+                           global_state=lambda: strategy.global_state)
     strategy.on_round = recorder.on_round
     start = initial_state(cfg)
     if resume is not None:

@@ -233,6 +233,8 @@ class FedPanFM(FedAvg):
                 log(WARNING, "aggregate_train: dropping reply: %s", exc.reason)
                 continue
             updates.append(update)
+            # The Ray aggregator puts the arrays into its object store while the rest decode.
+            self.aggregator.receive(update, len(self._sent[1]) if self._sent else 1)
         return updates, dropped
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -244,6 +246,7 @@ class FedPanFM(FedAvg):
         server_round += self.round_offset
         t0 = time.perf_counter()
         updates, dropped, failures, attempts = self._collect(server_round, list(replies))
+        t_decoded = time.perf_counter()
         log(INFO, "aggregate_train: round %d, %d site updates, %d dropped", server_round, len(updates), len(dropped))
         if len(updates) < self.min_train_nodes:
             raise RoundFailed(
@@ -252,6 +255,7 @@ class FedPanFM(FedAvg):
                 f"the run stops; round {server_round - 1} is the last complete round (resume from its checkpoint)")
         assert self.global_state is not None
         state, outcome = self.aggregator.aggregate(self.global_state, updates, self.cfg, server_round, self.global_saliency)
+        t_aggregated = time.perf_counter()
         self.global_state = state
         self.global_saliency = outcome.saliency
         self.server_round = server_round
@@ -270,7 +274,16 @@ class FedPanFM(FedAvg):
         self.last_report = report
         if self.on_round is not None:
             self.on_round(report)
-        return state_to_arrayrecord(state), MetricRecord(report.metrics)
+        t_logged = time.perf_counter()
+        arrays = state_to_arrayrecord(state)
+        # Where the server's part of the round goes (docs/performance.md, item 4); seconds.
+        report.metrics.update({
+            "time/server/decode_s": t_decoded - t0,
+            "time/server/aggregate_s": t_aggregated - t_decoded,
+            "time/server/report_s": t_logged - t_aggregated,
+            "time/server/encode_s": time.perf_counter() - t_logged,
+        })
+        return arrays, MetricRecord(report.metrics)
 
 
     def _collect(self, server_round: int, replies: list[Message]) -> tuple[list[SiteUpdate], list[str], dict[str, int], int]:

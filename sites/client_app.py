@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -42,6 +44,28 @@ def _site_label(context: Context) -> str:
     if "site-name" in nc:
         return f"site {nc['site-name']}"
     return f"site partition {nc.get('partition-id', '?')} (node {context.node_id})"
+
+
+_CONFIGS: dict[tuple[Any, ...], ExperimentConfig] = {}
+
+
+def _config(run_config: Mapping[str, Any]) -> ExperimentConfig:
+    """``config_from_run_config(run_config)``, parsed once per process while the run config and
+    the config file's modification time stay the same: parsing the YAML and overrides took
+    ~10 ms of every site call (docs/performance.md, item 4). Configs are never modified."""
+    path = Path(str(run_config.get("config", "")))
+    try:
+        mtime = path.stat().st_mtime_ns if not run_config.get("config-yaml") else None
+    except OSError:
+        mtime = None  # no such file: config_from_run_config raises the clear error below
+    key = (tuple(sorted((str(k), str(v)) for k, v in run_config.items())), mtime)
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        cfg = config_from_run_config(run_config)
+        if len(_CONFIGS) >= 8:
+            _CONFIGS.clear()
+        _CONFIGS[key] = cfg
+    return cfg
 
 
 def _logged(what: str, fn: Callable[[Message, Context, ExperimentConfig], Message],
@@ -66,7 +90,7 @@ def _logged(what: str, fn: Callable[[Message, Context, ExperimentConfig], Messag
             elif "site-name" in context.node_config:
                 log.info("%s: no trainer-socket in the node config: %s runs in this ClientApp process",
                          _site_label(context), what)
-            return fn(msg, context, config_from_run_config(resolved))
+            return fn(msg, context, _config(resolved))
         except Exception as exc:
             log.error("%s: %s failed: %s: %s", _site_label(context), what, type(exc).__name__, exc)
             raise
@@ -85,20 +109,23 @@ def train_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
     """
     import torch
 
-    from fedpanfm.federation.message import SiteUpdate, TrainInstruction
+    from fedpanfm.federation.message import METRICS, SiteUpdate, TrainInstruction
     from fedpanfm.federation.transfer import select_transfer
     from fedpanfm.train.engine import get_trainer
     from sites.faults import apply_fault
     from sites.runtime import SiteRuntime, site_seed
 
+    spans = SpanTimer()
     organs = cfg.data.organ_set()
     instr = TrainInstruction.from_recorddict(msg.content, organs.names)
+    state = instr.state()
+    spans.mark("decode")
     site = SiteRuntime.from_context(context, cfg)
     apply_fault(site.name, instr.server_round)  # test-only, FEDPANFM_FAULT (sites/faults.py); no-op unset
     kept, schedule = site.load_kept(context)
+    spans.mark("site")
 
     trainer = get_trainer(cfg)
-    state = instr.state()
     # The global weights, then the site's own tensors over them (local saliency; the teacher
     # under teacher_policy "local").
     state.update(kept)
@@ -106,6 +133,7 @@ def train_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
     trainer.reset_optimizer()
     position = site.schedule_position(schedule, instr.start_step, instr.total_steps, instr.num_rounds)
     trainer.set_schedule_state(position)
+    spans.mark("load")
 
     # Masking and router noise draw from torch's global RNG; seed it per (site, round) so a
     # site's round does not depend on which sites this process served before.
@@ -113,12 +141,16 @@ def train_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
     loader = site.loader("train", round_seed=instr.server_round)
     saliency = torch.tensor(instr.global_saliency, dtype=torch.float32)
     result = trainer.fit(loader, cfg.train.epochs, position["total_steps"], global_saliency=saliency)
+    spans.mark("fit_call")
 
     new_state = trainer.export_state()
+    spans.mark("export")
     site.keep(context, new_state, trainer.schedule_state())
+    spans.mark("keep")
     # Only what the server reads goes back (no teacher unless the policy aggregates it; with
     # federation.sparse_experts no unused expert), in federation.transfer_dtype.
     sent, gate_mass = select_transfer(new_state, result.gate_mass, cfg)
+    spans.mark("select")
     # NaN marks a per-organ value for an organ this site never saw: left out, not invented.
     metrics = {k: float(v) for k, v in result.metrics.items() if math.isfinite(float(v))}
     metrics["time/fit_s"] = result.seconds
@@ -136,9 +168,34 @@ def train_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
         steps=result.steps,
         transfer_dtype=cfg.federation.transfer_dtype,
     )
+    content = update.to_recorddict()
+    spans.mark("encode")
+    # Where the site's call went (seconds): travels with the training metrics, so the server
+    # logs it per site and as the federation mean (docs/performance.md, item 4).
+    for name, sec in spans.seconds().items():
+        content[METRICS][f"time/{name}_s"] = sec
     log.info("site %s: round %d trained %d steps on %d subjects in %.1f s",
              site.name, instr.server_round, result.steps, result.subjects, result.seconds)
-    return Message(update.to_recorddict(), reply_to=msg)
+    return Message(content, reply_to=msg)
+
+
+class SpanTimer:
+    """Consecutive wall-clock spans of one call: ``mark(name)`` closes the span since the last
+    mark (or creation) under ``name``."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self._spans: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        """Close the running span as ``name`` (seconds added if the name repeats)."""
+        now = time.perf_counter()
+        self._spans[name] = self._spans.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def seconds(self) -> dict[str, float]:
+        """Span name -> seconds, in the order first marked."""
+        return dict(self._spans)
 
 
 def evaluate_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,17 @@ def test_train_reply_state_and_evaluate(site: tuple[ExperimentConfig, dict[str, 
     torch.manual_seed(0)
     global_state = {k: v.detach().float().clone() for k, v in PanFMSSL(cfg).state_dict().items()}
 
+    t0 = time.perf_counter()
     reply = app(train_message(cfg, global_state, 1, NODE), context)
+    wall = time.perf_counter() - t0
     assert not reply.has_error(), reply.error
     update = SiteUpdate.from_recorddict(reply.content, organs.names)
+    # Where the call went: consecutive spans, none negative, together within the call's wall
+    # time, the training span covering the trainer's own fit time.
+    spans = {k: v for k, v in update.metrics.items() if k.startswith("time/") and k != "time/fit_s"}
+    assert set(spans) == {f"time/{n}_s" for n in ("decode", "site", "load", "fit_call", "export", "keep", "select", "encode")}
+    assert all(v >= 0 for v in spans.values()) and sum(spans.values()) <= wall
+    assert spans["time/fit_call_s"] >= update.metrics["time/fit_s"] > 0
 
     runtime = SiteRuntime.from_context(context, cfg)
     assert update.site == runtime.name

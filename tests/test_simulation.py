@@ -41,8 +41,13 @@ def test_three_site_simulation_logs_and_checkpoints(tmp_path: Path) -> None:
                 "director_divergence/mean", "expert_usage/layer0/e0", "sites",
                 *(f"saliency/{o}" for o in organs)}
     assert expected <= set(server), sorted(expected - set(server))
+    # Where each round went: the server's spans and the sites' (mean over sites), per round.
+    expected |= {f"time/server/{n}_s" for n in ("decode", "aggregate", "report", "encode", "tensorboard",
+                                                  "checkpoint_submit")}
+    expected |= {f"train/time/{n}_s" for n in ("decode", "load", "fit_call", "export", "encode")}
     for tag in expected:
         assert [step for step, _ in server[tag]] == [1, 2], tag
+    assert all(v >= 0 for n in expected if n.startswith(("time/server/", "train/time/")) for _, v in server[n])
     # The server-side probe ran after every round without holding the federation up.
     assert [step for step, _ in server["probe/n_test"]] == [1, 2]
     assert all(v > 0 for _, v in server["probe/n_test"])

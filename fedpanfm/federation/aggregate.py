@@ -34,50 +34,88 @@ from fedpanfm.federation.saliency import aggregate_saliency
 
 
 
-#: Elements per block of :func:`weighted_mean`: 256 KiB of float64 accumulator (fits L2), and no
-#: larger than torch's intra-op grain, so each add runs on one thread: on a busy machine a
-#: two-thread add waits for a descheduled thread (measured 3-7x slower under load).
-_MEAN_BLOCK = 32768
+#: Elements per block of :func:`weighted_mean`: 256 KiB of float32 partial sum (fits L2), and no
+#: larger than torch's intra-op grain, so each op runs on one thread: on a busy machine a
+#: two-thread op waits for a descheduled thread (measured 3-7x slower under load).
+_MEAN_BLOCK = 65536
+
+#: Sites summed in float32 before a float64 combine (see :func:`weighted_mean`).
+_FP32_RUN = 16
+
+
+def _normalised(weights: Sequence[float] | Tensor, sites: int) -> list[float] | None:
+    """``weights / sum(weights)`` as floats after checking them; None when all are zero."""
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if sites != w.numel() or not sites:
+        raise ValueError(f"weighted_mean: {sites} tensors for {w.numel()} weights")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"weighted_mean: weights must be finite and >= 0, got {w.tolist()}")
+    total = float(w.sum())
+    return None if total == 0.0 else (w / total).tolist()
 
 
 def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float] | Tensor) -> Tensor | None:
-    """sum_i w_i * t_i / sum_i w_i, accumulated in float64, returned in ``tensors[0]``'s dtype.
+    """sum_i w_i * t_i / sum_i w_i, returned in ``tensors[0]``'s dtype.
+
+    Floating tensors are summed in float32 over runs of at most ``_FP32_RUN`` sites (the
+    runs' partial sums combined in float64 when there are several); integer and bool tensors
+    in float64, rounded back. Our design (docs/performance.md, item 5): the float32 run keeps
+    every add a single vectorised same-dtype pass (a mixed float32 -> float64 add ran at half
+    the speed), and its rounding error is bounded by the run length, not the federation size:
+    |error| <= ~(_FP32_RUN + 1) * 2^-24 * sum_i |w_i t_i| / sum_i w_i per element, whatever the
+    number of sites. Flower's FedAvg accumulates every site in float32.
 
     Args:
         tensors: one tensor per site, all the same shape.
         weights: one non-negative weight per site (normalised here).
 
     Returns:
-        the mean, or None when every weight is zero ("keep the previous value"). Integer and
-        bool tensors are rounded back to their dtype.
+        the mean, or None when every weight is zero ("keep the previous value").
     """
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-    if len(tensors) != w.numel() or not tensors:
-        raise ValueError(f"weighted_mean: {len(tensors)} tensors for {w.numel()} weights")
-    if not torch.isfinite(w).all() or (w < 0).any():
-        raise ValueError(f"weighted_mean: weights must be finite and >= 0, got {w.tolist()}")
-    total = float(w.sum())
-    if total == 0.0:
-        return None
+    wn = _normalised(weights, len(tensors))
+    return None if wn is None else _blocked_mean(tensors, wn)
+
+
+def _blocked_mean(tensors: Sequence[Tensor], wn: Sequence[float]) -> Tensor:
+    """:func:`weighted_mean` with checked weights ``wn`` that sum to 1."""
     shape = tensors[0].shape
     for i, t in enumerate(tensors):
         if t.shape != shape:
             raise ValueError(f"weighted_mean: tensor {i} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     dtype = tensors[0].dtype
-    terms = [(t.reshape(-1), wi) for t, wi in zip(tensors, (w / total).tolist()) if wi]
+    terms = [(t.reshape(-1), wi) for t, wi in zip(tensors, wn) if wi]
+    floating = dtype.is_floating_point
+    run = _FP32_RUN if floating else 1
+    runs = [terms[i : i + run] for i in range(0, len(terms), run)]
     n = shape.numel()
     out = torch.empty(n, dtype=dtype)
-    acc = torch.empty(min(n, _MEAN_BLOCK), dtype=torch.float64)
-    # Cache-blocked: the float64 accumulator of one block stays in cache while every site's
-    # slice is added, so memory traffic is one read per input byte (docs/performance.md: a
-    # whole-tensor float64 accumulator ran at a tenth of copy bandwidth on 100M parameters).
+    step = min(n, _MEAN_BLOCK)
+    # One run straight into ``out`` when it is float32 (no final copy); otherwise a float64
+    # accumulator across runs.
+    direct = floating and len(runs) == 1 and dtype == torch.float32
+    part = out if direct else torch.empty(step, dtype=torch.float32 if floating else torch.float64)
+    acc = None if direct else torch.empty(step, dtype=torch.float64)
+    # Cache-blocked: a block's partial sum stays in cache while every site's slice is added,
+    # so memory traffic is one read per input byte (docs/performance.md: a whole-tensor
+    # accumulator ran at a tenth of copy bandwidth on 100M parameters).
     for lo in range(0, n, _MEAN_BLOCK):
         hi = min(n, lo + _MEAN_BLOCK)
-        a = acc[: hi - lo].zero_()
-        for flat, wi in terms:
-            # In-place mixed-dtype add promotes the slice to float64 without a temporary copy.
-            a.add_(flat[lo:hi], alpha=wi)
-        out[lo:hi].copy_(a if dtype.is_floating_point else a.round())
+        for r, sites in enumerate(runs):
+            p = out[lo:hi] if direct else part[: hi - lo]
+            (flat0, w0), rest = sites[0], sites[1:]
+            if flat0.dtype == p.dtype:
+                torch.mul(flat0[lo:hi], w0, out=p)
+            else:
+                # Widen first: a mixed mul would round w0 * t in the input's (narrower) dtype.
+                p.copy_(flat0[lo:hi]).mul_(w0)
+            for flat, wi in rest:
+                p.add_(flat[lo:hi], alpha=wi)
+            if acc is not None:
+                a = acc[: hi - lo]
+                a.copy_(p) if r == 0 else a.add_(p)
+        if acc is not None:
+            a = acc[: hi - lo]
+            out[lo:hi].copy_(a if floating else a.round())
     return out.reshape(shape)
 
 
@@ -117,8 +155,13 @@ def mean_group(
         trim: the trim share for "trimmed_mean".
     """
     out: State = {}
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-    voters = [i for i in range(w.numel()) if float(w[i]) > 0]
+    try:
+        wn = _normalised(weights, len(site_states))  # checked once for the group's keys
+    except ValueError as exc:
+        raise ValueError(f"key {keys[0] if keys else '?'!r}: {exc}") from None
+    if wn is None:
+        return {key: previous[key] for key in keys}
+    voters = [i for i, wi in enumerate(wn) if wi > 0]
     for key in keys:
         try:
             if reducer != "mean" and voters and site_states[voters[0]][key].is_floating_point():
@@ -126,11 +169,10 @@ def mean_group(
                 continue
             # A site may omit an expert it gave zero weight (check_update admits only that):
             # the previous tensor stands in for it and contributes nothing to the mean.
-            tensors = [s[key] if key in s or float(w[i]) > 0 else previous[key] for i, s in enumerate(site_states)]
-            mean = weighted_mean(tensors, weights)
+            tensors = [s[key] if key in s or wn[i] > 0 else previous[key] for i, s in enumerate(site_states)]
+            out[key] = _blocked_mean(tensors, wn)
         except ValueError as exc:
             raise ValueError(f"key {key!r}: {exc}") from None
-        out[key] = previous[key] if mean is None else mean
     return out
 
 

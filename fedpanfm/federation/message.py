@@ -88,9 +88,37 @@ def state_to_arrayrecord(state: Mapping[str, Tensor], transfer_dtype: str = "fp3
             continue
         if t.is_floating_point() and t.dtype != torch.float32:
             t = t.to(torch.float32)
-        # .numpy() of a contiguous CPU tensor is a view: the only copy is Flower's own serialisation.
-        record[key] = Array(t.contiguous().numpy())
+        # .numpy() of a contiguous CPU tensor is a view: the only copy is the bytes of the record.
+        record[key] = _npy_array(t.contiguous().numpy())
     return record
+
+
+#: .npy headers by (dtype, shape), and parsed headers by their bytes: a round encodes and
+#: decodes the same few hundred shapes every time, and numpy's own header writing / parsing
+#: (``np.save``; ``ast.literal_eval`` in ``np.load``) was most of the cost of a small model's
+#: (de)serialisation (docs/performance.md, item 4). Bounded: cleared when it reaches this size.
+_HEADER_CACHE_MAX = 4096
+_headers: dict[tuple[str, tuple[int, ...]], bytes] = {}
+_parsed: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}
+
+
+def _npy_array(a: np.ndarray) -> Array:
+    """``Array(a)`` (Flower's numpy serialisation: ``np.save`` bytes, stype ``numpy.ndarray``)
+    with the .npy header cached; the same bytes as ``np.save`` for a C-contiguous array."""
+    if a.dtype.hasobject or not a.flags.c_contiguous:
+        return Array(a)
+    key = (a.dtype.str, tuple(a.shape))
+    header = _headers.get(key)
+    if header is None:
+        import io
+
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(a))
+        if len(_headers) >= _HEADER_CACHE_MAX:
+            _headers.clear()
+        header = _headers[key] = buf.getvalue()
+    return Array(dtype=str(a.dtype), shape=tuple(int(s) for s in a.shape), stype="numpy.ndarray",
+                 data=header + a.tobytes())
 
 
 def _npy_view(arr: Array) -> np.ndarray:
@@ -100,17 +128,32 @@ def _npy_view(arr: Array) -> np.ndarray:
     ourselves and wrapping the rest with ``np.frombuffer`` costs no copy (the aggregation reads
     every byte of every update, so a copy per array is a whole extra pass over them).
     """
-    import io
+    data = arr.data
+    # magic (6) + version (2) + header length (2 bytes in format 1.0, 4 in 2.0 / 3.0)
+    if len(data) < 10 or data[:6] != b"\x93NUMPY":
+        raise ValueError("not a .npy payload (bad magic)")
+    small = data[6] == 1
+    end = (10 + int.from_bytes(data[8:10], "little")) if small else (12 + int.from_bytes(data[8:12], "little"))
+    prefix = bytes(data[:end])
+    parsed = _parsed.get(prefix)
+    if parsed is None:
+        import io
 
-    buf = io.BytesIO(arr.data)
-    fmt = np.lib.format
-    version = fmt.read_magic(buf)
-    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-    shape, fortran, dtype = read_header(buf)
-    if dtype.hasobject:
-        raise ValueError("object arrays are not allowed")
-    count = int(np.prod(shape)) if shape else 1
-    flat = np.frombuffer(arr.data, dtype=dtype, count=count, offset=buf.tell())
+        buf = io.BytesIO(prefix)
+        fmt = np.lib.format
+        version = fmt.read_magic(buf)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read_header(buf)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not allowed")
+        if buf.tell() != end:
+            raise ValueError(f"header ends at byte {buf.tell()}, its length field says {end}")
+        if len(_parsed) >= _HEADER_CACHE_MAX:
+            _parsed.clear()
+        parsed = _parsed[prefix] = (shape, fortran, dtype)
+    shape, fortran, dtype = parsed
+    count = math.prod(shape)
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=end)
     return flat.reshape(shape, order="F" if fortran else "C")
 
 

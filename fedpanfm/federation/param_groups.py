@@ -23,6 +23,7 @@ tensor.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ class ParamGroup:
 GroupId: TypeAlias = ParamGroup
 
 
+# Cached: the server classifies every key of every update several times a round (checks,
+# plan, directors); ParamGroup is frozen, so sharing one per key is safe (docs/performance.md).
+@functools.lru_cache(maxsize=1 << 16)
 def classify(key: str) -> ParamGroup:
     """The :class:`ParamGroup` of one state-dict key (by the exact key layout above)."""
     if m := _ORGAN.match(key):
