@@ -44,6 +44,7 @@ from fedpanfm.federation.privacy import epsilon
 from fedpanfm.federation.message import METRICS, NUM_EXAMPLES, SITE_CONFIG, arrayrecord_to_state, state_to_arrayrecord
 from fedpanfm.model.meta_arch import PanFMSSL
 from fedpanfm.tb import RunLogger, site_run_name
+from fedpanfm.spans import SpanTimer
 from orchestration.checkpoints import CheckpointPolicy
 from orchestration.ray_aggregation import make_aggregator
 from orchestration.resume import SERVER, ResumePoint, find_resume_point, server_state
@@ -207,7 +208,7 @@ class RunRecorder:
         if server_round == 0:
             self._t_round = time.perf_counter()
             return None
-        t0 = time.perf_counter()
+        spans = SpanTimer()
         validation = site_validation(self.grid.evaluate_replies)
         for name, (_, values) in validation.items():
             self._write(self._site(name).scalars, values, server_round)
@@ -234,19 +235,19 @@ class RunRecorder:
             if not math.isfinite(scalars["dp/epsilon"]):
                 del scalars["dp/epsilon"]  # no noise: no finite guarantee (TensorBoard takes finite values)
         self._t_round = now
-        t_scalars = time.perf_counter()
+        spans.mark("record")  # validation means, RSS probe
         self._write(self.server.scalars, scalars, server_round)
         for logger in [self.server, *self.sites.values()]:
             self._write(logger.flush)
-        t_tb = time.perf_counter()
+        spans.mark("tensorboard")
         self.history.append({"round": server_round, **scalars})
         # The strategy's tensors are the arrays before encoding (never written in place).
         held = self._global_state() if self._global_state is not None else None
         state = dict(held) if held is not None else arrayrecord_to_state(arrays, f"global arrays of round {server_round}")
-        t_decode = time.perf_counter()
+        spans.mark("decode_global")
         if self.probe is not None:
             self.probe.submit(server_round, state)
-        t_probe = time.perf_counter()
+        spans.mark("probe_submit")
         loss = val.get(VAL_LOSS)
         if loss is not None and math.isfinite(loss) and loss < self.checkpoints.best_loss:
             best = (server_round, float(loss))
@@ -257,14 +258,9 @@ class RunRecorder:
             "sites": sorted(validation) or sorted(self.report.site_metrics if self.report else []),
             SERVER: server_state(server_round, saliency, best[0], best[1], list(self.history), self.failures),
         })
+        spans.mark("checkpoint_submit")
         # This hook's own spans (seconds), in the round's step.
-        self._write(self.server.scalars, {
-            "time/server/record_s": t_scalars - t0,  # validation means, RSS probe
-            "time/server/tensorboard_s": t_tb - t_scalars,
-            "time/server/decode_global_s": t_decode - t_tb,
-            "time/server/probe_submit_s": t_probe - t_decode,
-            "time/server/checkpoint_submit_s": time.perf_counter() - t_probe,
-        }, server_round)
+        self._write(self.server.scalars, spans.tagged("time/server/"), server_round)
         self._write(self.server.flush)
         return MetricRecord({k: v for k, v in val.items()}) if val else None
 

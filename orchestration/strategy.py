@@ -26,7 +26,6 @@ while Flower's ``Strategy.start`` counts from 1.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -43,6 +42,7 @@ from torch import Tensor
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.federation.aggregate import check_update
 from fedpanfm.federation.message import SITE_CONFIG, MessageError, SiteUpdate, TrainInstruction, arrayrecord_to_state, state_to_arrayrecord
+from fedpanfm.spans import SpanTimer
 
 from orchestration.ray_aggregation import Aggregator, SerialAggregator
 
@@ -244,9 +244,9 @@ class FedPanFM(FedAvg):
         global weights.
         """
         server_round += self.round_offset
-        t0 = time.perf_counter()
+        spans = SpanTimer()
         updates, dropped, failures, attempts = self._collect(server_round, list(replies))
-        t_decoded = time.perf_counter()
+        spans.mark("decode")
         log(INFO, "aggregate_train: round %d, %d site updates, %d dropped", server_round, len(updates), len(dropped))
         if len(updates) < self.min_train_nodes:
             raise RoundFailed(
@@ -255,7 +255,7 @@ class FedPanFM(FedAvg):
                 f"the run stops; round {server_round - 1} is the last complete round (resume from its checkpoint)")
         assert self.global_state is not None
         state, outcome = self.aggregator.aggregate(self.global_state, updates, self.cfg, server_round, self.global_saliency)
-        t_aggregated = time.perf_counter()
+        spans.mark("aggregate")
         self.global_state = state
         self.global_saliency = outcome.saliency
         self.server_round = server_round
@@ -266,7 +266,7 @@ class FedPanFM(FedAvg):
                 u.site: {**u.metrics, "subjects": float(u.num_examples), "steps": float(u.steps)} for u in updates
             },
             dropped=dropped,
-            seconds=time.perf_counter() - t0,
+            seconds=spans.elapsed(),
             failures=failures,
             attempts=attempts,
         )
@@ -274,15 +274,11 @@ class FedPanFM(FedAvg):
         self.last_report = report
         if self.on_round is not None:
             self.on_round(report)
-        t_logged = time.perf_counter()
+        spans.mark("report")
         arrays = state_to_arrayrecord(state)
+        spans.mark("encode")
         # Where the server's part of the round goes (docs/performance.md, item 4); seconds.
-        report.metrics.update({
-            "time/server/decode_s": t_decoded - t0,
-            "time/server/aggregate_s": t_aggregated - t_decoded,
-            "time/server/report_s": t_logged - t_aggregated,
-            "time/server/encode_s": time.perf_counter() - t_logged,
-        })
+        report.metrics.update(spans.tagged("time/server/"))
         return arrays, MetricRecord(report.metrics)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -111,6 +110,7 @@ def train_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
 
     from fedpanfm.federation.message import METRICS, SiteUpdate, TrainInstruction
     from fedpanfm.federation.transfer import select_transfer
+    from fedpanfm.spans import SpanTimer
     from fedpanfm.train.engine import get_trainer
     from sites.faults import apply_fault
     from sites.runtime import SiteRuntime, site_seed
@@ -172,30 +172,11 @@ def train_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
     spans.mark("encode")
     # Where the site's call went (seconds): travels with the training metrics, so the server
     # logs it per site and as the federation mean (docs/performance.md, item 4).
-    for name, sec in spans.seconds().items():
-        content[METRICS][f"time/{name}_s"] = sec
+    for tag, sec in spans.tagged("time/").items():
+        content[METRICS][tag] = sec
     log.info("site %s: round %d trained %d steps on %d subjects in %.1f s",
              site.name, instr.server_round, result.steps, result.subjects, result.seconds)
     return Message(content, reply_to=msg)
-
-
-class SpanTimer:
-    """Consecutive wall-clock spans of one call: ``mark(name)`` closes the span since the last
-    mark (or creation) under ``name``."""
-
-    def __init__(self) -> None:
-        self._last = time.perf_counter()
-        self._spans: dict[str, float] = {}
-
-    def mark(self, name: str) -> None:
-        """Close the running span as ``name`` (seconds added if the name repeats)."""
-        now = time.perf_counter()
-        self._spans[name] = self._spans.get(name, 0.0) + now - self._last
-        self._last = now
-
-    def seconds(self) -> dict[str, float]:
-        """Span name -> seconds, in the order first marked."""
-        return dict(self._spans)
 
 
 def evaluate_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
