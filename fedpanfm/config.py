@@ -228,7 +228,8 @@ class FederationConfig:
     teacher_policy: Literal["server_ema", "aggregate", "local"] = "server_ema"
     server_teacher_momentum: float = _f(0.5, lo=0.0, hi=1.0)
     transfer_dtype: Literal["fp32", "bf16"] = _f(
-        "fp32", doc="float precision of the weights a site sends back; bf16 halves the bytes (docs/performance.md)")
+        "fp32", doc="float precision of the weights on the wire, both ways (bf16: sites reply deltas); "
+                    "bf16 halves the bytes (docs/performance.md)")
     sparse_experts: bool = _f(False, doc="a site leaves out the experts it routed (almost) no gate mass to")
     sparse_expert_min_share: float = _f(
         0.0, lo=0.0, hi=1.0, doc="with sparse_experts: experts below this share of a block's gate mass count as unused")

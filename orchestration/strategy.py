@@ -7,6 +7,9 @@ strategy keeps FedAvg's node sampling and evaluation and replaces the training r
 
 - ``configure_train`` sends a :class:`~fedpanfm.federation.message.TrainInstruction` (global
   weights, round, schedule position, global organ saliency, teacher policy);
+  under ``federation.transfer_dtype: bf16`` the weights travel as bf16 and the sites reply bf16
+  deltas, which are decoded against the fp32 master ``global_state`` (never against the bf16
+  arrays Flower hands back: those are only what was sent);
 - ``aggregate_train`` decodes every reply as a :class:`~fedpanfm.federation.message.SiteUpdate`,
   drops malformed ones with one log line naming the node and the reason, and hands the rest to
   an aggregator (serial or Ray, ``orchestration.ray_aggregation``).
@@ -41,7 +44,15 @@ from torch import Tensor
 
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.federation.aggregate import check_update
-from fedpanfm.federation.message import SITE_CONFIG, MessageError, SiteUpdate, TrainInstruction, arrayrecord_to_state, state_to_arrayrecord
+from fedpanfm.federation.message import (
+    BF16_STYPE,
+    SITE_CONFIG,
+    MessageError,
+    SiteUpdate,
+    TrainInstruction,
+    arrayrecord_to_state,
+    state_to_arrayrecord,
+)
 from fedpanfm.spans import SpanTimer
 
 from orchestration.ray_aggregation import Aggregator, SerialAggregator
@@ -172,7 +183,8 @@ class FedPanFM(FedAvg):
         Args:
             server_round: the round about to run, from 1.
             arrays: the current global weights (Flower hands back what ``aggregate_train``
-                returned; round 1: the initial weights).
+                returned; round 1: the initial weights). Under ``transfer_dtype: bf16`` fp32
+                arrays (round 1, a resumed run) are replaced by the bf16 encoding of the master.
             config: Flower's train config; unused (everything a site needs is in the
                 instruction's "fedpanfm" record).
             grid: the Grid to sample nodes from.
@@ -183,6 +195,10 @@ class FedPanFM(FedAvg):
             raise ValueError(f"FedPanFM: round {server_round} beyond federation.rounds = {self.cfg.federation.rounds}")
         if self.global_state is None:
             self.global_state = arrayrecord_to_state(arrays, "initial global arrays")
+        if self.cfg.federation.transfer_dtype == "bf16" and not _all_floats_bf16(arrays):
+            # Round 1's initial arrays and a resumed run's arrive fp32: the downlink is bf16 too.
+            # Encoded from the fp32 master, which stays the server's copy (never read back).
+            arrays = state_to_arrayrecord(self.global_state, "bf16")
         # Node sampling draws from Python's random: seeded by (seed, round) so a resumed run
         # samples the rounds it replays as the uninterrupted run did.
         random.seed(self.cfg.seed * 1_000_003 + server_round)
@@ -224,7 +240,10 @@ class FedPanFM(FedAvg):
                 log(WARNING, "aggregate_train: dropping reply from %s: site reported an error: %s", node, msg.error.reason)
                 continue
             try:
-                update = SiteUpdate.from_recorddict(msg.content, self.organs.names, sender=node)
+                # bf16 deltas are relative to what the site received, round(master); adding them
+                # to the exact fp32 master keeps the master's own precision.
+                update = SiteUpdate.from_recorddict(msg.content, self.organs.names, sender=node,
+                                                    reference=self.global_state)
                 check_update(update, self.global_state, self.cfg)
                 if any(u.site == update.site for u in updates):
                     raise MessageError(f"{node} (site {update.site}): a second reply for the same site this round")
@@ -275,7 +294,9 @@ class FedPanFM(FedAvg):
         if self.on_round is not None:
             self.on_round(report)
         spans.mark("report")
-        arrays = state_to_arrayrecord(state)
+        # What the next round's sites receive (bf16 under transfer_dtype bf16); the fp32 master
+        # stays in self.global_state and is what the server aggregates into and checkpoints.
+        arrays = state_to_arrayrecord(state, self.cfg.federation.transfer_dtype)
         spans.mark("encode")
         # Where the server's part of the round goes (docs/performance.md, item 4); seconds.
         report.metrics.update(spans.tagged("time/server/"))
@@ -318,6 +339,11 @@ class FedPanFM(FedAvg):
             messages = self._construct_messages(self._sent[0], failed, MessageType.TRAIN)
             replies = list(resend(messages, timeout=self.cfg.federation.round_timeout_s))
             sent = failed
+
+
+def _all_floats_bf16(arrays: ArrayRecord) -> bool:
+    """True when no floating array of ``arrays`` travels as fp32 numpy (all are ``BF16_STYPE``)."""
+    return not any(a.stype != BF16_STYPE and a.dtype.startswith("float") for a in arrays.values())
 
 
 __all__ = ["FedPanFM", "RoundFailed", "RoundReport"]

@@ -119,6 +119,9 @@ def train_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
     organs = cfg.data.organ_set()
     instr = TrainInstruction.from_recorddict(msg.content, organs.names)
     state = instr.state()
+    # What the server sent, before the site's own tensors are laid over it: with bf16 transfer
+    # the reply carries bf16(new - received), which the server adds to its fp32 master.
+    received = dict(state)
     spans.mark("decode")
     site = SiteRuntime.from_context(context, cfg)
     apply_fault(site.name, instr.server_round)  # test-only, FEDPANFM_FAULT (sites/faults.py); no-op unset
@@ -148,7 +151,8 @@ def train_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
     site.keep(context, new_state, trainer.schedule_state())
     spans.mark("keep")
     # Only what the server reads goes back (no teacher unless the policy aggregates it; with
-    # federation.sparse_experts no unused expert), in federation.transfer_dtype.
+    # federation.sparse_experts no unused expert), in federation.transfer_dtype (bf16: as
+    # deltas against ``received`` where the server sent the key).
     sent, gate_mass = select_transfer(new_state, result.gate_mass, cfg)
     spans.mark("select")
     # NaN marks a per-organ value for an organ this site never saw: left out, not invented.
@@ -167,6 +171,7 @@ def train_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message
         metrics=metrics,
         steps=result.steps,
         transfer_dtype=cfg.federation.transfer_dtype,
+        reference=received,
     )
     content = update.to_recorddict()
     spans.mark("encode")

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.collate import make_loader
-from fedpanfm.data.dataset import SiteDataset, list_sites, split_subjects
+from fedpanfm.data.dataset import SiteDataset, list_sites, open_site_dataset, split_subjects
 
 
 #: ``context.state`` record names (``RecordDict`` keys) a site keeps between rounds.
@@ -126,7 +126,7 @@ class SiteRuntime:
             cfg: the experiment config.
         """
         name, site_dir = resolve_site(context.node_config, cfg)
-        dataset = SiteDataset(site_dir, cfg)
+        dataset = open_site_dataset(site_dir, cfg)
         train_ids, val_ids = split_subjects(dataset.subject_ids, cfg.data.val_fraction, site_seed(name, cfg.seed))
         if not train_ids:
             raise SiteConfigError(f"site {name} ({site_dir}): no training subjects after the split")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from fedpanfm.config import OrganSpec
 from fedpanfm.data import dataset as dataset_mod
 from fedpanfm.data.batch import Subject
 from fedpanfm.data.collate import collate_subjects, make_loader
-from fedpanfm.data.dataset import SiteDataset, list_sites, pooled_dataset, split_subjects
+from fedpanfm.data.dataset import SiteDataset, list_sites, open_site_dataset, pooled_dataset, split_subjects
 from fedpanfm.data.manifest import CohortError
 from fedpanfm.data.preprocess import crop_or_pad, normalize, preprocess, resample
 from fedpanfm.organs import OrganSet
@@ -150,6 +151,42 @@ def test_memory_cache_returns_the_same_subject(tmp_path):
     make_site(tmp_path / "site_a", cfg, {"s0": ["brain"]})
     ds = SiteDataset(tmp_path / "site_a", cfg)
     assert ds[0] is ds[0]
+    assert ds.subset(["s0"])[0] is ds[0]  # subsets share the parent's memory
+
+
+def test_open_site_dataset_reuses_until_the_manifest_or_data_config_changes(tmp_path, monkeypatch):
+    cfg = tiny_config()
+    make_site(tmp_path / "site_a", cfg, ORGAN_SETS)
+    make_site(tmp_path / "site_b", cfg, {"s0": ["brain"]})
+    opened = []
+    real_init = SiteDataset.__init__
+
+    def counting(self, site_dir, c, subjects=None):
+        opened.append(Path(site_dir).name)
+        real_init(self, site_dir, c, subjects)
+
+    monkeypatch.setattr(dataset_mod, "_OPENED", type(dataset_mod._OPENED)())
+    monkeypatch.setattr(SiteDataset, "__init__", counting)
+    a = open_site_dataset(tmp_path / "site_a", cfg)
+    assert open_site_dataset(tmp_path / "site_a", cfg) is a and opened == ["site_a"]
+    b = open_site_dataset(tmp_path / "site_b", cfg)
+    assert b is not a and b.subject_ids == ["s0"]  # one process, two sites: each its own entry
+    # Another data config -> another dataset; the original stays cached.
+    other = open_site_dataset(tmp_path / "site_a", tiny_config(["data.organs.heart.normalize=minmax"]))
+    assert other is not a and open_site_dataset(tmp_path / "site_a", cfg) is a
+    # A rewritten manifest (fewer rows) is read again.
+    manifest = tmp_path / "site_a" / "manifest.csv"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(l for l in lines if not l.startswith("s3,")) + "\n")
+    again = open_site_dataset(tmp_path / "site_a", cfg)
+    assert again is not a and "s3" not in again.subject_ids and len(again) == len(a) - 1
+    # At most ``keep`` sites stay open, least recently used dropped first.
+    n = len(opened)
+    open_site_dataset(tmp_path / "site_b", cfg, keep=1)
+    open_site_dataset(tmp_path / "site_a", cfg, keep=1)
+    assert opened[n:] == ["site_a"] and len(dataset_mod._OPENED) == 1
+    with pytest.raises(CohortError, match="site_c"):
+        open_site_dataset(tmp_path / "site_c", cfg)
 
 
 # --------------------------------------------------------------------------- splits and sites

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +109,9 @@ class SiteDataset(Dataset[Subject]):
                 self._skip(sid, str(exc))
                 continue
             self._entries.append(_Entry(sid, labels, images))
-        self._memory: dict[int, Subject] = {}
+        # Keyed by subject id and shared with subsets, so the train and validation loaders of
+        # every round read a subject from disk once when ``data.memory_cache`` is on.
+        self._memory: dict[str, Subject] = {}
 
     # ------------------------------------------------------------------ dataset protocol
 
@@ -116,13 +119,13 @@ class SiteDataset(Dataset[Subject]):
         return len(self._entries)
 
     def __getitem__(self, i: int) -> Subject:
-        if i in self._memory:
-            return self._memory[i]
         e = self._entries[i]
+        if e.subject_id in self._memory:
+            return self._memory[e.subject_id]
         images = {im.organ: torch.from_numpy(self._load(im)) for im in e.images}
         subject = Subject(subject_id=e.subject_id, images=images, labels=dict(e.labels), site=self.site)
         if self.cfg.data.memory_cache:
-            self._memory[i] = subject
+            self._memory[e.subject_id] = subject
         return subject
 
     # ------------------------------------------------------------------ views
@@ -154,9 +157,8 @@ class SiteDataset(Dataset[Subject]):
         unknown = [s for s in subject_ids if s not in index]
         if unknown:
             raise CohortError(f"{where(self.site_dir)}: subject(s) not in this dataset: {', '.join(unknown[:10])}")
-        out = copy.copy(self)
+        out = copy.copy(self)  # shares _memory: the same subjects, preprocessed the same way
         out._entries = [index[s] for s in subject_ids]
-        out._memory = {}
         return out
 
     def cache_dir(self) -> Path:
@@ -219,6 +221,41 @@ class SiteDataset(Dataset[Subject]):
         if cache_path is not None:
             _atomic_save(cache_path, arr)
         return arr
+
+
+#: Sites this process has opened, most recently used last (see :func:`open_site_dataset`).
+_OPENED: "OrderedDict[tuple[str, int, int, str], SiteDataset]" = OrderedDict()
+
+
+def open_site_dataset(site_dir: Path, cfg: ExperimentConfig, keep: int = 8) -> SiteDataset:
+    """``SiteDataset(site_dir, cfg)``, reused while the site's manifest and ``cfg.data`` are unchanged.
+
+    A site answers one Flower message per round and used to re-read and re-validate its
+    manifest each time (docs/performance.md, item 4). The key is the folder, the manifest's
+    mtime and size and the data config, not the site's identity: one process (a simulation
+    actor) may serve many sites, each under its own key. Image files are validated when the
+    site is first opened; an image replaced later without touching the manifest is caught by the
+    disk cache's key (its mtime and size) when it is loaded.
+
+    Args:
+        site_dir: the site folder holding ``manifest.csv``.
+        cfg: the experiment config (its ``data`` section is part of the key).
+        keep: sites kept open per process, least recently used dropped first (bounds memory
+            when one process serves many sites).
+    """
+    manifest = Path(site_dir) / MANIFEST_NAME
+    try:
+        stat = manifest.stat()
+    except OSError:
+        return SiteDataset(site_dir, cfg)  # raises the dataset's own error naming the site
+    key = (str(Path(site_dir).resolve()), stat.st_mtime_ns, stat.st_size, repr(cfg.data))
+    dataset = _OPENED.pop(key, None)
+    if dataset is None:
+        dataset = SiteDataset(site_dir, cfg)
+    _OPENED[key] = dataset
+    while len(_OPENED) > keep:
+        _OPENED.popitem(last=False)
+    return dataset
 
 
 def _with_source(exc: CohortError, source: str) -> CohortError:

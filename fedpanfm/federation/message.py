@@ -3,13 +3,17 @@
 Both sides import this module, so the record names and checks live in one place.
 
 Server -> site (``TrainInstruction``), a Flower ``RecordDict`` with
-    ``"arrays"``    ArrayRecord: the global ``PanFMSSL`` state dict, fp32;
+    ``"arrays"``    ArrayRecord: the global ``PanFMSSL`` state dict, fp32 or, with
+                    ``federation.transfer_dtype: bf16``, raw bf16 bytes (``BF16_STYPE``);
     ``"fedpanfm"``  ConfigRecord: ``protocol-version``, ``server-round``, ``num-rounds``,
                     ``start-step`` / ``total-steps`` (schedule position), ``global-saliency``
                     (list in organ order), ``organ-names``, ``teacher-policy``.
 Site -> server (``SiteUpdate``):
     ``"arrays"``    ArrayRecord: the site's updated weights, fp32 numpy arrays or, with
-                    ``federation.transfer_dtype: bf16``, raw bf16 bytes (``BF16_STYPE``); the
+                    ``federation.transfer_dtype: bf16``, raw bf16 bytes: for a floating tensor
+                    the site received this round the bf16 DELTA ``new - received``
+                    (``BF16_DELTA_STYPE``, decoded against the server's fp32 master), for any
+                    other floating tensor the bf16 weights (``BF16_STYPE``); the
                     keys the server reads (``fedpanfm.federation.transfer``: no teacher unless
                     the teacher policy is "aggregate"; with ``federation.sparse_experts`` no
                     expert the site routed no gate mass to);
@@ -62,18 +66,34 @@ class MessageError(ValueError):
 
 #: ``Array.stype`` of a tensor sent as raw little-endian bf16 bytes (numpy has no bf16).
 BF16_STYPE = "fedpanfm.bf16"
+#: ``Array.stype`` of a tensor sent as the raw bf16 bytes of ``new - reference``: the receiver
+#: adds it to its own fp32 copy of the reference (ours: docs/performance.md, "bf16 both ways").
+BF16_DELTA_STYPE = "fedpanfm.bf16-delta"
 TRANSFER_DTYPES = ("fp32", "bf16")
 
 
-def state_to_arrayrecord(state: Mapping[str, Tensor], transfer_dtype: str = "fp32") -> ArrayRecord:
+def _bf16_array(t: Tensor, stype: str) -> Array:
+    """``t`` as raw bf16 bytes: round-to-nearest-even cast, the 2-byte patterns as in memory."""
+    raw = t.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    return Array(dtype="bfloat16", shape=tuple(int(s) for s in t.shape), stype=stype, data=raw.tobytes())
+
+
+def state_to_arrayrecord(state: Mapping[str, Tensor], transfer_dtype: str = "fp32",
+                         reference: Mapping[str, Tensor] | None = None) -> ArrayRecord:
     """A state dict as an ArrayRecord.
 
     Args:
         state: key -> tensor (any device / float dtype).
         transfer_dtype: "fp32": floating tensors travel as fp32 numpy arrays (bf16 and fp16 are
             widened), readable by any Flower code; "bf16": floating tensors travel as raw bf16
-            bytes (``Array.stype`` ``BF16_STYPE``, half the bytes of fp32), decoded back to fp32
-            by :func:`arrayrecord_to_state`. Integer / bool tensors always travel unchanged.
+            bytes (half the bytes of fp32), decoded back to fp32 by :func:`arrayrecord_to_state`.
+            Integer / bool tensors always travel unchanged.
+        reference: with "bf16" only: the fp32 state the receiver also holds (a site: what it
+            decoded from the server's instruction). A floating tensor whose key is in it with
+            the same shape travels as ``bf16(state - reference)`` (``BF16_DELTA_STYPE``): bf16
+            then errs by 2^-8 of the round's change instead of 2^-8 of the weight. Other
+            floating tensors travel as plain bf16 (``BF16_STYPE``). Not used with "fp32", which
+            sends the exact weights (an fp32 delta could only add rounding).
     """
     if transfer_dtype not in TRANSFER_DTYPES:
         raise MessageError(f"state_to_arrayrecord: transfer dtype {transfer_dtype!r} is not one of {TRANSFER_DTYPES}")
@@ -81,10 +101,12 @@ def state_to_arrayrecord(state: Mapping[str, Tensor], transfer_dtype: str = "fp3
     for key, t in state.items():
         t = t.detach().cpu()
         if t.is_floating_point() and transfer_dtype == "bf16":
-            # Round-to-nearest-even cast, then the 2-byte patterns as they lie in memory.
-            raw = t.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-            record[key] = Array(dtype="bfloat16", shape=tuple(int(s) for s in t.shape), stype=BF16_STYPE,
-                                data=raw.tobytes())
+            ref = reference.get(key) if reference is not None else None
+            if ref is not None and ref.is_floating_point() and tuple(ref.shape) == tuple(t.shape):
+                # The difference in fp32 (exact up to fp32 rounding), rounded to bf16 once.
+                record[key] = _bf16_array(t.float() - ref.detach().to("cpu", torch.float32), BF16_DELTA_STYPE)
+            else:
+                record[key] = _bf16_array(t, BF16_STYPE)
             continue
         if t.is_floating_point() and t.dtype != torch.float32:
             t = t.to(torch.float32)
@@ -157,22 +179,30 @@ def _npy_view(arr: Array) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
-def arrayrecord_to_state(record: ArrayRecord, where: str = "arrays") -> dict[str, Tensor]:
+def arrayrecord_to_state(record: ArrayRecord, where: str = "arrays",
+                         reference: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """An ArrayRecord back as torch tensors, checking dtype and finiteness.
 
-    Floating arrays arrive as fp32 (numpy) or bf16 (``BF16_STYPE``); both come back as fp32
+    Floating arrays arrive as fp32 (numpy), bf16 (``BF16_STYPE``) or bf16 deltas
+    (``BF16_DELTA_STYPE``: decoded as ``reference[key] + delta`` in fp32); all come back as fp32
     tensors. fp32 tensors are read-only views of the message bytes (no copy): the receiver
     must not write into them (the trainer copies them into its parameters, the aggregation
-    only reads them).
+    only reads them). The finiteness check applies to the decoded (reconstructed) tensor.
 
     Args:
         record: the record to decode.
         where: names the sender in error messages (e.g. "site hospital_a").
+        reference: the state deltas are relative to (the server: its fp32 master global state
+            of the round); None: a delta array is an error.
+
+    Raises:
+        MessageError: an undecodable array, a float dtype other than fp32 / bf16, NaN or Inf,
+            or a delta without a reference tensor of its key and shape.
     """
     state: dict[str, Tensor] = {}
     for key, arr in record.items():
         try:
-            if arr.stype == BF16_STYPE:
+            if arr.stype in (BF16_STYPE, BF16_DELTA_STYPE):
                 n = int(np.prod(arr.shape)) if arr.shape else 1
                 if len(arr.data) != 2 * n:
                     raise ValueError(f"{len(arr.data)} bytes for {n} bf16 values of shape {tuple(arr.shape)}")
@@ -191,12 +221,27 @@ def arrayrecord_to_state(record: ArrayRecord, where: str = "arrays") -> dict[str
             raise
         except (TypeError, ValueError, RuntimeError) as exc:
             raise MessageError(f"{where}: array {key!r} cannot be decoded: {exc}") from None
+        if arr.stype == BF16_DELTA_STYPE:
+            t = _add_delta(t, key, reference, where)
         # A NaN or Inf anywhere makes the float64 sum non-finite; a sum over finite fp32 values
         # cannot overflow float64, so this is exact and cheaper than an elementwise mask.
         if t.is_floating_point() and t.numel() and not math.isfinite(float(t.sum(dtype=torch.float64))):
             raise MessageError(f"{where}: array {key!r} holds NaN or Inf")
         state[key] = t
     return state
+
+
+def _add_delta(delta: Tensor, key: str, reference: Mapping[str, Tensor] | None, where: str) -> Tensor:
+    """``reference[key] + delta`` in fp32; the delta's key must be in ``reference`` with its shape."""
+    if reference is None:
+        raise MessageError(f"{where}: array {key!r} is a bf16 delta, but the receiver has no reference state to add it to")
+    ref = reference.get(key)
+    if ref is None:
+        raise MessageError(f"{where}: array {key!r} is a bf16 delta of a tensor the receiver does not hold")
+    if not ref.is_floating_point() or tuple(ref.shape) != tuple(delta.shape):
+        raise MessageError(f"{where}: array {key!r} is a bf16 delta of shape {tuple(delta.shape)}; the reference "
+                           f"tensor is {ref.dtype} {tuple(ref.shape)}")
+    return ref.detach().to("cpu", torch.float32) + delta
 
 
 def state_nbytes(state: Mapping[str, Tensor]) -> int:
@@ -268,8 +313,9 @@ class TrainInstruction:
     """What the server sends each site for one round of local training.
 
     Args:
-        arrays: the global state dict, already encoded (``state_to_arrayrecord``); kept encoded
-            so the server serialises the global model once per round, not once per site.
+        arrays: the global state dict, already encoded (``state_to_arrayrecord``, fp32 or plain
+            bf16 by ``federation.transfer_dtype``); kept encoded so the server serialises the
+            global model once per round, not once per site.
         server_round: the round about to run, from 1.
         num_rounds: rounds planned in total.
         start_step: the global optimiser step at which this round starts; a site positions its
@@ -290,7 +336,7 @@ class TrainInstruction:
     teacher_policy: str
 
     def state(self) -> dict[str, Tensor]:
-        """The global weights as tensors (checked: fp32, finite)."""
+        """The global weights as fp32 tensors (checked: finite; bf16 arrays widened)."""
         return arrayrecord_to_state(self.arrays, "server instruction")
 
     def to_recorddict(self) -> RecordDict:
@@ -355,7 +401,7 @@ class SiteUpdate:
 
     Args:
         site: the site's name (its folder / node-config ``site-name``).
-        state: the site's updated state dict (fp32 on the wire).
+        state: the site's updated state dict (decoded: fp32 whatever travelled).
         num_examples: training subjects used this round (Flower's ``num-examples``).
         organ_subjects: (n_organs,) training subjects holding each organ, in organ order.
         gate_mass: (L, E) gate mass the site's student routed to expert e of block l this
@@ -366,6 +412,10 @@ class SiteUpdate:
         steps: optimiser steps taken this round.
         transfer_dtype: how ``state``'s floating tensors travel: "fp32" or "bf16" (encoding
             only; a decoded update holds fp32 whatever the sender chose).
+        reference: encoding only, with "bf16": the fp32 state the site decoded from the
+            server's instruction this round (before its kept local tensors were laid over it);
+            floating tensors of the same key and shape travel as bf16 deltas against it
+            (:func:`state_to_arrayrecord`). None: plain bf16.
     """
 
     site: str
@@ -378,6 +428,7 @@ class SiteUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     transfer_dtype: str = "fp32"
+    reference: Mapping[str, Tensor] | None = field(default=None, repr=False)
 
     def to_recorddict(self) -> RecordDict:
         clash = sorted(set(self.metrics) & set(RESERVED_METRICS))
@@ -400,16 +451,20 @@ class SiteUpdate:
         site = ConfigRecord(
             {"protocol-version": PROTOCOL_VERSION, "site-name": self.site, "organ-names": list(self.organ_names)}
         )
-        return RecordDict({ARRAYS: state_to_arrayrecord(self.state, self.transfer_dtype), METRICS: metrics, SITE_CONFIG: site})
+        arrays = state_to_arrayrecord(self.state, self.transfer_dtype, self.reference)
+        return RecordDict({ARRAYS: arrays, METRICS: metrics, SITE_CONFIG: site})
 
     @classmethod
-    def from_recorddict(cls, rd: RecordDict, organ_names: Sequence[str] | None = None, sender: str = "site") -> "SiteUpdate":
+    def from_recorddict(cls, rd: RecordDict, organ_names: Sequence[str] | None = None, sender: str = "site",
+                        reference: Mapping[str, Tensor] | None = None) -> "SiteUpdate":
         """Decode and check a site's reply.
 
         Args:
             rd: the reply content.
             organ_names: the server's organ vocabulary; a site with another one is rejected.
             sender: how to name the sender in errors until its site name is known (e.g. "node 7").
+            reference: the server's fp32 master global state of the round, against which bf16
+                delta arrays are decoded; None: a delta array is rejected.
         """
         site_cfg = _record(rd, SITE_CONFIG, ConfigRecord, sender)
         assert isinstance(site_cfg, ConfigRecord)
@@ -443,7 +498,7 @@ class SiteUpdate:
             metrics[key] = float(v)
         return cls(
             site=name,
-            state=arrayrecord_to_state(arrays, where),
+            state=arrayrecord_to_state(arrays, where, reference),
             num_examples=n,
             organ_subjects=torch.tensor(organ_subjects, dtype=torch.float64),
             gate_mass=torch.tensor(gate, dtype=torch.float64).reshape(shape),
@@ -456,6 +511,7 @@ class SiteUpdate:
 
 __all__ = [
     "ARRAYS",
+    "BF16_DELTA_STYPE",
     "BF16_STYPE",
     "TRANSFER_DTYPES",
     "METRICS",
