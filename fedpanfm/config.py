@@ -253,6 +253,7 @@ class LoggingConfig:
 
 STUDY_ARMS: tuple[str, ...] = (
     "random_init", "single_site", "centralized", "fed_none", "fed_random", "fed_sgm", "fed_sgm_nodex",
+    "supervised_factors",
 )
 
 

@@ -2,16 +2,19 @@
 
 Arms (``evaluation.study.arms``, names in ``fedpanfm.config.STUDY_ARMS``):
 
-==================  ==========================================================================
-``random_init``     a randomly initialised encoder (no training)
-``single_site``     each training site pre-trained alone; the one with the best probe macro
-                    AUROC on the evaluation cohort's *validation* subjects is reported (on test)
-``centralized``     every site's training subjects pooled, SGM (``run_pretrain``)
-``fed_none``        federated, organ masking ``none``   (``simulate``)
-``fed_random``      federated, organ masking ``random``
-``fed_sgm``         federated, organ masking ``sgm``
-``fed_sgm_nodex``   federated ``sgm`` with plain MLPs (``model.dex.enabled=false``)
-==================  ==========================================================================
+========================  ==========================================================================
+``random_init``           a randomly initialised encoder (no training)
+``single_site``           each training site pre-trained alone; the one with the best probe macro
+                          AUROC on the evaluation cohort's *validation* subjects is reported (on test)
+``centralized``           every site's training subjects pooled, SGM (``run_pretrain``)
+``fed_none``              federated, organ masking ``none``   (``simulate``)
+``fed_random``            federated, organ masking ``random``
+``fed_sgm``               federated, organ masking ``sgm``
+``fed_sgm_nodex``         federated ``sgm`` with plain MLPs (``model.dex.enabled=false``)
+``supervised_factors``    our upper reference, not an arm of the comparison: the same encoder
+                          trained *supervised* on the latent factors the labels read, on centralized's
+                          subjects and steps (:mod:`fedpanfm.evaluation.supervised_reference`)
+========================  ==========================================================================
 
 **Budget (our definition).** Every trained arm gets the same number of *subject-epochs* (one
 subject passed once through a training step), ``S = rounds x local epochs x N`` with N the
@@ -21,7 +24,8 @@ centralized trains ``rounds x epochs`` epochs over the pooled N; a single site k
 ``S / n_k`` epochs over its n_k; the federation trains ``epochs`` local epochs per round at
 every site, steps summed over sites. :func:`plan_budget` computes it and refuses a cohort where
 the arms' steps would differ. A single-site candidate gets the whole budget (the selection among
-sites is the baseline's own cost).
+sites is the baseline's own cost). ``supervised_factors`` takes centralized's steps (one per
+batch of the pooled training subjects).
 
 The federated arms run through the ``fedpanfm.federate`` entry point (``orchestration.simulate``):
 the library never imports ``orchestration`` (architecture.md).
@@ -118,8 +122,8 @@ def plan_budget(cfg: ExperimentConfig, counts: Mapping[str, int]) -> dict[str, A
         counts: site -> training subjects (:func:`site_train_counts`).
 
     Returns:
-        arm -> budget for ``random_init`` (0 steps), ``centralized``, each federated arm and each
-        ``single_site:<site>`` candidate.
+        arm -> budget for ``random_init`` (0 steps), ``centralized``, each federated arm, each
+        ``single_site:<site>`` candidate and ``supervised_factors`` (centralized's budget).
 
     Raises:
         ValueError: the trained arms' steps would differ (naming them and the fix), or a site's
@@ -135,6 +139,8 @@ def plan_budget(cfg: ExperimentConfig, counts: Mapping[str, int]) -> dict[str, A
            "centralized": ArmBudget("centralized", rounds * epochs, total, _steps(total, rounds * epochs, cfg))}
     for arm in FEDERATED_ARMS:
         out[arm] = ArmBudget(arm, rounds * epochs, total, fed_steps)
+    cen = out["centralized"]
+    out["supervised_factors"] = ArmBudget("supervised_factors", cen.epochs, cen.subjects, cen.steps)
     for site, n in counts.items():
         if budget % n:
             raise ValueError(f"plan_budget: site {site} has {n} training subjects, which does not divide the "
@@ -411,7 +417,13 @@ class Study:
             raise RuntimeError(f"study arm {arm}: planned {planned} optimiser steps but the run took {done}")
 
     def run_arm(self, arm: str, seed: int, batches: Sequence[SubjectBatch]) -> ArmRun:
-        """Train (unless ``random_init``) and evaluate one arm at one seed."""
+        """Train (unless ``random_init``) and evaluate one arm at one seed.
+
+        Args:
+            arm: a name of ``STUDY_ARMS``.
+            seed: the arm's seed (``seed`` override: init, shuffling, masks, train / val split).
+            batches: the collated evaluation cohort.
+        """
         t0 = time.perf_counter()
         folder = self.out / "arms" / f"{arm}_seed{seed}"
         base = [f"seed={seed}"]
@@ -425,6 +437,12 @@ class Study:
             self._check_steps(arm, self.budget[arm].steps, steps)
         elif arm == "single_site":
             return self._single_site(seed, batches, folder, t0)
+        elif arm == "supervised_factors":
+            from fedpanfm.evaluation.supervised_reference import train_factor_encoder
+
+            steps = self.budget[arm].steps  # the function takes exactly these steps
+            encoder = train_factor_encoder(derive(self.cfg, base), Path(self.cfg.cohort), steps, seed)
+            note = "upper reference: supervised on the latent factors, not a compared arm"
         elif arm in FEDERATED_ARMS:
             federate = self.federate or default_federate()
             summary = federate(self.out / "experiment.yaml", base + FEDERATED_ARMS[arm], run_folder=folder / "train",

@@ -4,7 +4,8 @@ Files under the study folder::
 
     runs.csv        one row per (arm, seed)
     table.csv       one row per arm: mean and std over seeds of every metric
-    results.md      the table, the targets of issue 5 with pass / miss and margin, timings
+    results.md      the table, the targets of issue 5 with pass / miss / not run and margin, the
+                    headroom line (supervised_factors - random_init), timings
     study_auroc.png  study_attention.png
 """
 
@@ -34,6 +35,9 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("body_size_r2", "body_size_r2", "ridge R^2 of the body-size nuisance factor, from the CLS"),
     ("participation_ratio", "cls_participation_ratio", "effective number of directions of the CLS embedding"),
 )
+
+#: Arms that are references, not compared methods (drawn hatched; targets never read them).
+REFERENCE_ARMS: tuple[str, ...] = ("supervised_factors",)
 
 TABLE_HEADER: tuple[str, ...] = (
     "arm", "seeds", *[f"{c}_{s}" for _, c, _ in METRICS for s in ("mean", "std")], "steps", "seconds_mean",
@@ -65,11 +69,27 @@ def summarise(runs: Sequence[ArmRun]) -> dict[str, dict[str, Any]]:
 
 @dataclass
 class Target:
-    """One claim of issue 5 checked on the study's means."""
+    """One claim of issue 5 checked on the study's means.
+
+    Args:
+        claim: the claim in words.
+        holds: True / False on the means; None when an arm it needs was not run (``not_run``)
+            or a value it needs is undefined (NaN).
+        detail: the values and margin, or why there is no verdict.
+        not_run: the arms it needs that the study did not run.
+    """
 
     claim: str
-    holds: bool | None  # None: an arm it needs was not run or a value is undefined
+    holds: bool | None
     detail: str
+    not_run: tuple[str, ...] = ()
+
+    @property
+    def verdict(self) -> str:
+        """``holds``, ``**missed**``, ``not run`` (an arm missing) or ``not measured`` (a NaN)."""
+        if self.holds is None:
+            return "not run" if self.not_run else "not measured"
+        return "holds" if self.holds else "**missed**"
 
 
 def _m(table: Mapping[str, Mapping[str, Any]], arm: str, col: str) -> float:
@@ -93,35 +113,63 @@ def check_targets(table: Mapping[str, Mapping[str, Any]]) -> list[Target]:
 
     A comparison whose difference is smaller than the arms' std over seeds is flagged in the
     detail ("within seed noise"): the verdict is on the means, the flag says how much it means.
+    A claim needing an arm the study did not run (``evaluation.study.arms`` a subset) is "not
+    run", one needing a value that is NaN is "not measured"; neither passes nor fails.
+
+    Args:
+        table: arm -> ``<column>_mean`` / ``<column>_std`` (:func:`summarise`); the arms run.
     """
     out: list[Target] = []
 
-    def add(claim: str, values: Sequence[float], holds: bool, detail: str,
+    def add(claim: str, arms: Sequence[str], values: Sequence[float], holds: bool, detail: str,
             pairs: Sequence[tuple[str, str, str]] = ()) -> None:
-        undefined = any(math.isnan(v) for v in values)
-        out.append(Target(claim, None if undefined else holds,
-                          "not measured (arm missing or undefined)" if undefined else detail + _noise(table, pairs)))
+        missing = tuple(a for a in dict.fromkeys(arms) if a not in table)
+        if missing:
+            out.append(Target(claim, None, f"not run: arm(s) {', '.join(missing)} not in this study", missing))
+        elif any(math.isnan(v) for v in values):
+            out.append(Target(claim, None, "not measured (a value is undefined)"))
+        else:
+            out.append(Target(claim, holds, detail + _noise(table, pairs)))
 
     sgm, cen = _m(table, "fed_sgm", "macro_auroc"), _m(table, "centralized", "macro_auroc")
-    add("fed_sgm macro AUROC >= 0.97 x centralized", [sgm, cen], sgm >= 0.97 * cen,
+    add("fed_sgm macro AUROC >= 0.97 x centralized", ["fed_sgm", "centralized"], [sgm, cen], sgm >= 0.97 * cen,
         f"{sgm:.3f} vs 0.97 x {cen:.3f} = {0.97 * cen:.3f} (ratio {sgm / cen if cen else math.nan:.3f})",
         [("fed_sgm", "centralized", "macro_auroc")])
     for base in ("random_init", "single_site"):
         b = _m(table, base, "macro_auroc")
-        add(f"fed_sgm macro AUROC >= {base} + 0.05", [sgm, b], sgm - b >= 0.05,
+        add(f"fed_sgm macro AUROC >= {base} + 0.05", ["fed_sgm", base], [sgm, b], sgm - b >= 0.05,
             f"{sgm:.3f} - {b:.3f} = {sgm - b:+.3f}", [("fed_sgm", base, "macro_auroc")])
     col = "auroc_no_adipose_heart"
     s, r, n = _m(table, "fed_sgm", col), _m(table, "fed_random", col), _m(table, "fed_none", col)
-    add("adipose + heart removed: fed_sgm >= fed_random >= fed_none", [s, r, n], s >= r >= n,
+    add("adipose + heart removed: fed_sgm >= fed_random >= fed_none", ["fed_sgm", "fed_random", "fed_none"],
+        [s, r, n], s >= r >= n,
         f"sgm {s:.3f}, random {r:.3f}, none {n:.3f} (sgm - random {s - r:+.3f}, random - none {r - n:+.3f})",
         [("fed_sgm", "fed_random", col), ("fed_random", "fed_none", col)])
     es, en = _m(table, "fed_sgm", "attention_entropy"), _m(table, "fed_none", "attention_entropy")
-    add("attention entropy fed_sgm > fed_none", [es, en], es > en, f"{es:.4f} vs {en:.4f} ({es - en:+.4f})",
+    add("attention entropy fed_sgm > fed_none", ["fed_sgm", "fed_none"], [es, en], es > en,
+        f"{es:.4f} vs {en:.4f} ({es - en:+.4f})",
         [("fed_sgm", "fed_none", "attention_entropy")])
     att, inf = _m(table, "fed_none", "adipose_heart_attention"), _m(table, "fed_none", "adipose_heart_info")
     add("precondition: fed_none shows the shortcut (adipose + heart attention > 1.5 x their information share)",
-        [att, inf], att > 1.5 * inf, f"attention {att:.2f} vs information {inf:.2f}")
+        ["fed_none"], [att, inf], att > 1.5 * inf, f"attention {att:.2f} vs information {inf:.2f}")
     return out
+
+
+def headroom_line(table: Mapping[str, Mapping[str, Any]]) -> str:
+    """The supervised reference's gain over the random encoder, as one results.md line.
+
+    Args:
+        table: :func:`summarise`'s table.
+
+    Returns:
+        "Headroom: supervised_factors - random_init = +x.xxx macro AUROC (...)", or "" when the
+        study did not run both arms (or a mean is undefined).
+    """
+    sup, rnd = _m(table, "supervised_factors", "macro_auroc"), _m(table, "random_init", "macro_auroc")
+    if math.isnan(sup) or math.isnan(rnd):
+        return ""
+    return (f"Headroom: supervised_factors - random_init = {sup - rnd:+.3f} macro AUROC (the most a linear "
+            "probe on this architecture gained here when told the factors)")
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -150,15 +198,19 @@ def _plots(runs: Sequence[ArmRun], table: Mapping[str, Mapping[str, Any]], out: 
     x = list(range(len(arms)))
     fig, ax = plt.subplots(figsize=(8, 3.8))
     for off, col, label in ((-0.2, "macro_auroc", "all organs"), (0.2, "auroc_no_adipose_heart", "adipose + heart removed")):
-        ax.bar([i + off for i in x], [table[a][f"{col}_mean"] for a in arms], 0.4,
-               yerr=[table[a][f"{col}_std"] for a in arms], capsize=3, label=label)
+        bars = ax.bar([i + off for i in x], [table[a][f"{col}_mean"] for a in arms], 0.4,
+                      yerr=[table[a][f"{col}_std"] for a in arms], capsize=3, label=label)
+        for a, bar in zip(arms, bars):
+            if a in REFERENCE_ARMS:  # hatched: a reference line, not a compared arm
+                bar.set_hatch("//")
     for r in runs:  # each seed as a dot, so the spread is visible with 3 seeds
         i = arms.index(r.arm)
         ax.plot([i - 0.2], [r.score.macro], "k.", ms=3)
         ax.plot([i + 0.2], [r.score.macro_no_dominant], "k.", ms=3)
     ax.axhline(0.5, color="k", lw=0.5)
     ax.set_xticks(x, arms, rotation=30)
-    ax.set(ylabel="test macro AUROC", title="SGM study: probe AUROC (mean ± std over seeds)")
+    hatched = " (hatched: reference, not compared)" if any(a in REFERENCE_ARMS for a in arms) else ""
+    ax.set(ylabel="test macro AUROC", title="SGM study: probe AUROC (mean ± std over seeds)" + hatched)
     ax.legend(fontsize=7)
     fig.tight_layout()
     p1 = out / "study_auroc.png"
@@ -220,15 +272,15 @@ def write_study(runs: Sequence[ArmRun], out: Path, budget: Mapping[str, ArmBudge
         for row in table.values():
             w.writerow([f"{row[c]:.6g}" if isinstance(row[c], float) else row[c] for c in TABLE_HEADER])
     targets = check_targets(table)
-    verdict = {True: "holds", False: "**missed**", None: "not measured"}
-    trained = {a: b for a, b in budget.items() if a != "random_init"}
+    trained = [b for a, b in budget.items() if a != "random_init"]
+    budget_text = (f"every trained arm: {trained[0].steps} optimiser steps, {trained[0].subject_epochs} subject-epochs"
+                   if trained else "no trained arm budget")
     md = [
         "# SGM study results",
         "",
         (f"Command: `{command}`" if command else ""),
         "",
-        f"Seeds {sorted({r.seed for r in runs})}; every trained arm: {next(iter(trained.values())).steps} optimiser "
-        f"steps, {next(iter(trained.values())).subject_epochs} subject-epochs (docs/results.md, budget). "
+        f"Seeds {sorted({r.seed for r in runs})}; {budget_text} (docs/results.md, budget). "
         f"Single site chosen per seed: {dict(single_site_choice) or 'n/a'}. Protocol: docs/evaluation.md.",
         "",
         "## Mean ± std over seeds",
@@ -245,7 +297,9 @@ def write_study(runs: Sequence[ArmRun], out: Path, budget: Mapping[str, ArmBudge
         "",
         "| claim | verdict | values |",
         "|---|---|---|",
-        *[f"| {t.claim} | {verdict[t.holds]} | {t.detail} |" for t in targets],
+        *[f"| {t.claim} | {t.verdict} | {t.detail} |" for t in targets],
+        "",
+        headroom_line(table),
         "",
         "## Time",
         "",
@@ -259,7 +313,8 @@ def write_study(runs: Sequence[ArmRun], out: Path, budget: Mapping[str, ArmBudge
 
     paths["study.json"].write_text(json.dumps(_jsonable({
         "table": table,
-        "targets": [t.__dict__ for t in targets],
+        "targets": [{**t.__dict__, "verdict": t.verdict} for t in targets],
+        "headroom": headroom_line(table),
         "runs": [{"arm": r.arm, "seed": r.seed, "steps": r.steps, "seconds": r.seconds, "note": r.note,
                   **r.score.__dict__} for r in runs],
         "budget": {a: {**b.__dict__, "subject_epochs": b.subject_epochs} for a, b in budget.items()},
@@ -272,4 +327,7 @@ def write_study(runs: Sequence[ArmRun], out: Path, budget: Mapping[str, ArmBudge
     return paths
 
 
-__all__ = ["METRICS", "TABLE_HEADER", "Target", "check_targets", "markdown_table", "summarise", "write_study"]
+__all__ = [
+    "METRICS", "REFERENCE_ARMS", "TABLE_HEADER", "Target", "check_targets", "headroom_line", "markdown_table",
+    "summarise", "write_study",
+]
