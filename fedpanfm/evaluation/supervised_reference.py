@@ -7,7 +7,7 @@ error, the standardised latent factors the synthetic cohort's labels read (``coh
 same optimiser steps as the self-supervised arms. Its linear-probe AUROC is roughly the most this
 architecture can give a probe on this cohort, so ``supervised_factors - random_init`` is the
 headroom the study's "+0.05 over random_init" targets sit in (at ``synth.disease_signal`` 1 it was
-only about +0.06). It is a reference line of the study, NOT an arm of the comparison: no
+only +0.041 on the study's cohorts). It is a reference line of the study, NOT an arm of the comparison: no
 self-supervised method could see these factors, and real cohorts have none.
 """
 
