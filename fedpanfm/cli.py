@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from fedpanfm import __version__
 from fedpanfm.config import ConfigError
@@ -40,6 +42,18 @@ def add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set model.depth=4 (repeatable)",
     )
+
+
+def output_folder(out: str | None, run_dir: str, name: str, command: str) -> Path:
+    """``--out`` when given, else ``<run_dir>/<name>_<command>_<time>`` (a fresh folder per run).
+
+    Args:
+        out: the ``--out`` argument (None: not given).
+        run_dir: ``cfg.logging.run_dir``.
+        name: the experiment name (``cfg.name``).
+        command: the subcommand, e.g. ``"pretrain"``.
+    """
+    return Path(out) if out else Path(run_dir) / f"{name}_{command}_{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from fedpanfm.cli import add_config_args
+from fedpanfm.cli import add_config_args, output_folder
 
 RANDOM = "random"
 
@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         label = f"{args.checkpoint}" + (" (architecture only, random weights)" if args.random_init else "")
     device = pick_device(cfg.device)
     encoder.to(device)
-    out = Path(args.out) if args.out else Path(cfg.logging.run_dir) / f"{cfg.name}_evaluate_{time.strftime('%Y%m%d-%H%M%S')}"
+    out = output_folder(args.out, cfg.logging.run_dir, cfg.name, "evaluate")
     batches = collate_dataset(pooled_dataset(Path(args.cohort), cfg), cfg)
     result = evaluate_encoder(encoder, cfg, batches, seed, device, load_cohort_factors(Path(args.cohort)))
     result.meta.update({"checkpoint": label, "cohort": str(args.cohort), "total_seconds": round(time.perf_counter() - t0, 2)})

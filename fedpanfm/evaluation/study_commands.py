@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import time
-from pathlib import Path
 
-from fedpanfm.cli import add_config_args
+from fedpanfm.cli import add_config_args, output_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.quick:
         cfg = load_config(args.config, [*cfg.evaluation.study.quick, *args.overrides])
-    out = Path(args.out) if args.out else Path(cfg.logging.run_dir) / f"{cfg.name}_study_{time.strftime('%Y%m%d-%H%M%S')}"
+    out = output_folder(args.out, cfg.logging.run_dir, cfg.name, "study")
     study = Study(cfg, out, echo=lambda m: print(m, flush=True))
     runs = study.run()
     command = "fedpanfm " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("fedpanfm") else \
@@ -49,6 +47,6 @@ def _run(args: argparse.Namespace) -> int:
     table = summarise(runs)
     print("\n" + markdown_table(table))
     for t in check_targets(table):
-        print(f"  [{ {True: 'holds', False: 'MISSED', None: 'n/a'}[t.holds] }] {t.claim}: {t.detail}")
+        print(f"  [{t.verdict.replace('**', '').upper()}] {t.claim}: {t.detail}")
     print(f"study done in {study.seconds['total']:.0f}s; results: {paths['results.md']}")
     return 0

@@ -272,6 +272,7 @@ def write_study(runs: Sequence[ArmRun], out: Path, budget: Mapping[str, ArmBudge
         for row in table.values():
             w.writerow([f"{row[c]:.6g}" if isinstance(row[c], float) else row[c] for c in TABLE_HEADER])
     targets = check_targets(table)
+    headroom = headroom_line(table)
     trained = [b for a, b in budget.items() if a != "random_init"]
     budget_text = (f"every trained arm: {trained[0].steps} optimiser steps, {trained[0].subject_epochs} subject-epochs"
                    if trained else "no trained arm budget")
@@ -299,7 +300,7 @@ def write_study(runs: Sequence[ArmRun], out: Path, budget: Mapping[str, ArmBudge
         "|---|---|---|",
         *[f"| {t.claim} | {t.verdict} | {t.detail} |" for t in targets],
         "",
-        headroom_line(table),
+        headroom,
         "",
         "## Time",
         "",
@@ -314,7 +315,7 @@ def write_study(runs: Sequence[ArmRun], out: Path, budget: Mapping[str, ArmBudge
     paths["study.json"].write_text(json.dumps(_jsonable({
         "table": table,
         "targets": [{**t.__dict__, "verdict": t.verdict} for t in targets],
-        "headroom": headroom_line(table),
+        "headroom": headroom,
         "runs": [{"arm": r.arm, "seed": r.seed, "steps": r.steps, "seconds": r.seconds, "note": r.note,
                   **r.score.__dict__} for r in runs],
         "budget": {a: {**b.__dict__, "subject_epochs": b.subject_epochs} for a, b in budget.items()},

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-from fedpanfm.cli import add_config_args
+from fedpanfm.cli import add_config_args, output_folder
 from fedpanfm.config import load_config
 
 
@@ -32,7 +31,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedpanfm.train.pretrain import run_pretrain
 
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path(cfg.logging.run_dir) / f"{cfg.name}_pretrain_{time.strftime('%Y%m%d-%H%M%S')}"
+    out = output_folder(args.out, cfg.logging.run_dir, cfg.name, "pretrain")
     summary = run_pretrain(cfg, Path(args.cohort), out)
     print(f"train subjects {summary.train_subjects}, val subjects {summary.val_subjects}, "
           f"epochs {summary.epochs}, steps {summary.steps}")
