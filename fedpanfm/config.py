@@ -113,6 +113,9 @@ class SynthConfig:
     disease_signal: float = _f(
         1.0, lo=0.0, hi=10.0, doc="scale of the disease factors' visible effect on the images (0 = invisible)"
     )
+    organ_disease_signal: dict[str, float] = _f(
+        {}, lo=0.0, hi=10.0, doc="organ -> its own disease_signal (e.g. {heart: 1.0}); others use disease_signal"
+    )
 
 
 # --------------------------------------------------------------------------- model

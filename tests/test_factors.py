@@ -96,3 +96,17 @@ def test_disease_signal_scales_only_disease_factors_in_the_images() -> None:
         assert np.array_equal(a, b), organ
         if organ != "heart":  # the heart shows vascular / cardiac, not renal or metabolic
             assert not np.array_equal(a, c), organ
+
+
+def test_organ_disease_signal_overrides_one_organ_only(tmp_path: Path) -> None:
+    base = ["synth.sites=1", "synth.subjects=3", "synth.site_organs=[[heart, kidney]]", "synth.disease_signal=2"]
+    a = generate_cohort(tmp_path / "a", tiny_config(base))[0]
+    b = generate_cohort(tmp_path / "b", tiny_config(base + ["synth.organ_disease_signal={heart: 0.5}"]))[0]
+    hearts = sorted((a / "images").glob("*_heart.nii.gz"))
+    kidneys = sorted((a / "images").glob("*_kidney.nii.gz"))
+    assert hearts and kidneys
+    for f in kidneys:  # the organ not named keeps synth.disease_signal: byte-identical files
+        assert f.read_bytes() == (b / "images" / f.name).read_bytes()
+    assert any(f.read_bytes() != (b / "images" / f.name).read_bytes() for f in hearts)
+    with pytest.raises(ValueError, match="organ_disease_signal: no renderer for lung"):
+        generate_cohort(tmp_path / "c", tiny_config(base + ["synth.organ_disease_signal={lung: 1.0}"]))

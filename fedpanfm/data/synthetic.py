@@ -105,6 +105,12 @@ def generate_cohort(out_dir: Path, cfg: ExperimentConfig) -> list[Path]:
         raise FileExistsError(f"synthetic cohort folder {out_dir} is not empty; remove it or pick another --out")
     syn = cfg.synth
     protocols = site_protocols(syn.sites, [list(s) for s in syn.site_organs])
+    unknown = [o for o in syn.organ_disease_signal if o not in ORGAN_FACTORS]
+    if unknown:
+        raise ValueError(
+            f"synth.organ_disease_signal: no renderer for {', '.join(unknown)} "
+            f"(renderers exist for {', '.join(ORGAN_FACTORS)})"
+        )
     geometry = {o: native_geometry(o, cfg.data.organs[o]) for o in {o for _, organs in protocols for o in organs}}
     out_dir.mkdir(parents=True, exist_ok=True)
     site_dirs: list[Path] = []
@@ -120,11 +126,11 @@ def generate_cohort(out_dir: Path, cfg: ExperimentConfig) -> list[Path]:
             y = sample_labels(child_rng(syn.seed, "labels", k, j), f)
             present, restored = sample_presence(child_rng(syn.seed, "presence", k, j), f, protocol)
             fs = {name: float(v[0]) for name, v in f.items()}
-            seen = visible_factors(fs, syn.disease_signal)
             labels = {name: _finite(v[0]) for name, v in y.items()}
             imaged = [o for o in protocol if present[o][0]]
             for o in imaged:
                 shape, spacing, _ = geometry[o]
+                seen = visible_factors(fs, syn.organ_disease_signal.get(o, syn.disease_signal))
                 img = render_organ(o, shape, seen, scanner, child_rng(syn.seed, "render", k, j, o))
                 rel = f"images/{sid}_{o}.nii.gz"
                 _write_nifti(site_dir / rel, img, spacing)

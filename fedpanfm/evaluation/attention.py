@@ -11,9 +11,12 @@ per subject b and organ o: a_{b,o} = share of the attention on o's tokens over t
 - entropy: per subject, H_b = -sum_o a_{b,o} log a_{b,o} / log |P_b| over its |P_b| >= 2 present
   organs (1 = even spread), averaged over those subjects; ``pooled_entropy`` is the entropy of
   the pooled shares over organs seen at all, normalised the same way;
-- ``info_drop``: macro probe AUROC lost when o is removed at inference (paired, same subjects;
-  ``ConditionResult.drop`` of ``drop:<o>``), and ``info_share`` = max(info_drop, 0) normalised
-  to sum 1 over organs (NaN when no organ's removal costs anything).
+- ``info_drop``: macro probe AUROC lost when o is removed and the probes are refitted without it
+  (paired, same test subjects; ``fedpanfm.evaluation.information``), and ``info_share`` =
+  max(info_drop, 0) normalised to sum 1 over organs (NaN when no organ's removal costs anything);
+- ``inference_drop`` / ``inference_share``: the same from the full-organ probes scored with o
+  removed at inference (``ConditionResult.drop`` of ``drop:<o>``): robustness, which mixes the
+  organ's information with the embedding shift its absence causes.
 A shortcut shows as organs whose attention share far exceeds their information share.
 """
 
@@ -40,6 +43,8 @@ class OrganBalance:
     relative: float
     info_drop: float
     info_share: float
+    inference_drop: float = math.nan
+    inference_share: float = math.nan
 
 
 @dataclass
@@ -68,12 +73,27 @@ def normalised_entropy(shares: Tensor, present: Tensor) -> Tensor:
     return torch.where(n >= 2, h / torch.log(n.clamp(min=2)), torch.full_like(h, math.nan))
 
 
-def attention_balance(emb: Embeddings, info_drop: Mapping[str, float]) -> AttentionBalance:
+def drop_shares(drops: Mapping[str, float]) -> dict[str, float]:
+    """organ -> max(drop, 0) / sum over organs of max(drop, 0); NaN for a NaN drop or a zero sum.
+
+    Args:
+        drops: organ -> macro AUROC lost without the organ (NaN if unknown).
+    """
+    positive = {o: max(d, 0.0) if not math.isnan(d) else 0.0 for o, d in drops.items()}
+    total = sum(positive.values())
+    return {o: positive[o] / total if total > 0 and not math.isnan(d) else math.nan for o, d in drops.items()}
+
+
+def attention_balance(
+    emb: Embeddings, info_drop: Mapping[str, float], inference_drop: Mapping[str, float] | None = None
+) -> AttentionBalance:
     """The attention-balance table of a full-organ embedding pass.
 
     Args:
         emb: full-organ embeddings (``shares`` and ``present`` are used).
-        info_drop: organ -> macro AUROC drop when that organ is removed (NaN if unknown).
+        info_drop: organ -> macro AUROC drop with the probes refitted without the organ (NaN if unknown).
+        inference_drop: organ -> macro AUROC drop of the full-organ probes with the organ removed
+            at inference; None leaves those columns NaN.
     """
     if len(emb) == 0:
         raise ValueError("attention_balance: no subjects")
@@ -83,9 +103,9 @@ def attention_balance(emb: Embeddings, info_drop: Mapping[str, float]) -> Attent
     attn_share = masked.sum(0) / n_with.clamp(min=1)
     pooled = masked.sum(0) / len(emb)
     relative = (masked * present.sum(dim=1, keepdim=True)).sum(0) / n_with.clamp(min=1)
-    drops = [float(info_drop.get(o, math.nan)) for o in emb.organ_names]
-    positive = [max(d, 0.0) if not math.isnan(d) else 0.0 for d in drops]
-    total = sum(positive)
+    drops = {o: float(info_drop.get(o, math.nan)) for o in emb.organ_names}
+    inf_drops = {o: float((inference_drop or {}).get(o, math.nan)) for o in emb.organ_names}
+    info_share, inf_share = drop_shares(drops), drop_shares(inf_drops)
     rows = []
     for k, organ in enumerate(emb.organ_names):
         seen = int(n_with[k]) > 0
@@ -95,8 +115,10 @@ def attention_balance(emb: Embeddings, info_drop: Mapping[str, float]) -> Attent
             attn_share=float(attn_share[k]) if seen else math.nan,
             pooled_share=float(pooled[k]),
             relative=float(relative[k]) if seen else math.nan,
-            info_drop=drops[k],
-            info_share=positive[k] / total if total > 0 and not math.isnan(drops[k]) else math.nan,
+            info_drop=drops[organ],
+            info_share=info_share[organ],
+            inference_drop=inf_drops[organ],
+            inference_share=inf_share[organ],
         ))
     h = normalised_entropy(shares, present)
     valid = ~torch.isnan(h)
@@ -110,4 +132,4 @@ def attention_balance(emb: Embeddings, info_drop: Mapping[str, float]) -> Attent
     )
 
 
-__all__ = ["AttentionBalance", "OrganBalance", "attention_balance", "normalised_entropy"]
+__all__ = ["AttentionBalance", "OrganBalance", "attention_balance", "drop_shares", "normalised_entropy"]

@@ -27,6 +27,7 @@ import torch
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.evaluation.attention import AttentionBalance, attention_balance
+from fedpanfm.evaluation.information import information_drops
 from fedpanfm.evaluation.embed import embed_batches
 from fedpanfm.evaluation.factors import CohortFactors, FactorReport, factor_decodability
 from fedpanfm.evaluation.probe import ProbeScores, ProbeSet, ProbeSplit, fit_and_score, split_three
@@ -92,8 +93,9 @@ def evaluate_encoder(
     robustness = robustness_conditions(
         encoder, test_batches, probes, ev.random_draws, seed, device, full=full.subset(split.test)
     )
-    info_drop = {r.organ: r.drop for r in robustness if r.kind == "drop_one"}
-    balance = attention_balance(full, info_drop)
+    inference_drop = {r.organ: r.drop for r in robustness if r.kind == "drop_one"}
+    info_drop = information_drops(encoder, batches, full, probes, split, ev, device)
+    balance = attention_balance(full, info_drop, inference_drop)
     meta = {
         "seed": seed,
         "subjects": len(full),
@@ -156,9 +158,10 @@ def robustness_table(result: EvaluationResult) -> tuple[list[str], list[list[Any
 
 def attention_table(result: EvaluationResult) -> tuple[list[str], list[list[Any]]]:
     """Header and rows of the attention-balance table."""
-    header = ["organ", "n_subjects", "attn_share", "pooled_share", "relative", "info_drop", "info_share"]
-    rows = [[o.organ, o.n_subjects, o.attn_share, o.pooled_share, o.relative, o.info_drop, o.info_share]
-            for o in result.balance.organs]
+    header = ["organ", "n_subjects", "attn_share", "pooled_share", "relative", "info_drop", "info_share",
+              "inference_drop", "inference_share"]
+    rows = [[o.organ, o.n_subjects, o.attn_share, o.pooled_share, o.relative, o.info_drop, o.info_share,
+             o.inference_drop, o.inference_share] for o in result.balance.organs]
     return header, rows
 
 
@@ -236,7 +239,7 @@ def _plots(result: EvaluationResult, out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([p - 0.2 for p in pos], [o.pooled_share for o in b.organs], 0.4, label="CLS attention share (pooled)")
     ax.bar([p + 0.2 for p in pos], [0.0 if math.isnan(o.info_share) else o.info_share for o in b.organs], 0.4,
-           label="information share (AUROC drop)")
+           label="information share (probes refitted without it)")
     ax.set_xticks(pos, names, rotation=45)
     ax.set(ylabel="share", title=f"Attention balance (entropy {_fmt(b.entropy)})")
     ax.legend(fontsize=7)

@@ -169,7 +169,10 @@ class ArmScore:
         full_same_subjects: all-organ macro AUROC on the subjects the removal condition scored.
         entropy: mean normalised CLS-attention entropy over organs (attention balance).
         dominant_attention: pooled CLS-attention share of adipose + heart.
-        dominant_info: information share of adipose + heart (AUROC-drop based; NaN if undefined).
+        dominant_info: information share of adipose + heart (probes refitted without each organ;
+            NaN if undefined).
+        dominant_inference_info: the same share from the full-organ probes scored with each organ
+            removed at inference (mixes information with the embedding's shift; for comparison).
         attention: organ -> pooled attention share; info: organ -> information share.
         body_size_r2: ridge R^2 of the body-size nuisance factor from the CLS embedding.
         signal_r2: mean ridge R^2 of the latent factors the labels read.
@@ -183,6 +186,7 @@ class ArmScore:
     entropy: float
     dominant_attention: float
     dominant_info: float
+    dominant_inference_info: float = math.nan
     attention: dict[str, float] = field(default_factory=dict)
     info: dict[str, float] = field(default_factory=dict)
     body_size_r2: float = math.nan
@@ -215,6 +219,7 @@ def score_arm(result: EvaluationResult, encoder: PanOrganEncoder, batches: Seque
     attention = {o.organ: o.pooled_share for o in b.organs}
     info = {o.organ: o.info_share for o in b.organs}
     dom_info = [info[o] for o in DOMINANT]
+    dom_inf = [o.inference_share for o in b.organs if o.organ in DOMINANT]
     f = result.factors
     return ArmScore(
         macro=result.scores.macro,
@@ -224,6 +229,7 @@ def score_arm(result: EvaluationResult, encoder: PanOrganEncoder, batches: Seque
         entropy=b.entropy,
         dominant_attention=sum(attention[o] for o in DOMINANT),
         dominant_info=math.nan if any(math.isnan(x) for x in dom_info) else sum(dom_info),
+        dominant_inference_info=math.nan if any(math.isnan(x) for x in dom_inf) else sum(dom_inf),
         attention=attention,
         info=info,
         body_size_r2=math.nan if f is None else f.r2.get("body_size", math.nan),
