@@ -91,6 +91,11 @@ def test_evaluate_command_end_to_end(cohort, tmp_path):
     assert [a["organ"] for a in attention] == list(ORGANS)
     pooled = [float(a["pooled_share"]) for a in attention]
     assert sum(pooled) == pytest.approx(1.0, abs=1e-5)
+    for a in attention:  # the inference-time column is the robustness table's drop:<organ>
+        assert float(a["inference_drop"]) == pytest.approx(float(rows[f"drop:{a['organ']}"]["drop"]), abs=1e-5)
+    for col in ("info_share", "inference_share"):
+        shares = [float(a[col]) for a in attention]
+        assert all(math.isnan(x) for x in shares) or sum(shares) == pytest.approx(1.0, abs=1e-5)
     md = (out / "report.md").read_text()
     assert "## Missing-organ robustness" in md and "random_k:6" in md and "only:pancreas" in md
 

@@ -25,6 +25,7 @@ from fedpanfm.evaluation.probe import (
     score_probes,
     split_three,
 )
+from fedpanfm.evaluation.information import information_drops
 from fedpanfm.evaluation.report import EvaluationResult, evaluate_encoder, write_report
 from fedpanfm.evaluation.robustness import ConditionResult, robustness_conditions
 
@@ -47,6 +48,7 @@ __all__ = [
     "evaluate_encoder",
     "fit_and_score",
     "fit_probes",
+    "information_drops",
     "normalised_entropy",
     "percentile_ci",
     "probe_auroc",
