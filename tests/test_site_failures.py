@@ -15,7 +15,7 @@ from flwr.app import Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpanfm.federation.aggregate import aggregate_round
-from fedpanfm.federation.message import arrayrecord_to_state, state_to_arrayrecord
+from fedpanfm.federation.message import state_to_arrayrecord
 from orchestration.strategy import FedPanFM, RoundFailed, RoundReport
 from sites.faults import InjectedFault, apply_fault, parse_faults
 

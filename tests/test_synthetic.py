@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from fedpanfm.data.manifest import MANIFEST_NAME, read_manifest
+from fedpanfm.data.manifest import read_manifest
 from fedpanfm.data.synthetic import METADATA_NAME, generate_cohort
 from fedpanfm.data.synthetic_factors import (
     LABELS,
