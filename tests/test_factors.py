@@ -108,5 +108,5 @@ def test_organ_disease_signal_overrides_one_organ_only(tmp_path: Path) -> None:
     for f in kidneys:  # the organ not named keeps synth.disease_signal: byte-identical files
         assert f.read_bytes() == (b / "images" / f.name).read_bytes()
     assert any(f.read_bytes() != (b / "images" / f.name).read_bytes() for f in hearts)
-    with pytest.raises(ValueError, match="organ_disease_signal: no renderer for lung"):
+    with pytest.raises(ValueError, match="organ_disease_signal: the synthetic cohort cannot render lung"):
         generate_cohort(tmp_path / "c", tiny_config(base + ["synth.organ_disease_signal={lung: 1.0}"]))

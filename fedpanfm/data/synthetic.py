@@ -36,6 +36,7 @@ from fedpanfm.data.synthetic_factors import (
     SESSIONS,
     SHARED_FACTORS,
     UNKNOWN_LABEL_RATE,
+    check_renderable,
     child_rng,
     presence_probabilities,
     sample_factors,
@@ -105,12 +106,7 @@ def generate_cohort(out_dir: Path, cfg: ExperimentConfig) -> list[Path]:
         raise FileExistsError(f"synthetic cohort folder {out_dir} is not empty; remove it or pick another --out")
     syn = cfg.synth
     protocols = site_protocols(syn.sites, [list(s) for s in syn.site_organs])
-    unknown = [o for o in syn.organ_disease_signal if o not in ORGAN_FACTORS]
-    if unknown:
-        raise ValueError(
-            f"synth.organ_disease_signal: no renderer for {', '.join(unknown)} "
-            f"(renderers exist for {', '.join(ORGAN_FACTORS)})"
-        )
+    check_renderable(syn.organ_disease_signal, "synth.organ_disease_signal")
     geometry = {o: native_geometry(o, cfg.data.organs[o]) for o in {o for _, organs in protocols for o in organs}}
     out_dir.mkdir(parents=True, exist_ok=True)
     site_dirs: list[Path] = []

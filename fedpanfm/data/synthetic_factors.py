@@ -10,6 +10,7 @@ shape (n,), so the label and missingness models can be tested on large samples w
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -261,6 +262,16 @@ def sample_scanner(rng: np.random.Generator) -> Scanner:
     )
 
 
+def check_renderable(organs: Iterable[str], key: str) -> None:
+    """Raise ``ValueError`` naming ``key`` when an organ in ``organs`` has no renderer."""
+    unknown = [o for o in organs if o not in ORGAN_FACTORS]
+    if unknown:
+        raise ValueError(
+            f"{key}: the synthetic cohort cannot render {', '.join(unknown)} "
+            f"(renderers exist for {', '.join(ORGAN_FACTORS)})"
+        )
+
+
 def site_protocols(sites: int, site_organs: list[list[str]]) -> list[tuple[str, tuple[str, ...]]]:
     """(name, organs) per site: ``site_organs`` when given (one list per site), else the mix.
 
@@ -278,12 +289,7 @@ def site_protocols(sites: int, site_organs: list[list[str]]) -> list[tuple[str, 
     for k, organs in enumerate(site_organs):
         if not organs:
             raise ValueError(f"synth.site_organs[{k}] is empty: every site scans at least one organ")
-        unknown = [o for o in organs if o not in ORGAN_FACTORS]
-        if unknown:
-            raise ValueError(
-                f"synth.site_organs[{k}]: the synthetic cohort cannot render {', '.join(unknown)} "
-                f"(renderers exist for {', '.join(ORGAN_FACTORS)})"
-            )
+        check_renderable(organs, f"synth.site_organs[{k}]")
         named = [name for name, mix in SITE_MIX if set(mix) == set(organs)]
         out.append((named[0] if named else "custom", tuple(dict.fromkeys(organs))))
     return out

@@ -15,6 +15,7 @@ from fedpanfm.evaluation.embed import (
     encoder_from_checkpoint,
     random_encoder,
 )
+from fedpanfm.evaluation.information import information_drops
 from fedpanfm.evaluation.probe import (
     ProbeScores,
     ProbeSet,
@@ -25,7 +26,6 @@ from fedpanfm.evaluation.probe import (
     score_probes,
     split_three,
 )
-from fedpanfm.evaluation.information import information_drops
 from fedpanfm.evaluation.report import EvaluationResult, evaluate_encoder, write_report
 from fedpanfm.evaluation.robustness import ConditionResult, robustness_conditions
 

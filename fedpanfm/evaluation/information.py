@@ -11,7 +11,7 @@ so here the probes are refitted on the same split with the organ removed from ev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -45,28 +45,33 @@ def refit_drop(full: Embeddings, full_probes: ProbeSet, without: Embeddings, spl
     return score_probes(full_probes, full.subset(part.test)).macro - score_probes(refit, without.subset(part.test)).macro
 
 
+def embeddings_without_each(
+    encoder: PanOrganEncoder, batches: Sequence[SubjectBatch], device: torch.device | str = "cpu"
+) -> dict[str, Embeddings]:
+    """organ -> embeddings of ``batches`` with that organ removed from every subject.
+
+    One pass per organ serves both :func:`information_drops` (all subjects) and the robustness
+    table's ``drop:<organ>`` rows (their test subset).
+    """
+    organs = batches[0].organ_names
+    return {o: embed_batches(encoder, batches, lambda _i, b, o=o: b.drop_organs([o]), device) for o in organs}
+
+
 def information_drops(
-    encoder: PanOrganEncoder,
-    batches: Sequence[SubjectBatch],
     full: Embeddings,
+    without: Mapping[str, Embeddings],
     full_probes: ProbeSet,
     split: ProbeSplit,
     cfg: EvalConfig,
-    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """organ -> :func:`refit_drop` with that organ removed from every subject.
 
     Args:
-        encoder: the frozen encoder ``full`` came from.
-        batches: every labelled subject, collated (the same ``full`` was embedded from).
         full, full_probes, split, cfg: as in :func:`refit_drop`.
-        device: where the encoder runs.
+        without: organ -> embeddings of every subject with the organ removed
+            (:func:`embeddings_without_each`).
     """
-    out = {}
-    for organ in full.organ_names:
-        without = embed_batches(encoder, batches, lambda _i, b, o=organ: b.drop_organs([o]), device)
-        out[organ] = refit_drop(full, full_probes, without, split, cfg)
-    return out
+    return {organ: refit_drop(full, full_probes, emb, split, cfg) for organ, emb in without.items()}
 
 
-__all__ = ["information_drops", "kept_split", "refit_drop"]
+__all__ = ["embeddings_without_each", "information_drops", "kept_split", "refit_drop"]

@@ -27,8 +27,8 @@ import torch
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.evaluation.attention import AttentionBalance, attention_balance
-from fedpanfm.evaluation.information import information_drops
-from fedpanfm.evaluation.embed import embed_batches
+from fedpanfm.evaluation.embed import Embeddings, embed_batches
+from fedpanfm.evaluation.information import embeddings_without_each, information_drops
 from fedpanfm.evaluation.factors import CohortFactors, FactorReport, factor_decodability
 from fedpanfm.evaluation.probe import ProbeScores, ProbeSet, ProbeSplit, fit_and_score, split_three
 from fedpanfm.evaluation.robustness import ConditionResult, robustness_conditions
@@ -50,6 +50,8 @@ class EvaluationResult:
         balance: the attention-balance table (over all subjects, full organs).
         meta: free-form facts (seed, subject counts, seconds, checkpoint ...).
         factors: linear decodability of the cohort's latent factors (synthetic cohorts only).
+        embeddings: the full-organ embeddings of every subject the probes were fitted and
+            scored on (for callers that score further conditions; not written to the report).
     """
 
     split: ProbeSplit
@@ -59,6 +61,7 @@ class EvaluationResult:
     balance: AttentionBalance
     meta: dict[str, Any] = field(default_factory=dict)
     factors: FactorReport | None = None
+    embeddings: Embeddings | None = None
 
 
 def evaluate_encoder(
@@ -90,11 +93,13 @@ def evaluate_encoder(
         rows = [i for i, s in enumerate(b.subject_ids) if s in test_ids]
         if rows:
             test_batches.append(b.select(rows))
+    without = embeddings_without_each(encoder, batches, device)
     robustness = robustness_conditions(
-        encoder, test_batches, probes, ev.random_draws, seed, device, full=full.subset(split.test)
+        encoder, test_batches, probes, ev.random_draws, seed, device, full=full.subset(split.test),
+        dropped={o: e.subset([s for s in e.subject_ids if s in test_ids]) for o, e in without.items()},
     )
     inference_drop = {r.organ: r.drop for r in robustness if r.kind == "drop_one"}
-    info_drop = information_drops(encoder, batches, full, probes, split, ev, device)
+    info_drop = information_drops(full, without, probes, split, ev)
     balance = attention_balance(full, info_drop, inference_drop)
     meta = {
         "seed": seed,
@@ -105,7 +110,7 @@ def evaluate_encoder(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     decoded = factor_decodability(full, split, *factors) if factors is not None else None
-    return EvaluationResult(split, probes, scores, robustness, balance, meta, decoded)
+    return EvaluationResult(split, probes, scores, robustness, balance, meta, decoded, full)
 
 
 # --------------------------------------------------------------------------- tables

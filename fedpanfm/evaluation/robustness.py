@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +105,7 @@ def robustness_conditions(
     seed: int,
     device: torch.device | str = "cpu",
     full: Embeddings | None = None,
+    dropped: Mapping[str, Embeddings] | None = None,
 ) -> list[ConditionResult]:
     """Score ``probes`` under every missing-organ condition on ``test_batches``.
 
@@ -116,6 +117,8 @@ def robustness_conditions(
         seed: seeds the random draws (same seed, same removed organs).
         device: where the encoder runs.
         full: the test subjects' full-organ embeddings if already computed.
+        dropped: organ -> the test subjects' embeddings with that organ removed, if already
+            computed (subjects it left without organs absent).
 
     Returns:
         Rows in order: full, drop:<organ> (vocabulary order), random_k:1..O-1, only:<organ>.
@@ -131,7 +134,7 @@ def robustness_conditions(
         return embed_batches(encoder, test_batches, transform, device)
 
     for organ in organs:
-        emb = run(lambda _i, b, o=organ: b.drop_organs([o]))
+        emb = dropped[organ] if dropped is not None else run(lambda _i, b, o=organ: b.drop_organs([o]))
         rows.append(_condition(f"drop:{organ}", "drop_one", organ, 1, [emb], probes, full, n_test))
     gen = torch.Generator().manual_seed(seed)
     for k in range(1, len(organs)):

@@ -208,7 +208,7 @@ def score_arm(result: EvaluationResult, encoder: PanOrganEncoder, batches: Seque
         batches: the collated evaluation cohort.
     """
     test = set(result.split.test)
-    full = embed_batches(encoder, batches)
+    full = result.embeddings if result.embeddings is not None else embed_batches(encoder, batches)
     reduced = embed_batches(encoder, batches, transform=lambda _i, b: b.drop_organs(list(DOMINANT)))
     ids = [s for s in reduced.subject_ids if s in test]
     if not ids:
@@ -218,8 +218,7 @@ def score_arm(result: EvaluationResult, encoder: PanOrganEncoder, batches: Seque
     b = result.balance
     attention = {o.organ: o.pooled_share for o in b.organs}
     info = {o.organ: o.info_share for o in b.organs}
-    dom_info = [info[o] for o in DOMINANT]
-    dom_inf = [o.inference_share for o in b.organs if o.organ in DOMINANT]
+    inference = {o.organ: o.inference_share for o in b.organs}
     f = result.factors
     return ArmScore(
         macro=result.scores.macro,
@@ -228,8 +227,9 @@ def score_arm(result: EvaluationResult, encoder: PanOrganEncoder, batches: Seque
         full_same_subjects=same.macro,
         entropy=b.entropy,
         dominant_attention=sum(attention[o] for o in DOMINANT),
-        dominant_info=math.nan if any(math.isnan(x) for x in dom_info) else sum(dom_info),
-        dominant_inference_info=math.nan if any(math.isnan(x) for x in dom_inf) else sum(dom_inf),
+        # A NaN share (undefined) makes the sum NaN: "not measured", never a pass.
+        dominant_info=sum(info[o] for o in DOMINANT),
+        dominant_inference_info=sum(inference[o] for o in DOMINANT),
         attention=attention,
         info=info,
         body_size_r2=math.nan if f is None else f.r2.get("body_size", math.nan),
