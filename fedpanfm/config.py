@@ -170,15 +170,52 @@ class LossWeights:
     dex: float = _f(0.1, lo=0.0)
     balance: float = _f(0.01, lo=0.0)
     koleo: float = _f(0.0, lo=0.0, doc="KoLeo spread of the student CLS (DINOv2); 0 = off")
+    mae: float = _f(0.0, lo=0.0, doc="masked-patch pixel reconstruction (MAE-style) from the student's masked tokens; 0 = off")
+
+
+@dataclass
+class AugmentRanges:
+    """Random per-image transforms of one organ's stack (docs/method.md, "Views and augmentations")."""
+
+    rotate_deg: float = _f(15.0, lo=0.0, hi=180.0, doc="rotation angle drawn in [-x, x] degrees (each plane in 3D)")
+    translate: float = _f(0.1, lo=0.0, hi=0.5, doc="shift drawn in [-x, x] of each axis' length")
+    scale: list[float] = _f([0.9, 1.1], lo=0.1, hi=10.0, doc="[low, high] isotropic zoom factor")
+    flip_axes: list[int] = _f([], lo=0, hi=2, doc="grid axes flipped with probability 1/2; [] = none (anatomy has a side)")
+    gain: list[float] = _f([0.9, 1.1], lo=0.0, doc="[low, high] intensity gain")
+    shift: float = _f(0.1, lo=0.0, doc="intensity bias drawn in [-x, x] (normalised units)")
+    gamma: list[float] = _f([0.8, 1.25], lo=0.05, hi=20.0, doc="[low, high] gamma of the min-max-scaled image (contrast)")
+    noise_std: float = _f(0.05, lo=0.0, doc="Gaussian noise std drawn in [0, x] per image")
+    bias_field: float = _f(0.1, lo=0.0, hi=2.0, doc="std of a smooth multiplicative log-field (3 control points per axis); 0 = off")
+
+    def check(self, where: str) -> None:
+        for name in ("scale", "gain", "gamma"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
+                raise ConfigError(f"{where}.{name}: need [low, high] with low <= high, got {lo_hi}")
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation of the self-distillation views, organ by organ (``fedpanfm/augment.py``)."""
+
+    enabled: bool = True
+    ranges: AugmentRanges = field(default_factory=AugmentRanges)
+    organs: dict[str, AugmentRanges] = _f({}, doc="organ -> its own ranges (unset keys take the built-in defaults)")
 
 
 @dataclass
 class TrainConfig:
     epochs: int = _f(2, lo=1, doc="local epochs (per round in a federation)")
-    lr: float = _f(5e-4, lo=0.0)
+    lr: float = _f(5e-4, lo=0.0, doc="peak lr at lr_reference_batch; scaled by sqrt(effective batch / reference)")
+    lr_reference_batch: int = _f(16, lo=1, doc="batch at which train.lr holds (square-root rule, DINOv2)")
     min_lr: float = _f(1e-5, lo=0.0)
-    weight_decay: float = _f(0.04, lo=0.0)
+    weight_decay: float = _f(0.04, lo=0.0, doc="weight decay at step 0")
+    weight_decay_end: float = _f(0.4, lo=0.0, doc="weight decay at the last step (cosine, DINO)")
     warmup_fraction: float = _f(0.1, lo=0.0, hi=1.0)
+    freeze_last_layer_epochs: int = _f(1, lo=0, doc="epochs of the run with the head's prototypes frozen (DINO)")
+    local_views: int = _f(2, lo=0, hi=16, doc="organ-subset (local) views per subject; 0 = two global views only")
+    local_keep_ratio: list[float] = _f([0.3, 0.6], lo=0.0, hi=1.0, doc="[low, high] share of its organs a local view keeps")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     teacher_momentum_start: float = _f(0.996, lo=0.0, hi=1.0)
     teacher_momentum_end: float = _f(1.0, lo=0.0, hi=1.0)
     teacher_temp_start: float = _f(0.04, lo=1e-3)
@@ -271,6 +308,12 @@ class StudyConfig:
     eval_seed: int = _f(1000, doc="synth seed of the evaluation cohort (differs from synth.seed)")
     cpus: int = _f(0, lo=0, doc="CPUs for the federated arms' Ray; 0 = all cores")
     quick: list[str] = _f([], doc="KEY=VALUE overrides applied by --quick")
+    primary_readout: Literal["cls", "organ_mean", "both"] = _f(
+        "cls", doc="encoder readout that decides macro_auroc, the same for every arm (docs/evaluation.md)")
+    supervised_epochs: int = _f(10, lo=1, doc="epochs at least of the supervised_factors reference over the "
+                                              "training cohort (more steps than the arms' budget when needed)")
+    supervised_min_subjects: int = _f(768, lo=1, doc="training subjects the supervised reference needs to count as "
+                                                     "the upper reference; fewer is flagged in its note")
 
 
 @dataclass
@@ -279,8 +322,16 @@ class EvalConfig:
 
     test_fraction: float = _f(0.3, lo=0.05, hi=0.8, doc="share of subjects held out to score the probes")
     val_fraction: float = _f(0.2, lo=0.05, hi=0.8, doc="share of subjects used to choose the L2 strength")
-    l2_grid: list[float] = _f([1e-4, 1e-3, 1e-2, 1e-1, 1.0], lo=0.0, doc="L2 strengths tried per label")
+    l2_grid: list[float] = _f([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3, 1e4], lo=0.0,
+                              doc="L2 strengths tried per label (extended upwards when its largest wins)")
+    l2_extend: int = _f(4, lo=0, doc="decades the L2 grid is extended by at most, one at a time, while its "
+                                     "largest value is the strict best on validation")
     max_iter: int = _f(50, lo=1, doc="Newton iterations per probe fit at most")
+    probe_seed: int = _f(7919, doc="offset of the probe split seed: split = probe_seed + run seed, so the split "
+                                   "never shares a seed with model initialisation")
+    baselines: bool = _f(True, doc="score the baseline rows (presence, pixel_stats, pca_pixels, oracle, "
+                                   "random_init) beside the encoder")
+    pca_components: int = _f(32, lo=1, doc="components of the pca_pixels baseline")
     bootstrap: int = _f(1000, lo=0, doc="bootstrap resamples of the test set for CIs; 0 = none")
     ci_level: float = _f(0.95, lo=0.5, hi=0.999)
     random_draws: int = _f(3, lo=1, doc="random organ-removal draws per subject and k")
@@ -548,6 +599,17 @@ def validate(cfg: ExperimentConfig, src: str) -> None:
                 raise ConfigError(f"{src}: synth.site_organs[{i}]: unknown organ {o!r}")
     if cfg.model.dim % cfg.model.heads:
         raise ConfigError(f"{src}: model.dim = {cfg.model.dim} must be divisible by model.heads = {cfg.model.heads}")
+    lo_hi = cfg.train.local_keep_ratio
+    if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
+        raise ConfigError(f"{src}: train.local_keep_ratio: need [low, high] with low <= high, got {lo_hi}")
+    cfg.train.augment.ranges.check(f"{src}: train.augment.ranges")
+    for name, ranges in cfg.train.augment.organs.items():
+        if name not in organs:
+            raise ConfigError(f"{src}: train.augment.organs.{name}: unknown organ; known: {', '.join(organs)}")
+        ranges.check(f"{src}: train.augment.organs.{name}")
+        bad = [a for a in ranges.flip_axes if a >= len(cfg.data.organs[name].grid)]
+        if bad:
+            raise ConfigError(f"{src}: train.augment.organs.{name}.flip_axes: axis {bad[0]} outside its {len(cfg.data.organs[name].grid)}D grid")
     if cfg.model.dex.top_k > cfg.model.dex.experts:
         raise ConfigError(f"{src}: model.dex.top_k = {cfg.model.dex.top_k} exceeds model.dex.experts")
     if cfg.federation.sparse_experts and cfg.federation.dp.enabled:
@@ -556,6 +618,8 @@ def validate(cfg: ExperimentConfig, src: str) -> None:
 
 
 __all__ = [
+    "AugmentConfig",
+    "AugmentRanges",
     "ConfigError",
     "DEFAULT_ORGANS",
     "DataConfig",

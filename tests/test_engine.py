@@ -150,7 +150,7 @@ def test_export_load_round_trip_is_exact(trainer: LocalTrainer, initial_state, l
 def test_schedules_continue_across_calls(cfg, trainer: LocalTrainer, initial_state, loader) -> None:
     t = _fresh(trainer, initial_state)
     total = 6 * len(loader)
-    sched = Schedules(cfg.train, cfg.model.dex, total)
+    sched = Schedules.for_config(cfg, total)
     first = t.fit(loader, epochs=1, total_steps=total)
     second = t.fit(loader, epochs=2, total_steps=total)
     lrs = [h["schedule/lr"] for h in first.history + second.history]
@@ -160,7 +160,10 @@ def test_schedules_continue_across_calls(cfg, trainer: LocalTrainer, initial_sta
     # the optimizer saw the last step's lr; the no-decay group (biases, norms) has no weight decay
     groups = t.optimizer.param_groups
     assert groups[0]["lr"] == pytest.approx(sched.lr(3 * len(loader) - 1))
-    assert groups[0]["weight_decay"] == pytest.approx(cfg.train.weight_decay)
+    assert groups[0]["weight_decay"] == pytest.approx(sched.weight_decay(3 * len(loader) - 1))
+    assert cfg.train.weight_decay < groups[0]["weight_decay"] < cfg.train.weight_decay_end
+    # the square-root batch rule: the tiny config's batch 4 against the reference 16 halves the lr
+    assert sched.peak_lr == pytest.approx(cfg.train.lr * 0.5)
     assert groups[1]["weight_decay"] == 0.0
     # a site restoring its step resumes its schedule there
     t.set_schedule_state({"step": 5})
@@ -168,6 +171,26 @@ def test_schedules_continue_across_calls(cfg, trainer: LocalTrainer, initial_sta
     assert resumed.history[0]["schedule/teacher_momentum"] == pytest.approx(sched.teacher_momentum(5))
     with pytest.raises(ValueError, match="missing 'step'"):
         t.set_schedule_state({})
+
+
+def test_last_layer_frozen_in_the_runs_first_epoch_then_moves(trainer: LocalTrainer, initial_state, loader) -> None:
+    t = _fresh(trainer, initial_state)
+    n = len(loader)
+    assert t.freeze_last_layer_steps(loader) == n  # train.freeze_last_layer_epochs = 1
+    key, mlp = "student.head.last_layer.weight", "student.head.mlp.0.weight"
+    w0 = t.export_state()
+    first = t.fit(loader, epochs=1, total_steps=4 * n)
+    w1 = t.export_state()
+    assert torch.equal(w1[key], w0[key])  # untouched: no gradient, no weight decay
+    assert not torch.equal(w1[mlp], w0[mlp])  # while the rest of the head learns
+    assert [h["schedule/last_layer_frozen"] for h in first.history] == [1.0] * n
+    # a later call (a site's next round) continues the global step: the first epoch is over
+    second = t.fit(loader, epochs=1, total_steps=4 * n)
+    assert not torch.equal(t.export_state()[key], w1[key])
+    assert [h["schedule/last_layer_frozen"] for h in second.history] == [0.0] * n
+    # a site resuming at step 0 (a fresh run) freezes again
+    t.set_schedule_state({"step": 0})
+    assert t.fit(loader, epochs=1, total_steps=4 * n).history[0]["schedule/last_layer_frozen"] == 1.0
 
 
 def test_evaluate_changes_nothing(trainer: LocalTrainer, initial_state, loader, eval_loader) -> None:

@@ -110,3 +110,48 @@ def test_organ_disease_signal_overrides_one_organ_only(tmp_path: Path) -> None:
     assert any(f.read_bytes() != (b / "images" / f.name).read_bytes() for f in hearts)
     with pytest.raises(ValueError, match="organ_disease_signal: the synthetic cohort cannot render lung"):
         generate_cohort(tmp_path / "c", tiny_config(base + ["synth.organ_disease_signal={lung: 1.0}"]))
+
+
+def _write_factors(cohort: Path) -> dict[str, dict[str, float]]:
+    """factors.csv in every site folder, from cohort_metadata.json (what generator v2 writes)."""
+    meta = json.loads((cohort / METADATA_NAME).read_text())
+    by_id = {s["subject_id"]: s["factors"] for s in meta["subjects"]}
+    names = sorted(next(iter(by_id.values())))
+    for site in sorted(d for d in cohort.iterdir() if (d / "manifest.csv").is_file()):
+        ids = [line.split(",")[0] for line in (site / "manifest.csv").read_text().splitlines()[1:] if line]
+        rows = ["subject_id," + ",".join(names)] + [f"{s}," + ",".join(repr(by_id[s][n] + 1.0) for n in names)
+                                                    for s in dict.fromkeys(ids)]
+        (site / "factors.csv").write_text("\n".join(rows) + "\n")
+    return {s: {n: v[n] + 1.0 for n in names} for s, v in by_id.items()}
+
+
+def test_factors_csv_is_read_before_the_metadata_and_checked(tmp_path: Path) -> None:
+    cfg = tiny_config(["synth.sites=2", "synth.subjects=3"])
+    generate_cohort(tmp_path / "c", cfg)
+    expected = _write_factors(tmp_path / "c")  # shifted by +1: tells the two sources apart
+    factors, signal, nuisance = load_cohort_factors(tmp_path / "c")
+    assert set(factors) == set(expected) and all(factors[s] == pytest.approx(expected[s]) for s in expected)
+    assert nuisance == NUISANCE_FACTORS and "renal" in signal
+    # Without the metadata file the label / nuisance factors come from the generator.
+    (tmp_path / "c" / METADATA_NAME).unlink()
+    again, signal2, nuisance2 = load_cohort_factors(tmp_path / "c")
+    assert set(again) == set(expected) and set(signal2) == set(signal) and nuisance2 == nuisance
+    site = sorted((tmp_path / "c").glob("site_*"))[0]
+    good = (site / "factors.csv").read_text().splitlines()
+    bad_cases = {
+        "row 2, column age": [good[0], good[1].replace(good[1].split(",")[1], "abc", 1), *good[2:]],
+        "row 1": ["id,age", *good[1:]],
+        "appears twice": [*good, good[1]],
+        "row 3: ": [good[0], good[1], good[2] + ",1.0"],
+    }
+    header = good[0].split(",")
+    for match, lines in bad_cases.items():
+        if match.startswith("row 2, column"):
+            match = f"row 2, column {header[1]}"
+        (site / "factors.csv").write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError, match=match) as info:
+            load_cohort_factors(tmp_path / "c")
+        assert str(site / "factors.csv") in str(info.value)
+    (site / "factors.csv").unlink()  # only the other site carries factors
+    with pytest.raises(ValueError, match="missing, while other sites"):
+        load_cohort_factors(tmp_path / "c")

@@ -156,3 +156,89 @@ def test_koleo_hand_computed_and_spreads_points() -> None:
         y -= 0.05 * y.grad
     after = torch.nn.functional.normalize(y.detach(), dim=-1)
     assert (after[0] - after[1]).norm() > (before[0] - before[1]).norm()
+
+
+def _dino_reference(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
+                    ncrops: int, student_temp: float, temp: float) -> torch.Tensor:
+    """facebookresearch/dino ``DINOLoss.forward`` (main_dino.py), transcribed: crops are chunks
+    of the batch dimension, the teacher's two global crops come first."""
+    student_out = (student_output / student_temp).chunk(ncrops)
+    teacher_out = torch.softmax((teacher_output - center) / temp, dim=-1).detach().chunk(2)
+    total_loss, n_loss_terms = 0.0, 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(len(student_out)):
+            if v == iq:
+                continue
+            loss = torch.sum(-q * torch.log_softmax(student_out[v], dim=-1), dim=-1)
+            total_loss += loss.mean()
+            n_loss_terms += 1
+    return total_loss / n_loss_terms
+
+
+@pytest.mark.parametrize("n_views", [2, 4])
+def test_cross_view_matches_dino_multicrop_reference(n_views: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    b, k = 3, 5
+    loss = DINOClsLoss(out_dim=k, student_temp=0.1, center_momentum=0.9)
+    loss.center.copy_(torch.randn(1, k, generator=g))
+    s = torch.randn(n_views, b, k, generator=g)
+    t = torch.randn(2, b, k, generator=g)
+    got = loss.cross_view(s, t, teacher_temp=0.04)
+    want = _dino_reference(s.reshape(-1, k), t.reshape(-1, k), loss.center, n_views, 0.1, 0.04)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    # and by hand with the scalar cross-entropy: pairs (g, v), v != g only
+    c = loss.center[0].tolist()
+    terms = [sum(_ce(t[gv, i].tolist(), s[v, i].tolist(), c, 0.04, 0.1) for i in range(b)) / b
+             for gv in range(2) for v in range(n_views) if v != gv]
+    assert len(terms) == 2 * n_views - 2
+    assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_cross_view_never_pairs_a_view_with_itself() -> None:
+    g = torch.Generator().manual_seed(1)
+    loss = DINOClsLoss(out_dim=4, student_temp=0.1, center_momentum=0.9)
+    s = torch.randn(3, 2, 4, generator=g, requires_grad=True)
+    t = torch.randn(2, 2, 4, generator=g)
+    loss.cross_view(s, t, 0.04).backward()
+    grad0 = s.grad[0].clone()
+    # Student view 0 is supervised by teacher view 1 only: changing teacher view 0 leaves its gradient.
+    s.grad = None
+    t2 = t.clone()
+    t2[0] = torch.randn(2, 4, generator=g) * 5
+    loss.cross_view(s, t2, 0.04).backward()
+    assert torch.allclose(s.grad[0], grad0)
+    assert not torch.allclose(s.grad[2], torch.zeros_like(s.grad[2]))
+    # and the same-view pair is absent from the value: a student view 0 equal to the teacher's
+    # view 0 scores exactly as the pairs (1 -> 0), (0 -> 2), (1 -> 2) say
+    same = torch.cat([t, torch.randn(1, 2, 4, generator=g)])
+    pairs = [(1, 0), (0, 2), (1, 2)]
+    want = sum(loss.row_losses(same[v], t[gv], 0.04).mean() for gv, v in pairs) / 3
+    # (0 -> 1) is a pair too: student view 1 = teacher view 1
+    want = (want * 3 + loss.row_losses(same[1], t[0], 0.04).mean()) / 4
+    assert loss.cross_view(same, t, 0.04).item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="2 <= G <= V"):
+        loss.cross_view(torch.randn(1, 2, 4), torch.randn(2, 2, 4), 0.04)
+
+
+def test_patchify_order_matches_the_tokenizer_and_mae_mse() -> None:
+    from fedpanfm.losses.mae import masked_patch_mse, patchify
+
+    g = torch.Generator().manual_seed(2)
+    x2 = torch.randn(2, 1, 4, 6, generator=g)
+    p2 = patchify(x2, (2, 3))
+    assert p2.shape == (2, 4, 6)
+    # patch (row 1, col 0) of image 1 = pixels [2:4, 0:3], flattened row-major
+    assert torch.equal(p2[1, 2], x2[1, 0, 2:4, 0:3].reshape(-1))
+    x3 = torch.randn(1, 1, 4, 4, 4, generator=g)
+    p3 = patchify(x3, (2, 2, 2))
+    assert torch.equal(p3[0, 5], x3[0, 0, 2:4, 0:2, 2:4].reshape(-1))  # patch grid index (1, 0, 1)
+    # a stride-equal convolution with a one-hot kernel reads the same order
+    conv = torch.nn.Conv2d(1, 6, kernel_size=(2, 3), stride=(2, 3), bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(6).view(6, 1, 2, 3))
+    assert torch.allclose(conv(x2).flatten(2).transpose(1, 2), p2, atol=1e-6)
+    target = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
+    pred = torch.tensor([[-1.0, 1.0], [0.5, 0.0]])
+    # per-patch normalised targets: [-1, 1] and (flat) [0, 0]; errors 0 and 0.25
+    assert masked_patch_mse(pred, target).item() == pytest.approx(0.25 / 4, rel=1e-4)
+    assert masked_patch_mse(torch.zeros(0, 2, requires_grad=True), torch.zeros(0, 2)).requires_grad

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import make_batch, tiny_config
-from fedpanfm.model.meta_arch import PanFMSSL
+from fedpanfm.model.meta_arch import GLOBAL_VIEWS, PanFMSSL
+from fedpanfm.model.views import make_views
 
 SCHED = {"teacher_temp": 0.04, "noise_std": 1.0}
 ORGAN_SETS = [["heart", "adipose", "liver"], ["brain"], ["kidney", "spleen", "pancreas", "heart"], ["adipose", "brain"]]
@@ -49,33 +50,66 @@ def test_forward_backward_random_organ_subsets_no_grad_to_teacher_or_directors(c
     assert model.masker.local_count.sum() > 0
 
 
-def test_ibot_loss_counts_exactly_the_masked_positions(cfg) -> None:
+def _redraw(model: PanFMSSL, batch, seed: int):
+    """The views and masks ``model.forward`` draws from ``Generator(seed)``, in its order."""
+    t = model.cfg.train
+    gen = torch.Generator().manual_seed(seed)
+    views = make_views(batch, GLOBAL_VIEWS, t.local_views, tuple(t.local_keep_ratio), model.augmenter, gen)
+    masker = copy.deepcopy(model.masker)
+    organ_mask = masker.sample(views.global_views.present, gen)
+    patch_mask = masker.sample_patch_mask(views.global_views, organ_mask, model.num_patches, gen)
+    return views, organ_mask, patch_mask
+
+
+def test_ibot_loss_counts_exactly_the_masked_positions_of_the_same_view(cfg) -> None:
     model = _model(cfg).eval()  # eval: no state changes, no router noise
     batch = make_batch(cfg, ORGAN_SETS, seed=1)
     out = model(batch, SCHED, generator=torch.Generator().manual_seed(5))
-    # Independently: redraw the same masks, gather the masked tokens from the per-organ position
-    # maps (not from the encoder's ``masked`` flag) and average per subject by hand.
-    masker = copy.deepcopy(model.masker)
-    gen = torch.Generator().manual_seed(5)
-    organ_mask = masker.sample(batch.present, gen)
-    patch_mask = masker.sample_patch_mask(batch, organ_mask, model.num_patches, gen)
+    # Independently: redraw the same views and masks, gather the masked tokens from the per-organ
+    # position maps (not from the encoder's ``masked`` flag) and average per (view, subject) row.
+    views, organ_mask, patch_mask = _redraw(model, batch, 5)
+    gv = views.global_views
     with torch.no_grad():
-        t = model.teacher(batch)
-        s = model.student(batch, organ_mask, patch_mask)
-        per_subject: dict[int, list[torch.Tensor]] = {}
+        t = model.teacher(gv)
+        s = model.student(gv, organ_mask, patch_mask)
+        per_row: dict[int, list[torch.Tensor]] = {}
         for organ, m in patch_mask.items():
             pos = t.positions[organ]
-            for i, row in enumerate(batch.index[organ].tolist()):
+            for i, row in enumerate(gv.index[organ].tolist()):
                 for p in pos[i][m[i]].tolist():
                     ce = model.ibot_loss.row_losses(
                         model.student.head(s.tokens[row, p][None]), model.teacher.head(t.tokens[row, p][None]), 0.04
                     )
-                    per_subject.setdefault(row, []).append(ce[0])
-    want = torch.stack([torch.stack(v).mean() for v in per_subject.values()]).mean()
+                    per_row.setdefault(row, []).append(ce[0])
+    want = torch.stack([torch.stack(v).mean() for v in per_row.values()]).mean()
     assert out.metrics["loss/ibot"] == pytest.approx(want.item(), rel=1e-4)
+    assert max(per_row) >= batch.size  # the second global view is masked and distilled too
     n_masked = sum(int(m.sum()) for m in patch_mask.values())
     n_tokens = sum(m.numel() for m in patch_mask.values())
     assert out.metrics["mask/token_ratio"] == pytest.approx(n_masked / n_tokens)
+
+
+def test_dino_loss_pairs_teacher_global_views_with_every_other_student_view(cfg) -> None:
+    model = _model(cfg).eval()
+    batch = make_batch(cfg, ORGAN_SETS, seed=3)
+    out = model(batch, SCHED, generator=torch.Generator().manual_seed(7))
+    views, organ_mask, patch_mask = _redraw(model, batch, 7)
+    B, V = batch.size, views.n_views
+    assert V == GLOBAL_VIEWS + cfg.train.local_views == 4
+    with torch.no_grad():
+        t_cls = model.teacher.head(model.teacher(views.global_views).cls)
+        s_cls = torch.cat([
+            model.student.head(model.student(views.global_views, organ_mask, patch_mask).cls),
+            model.student.head(model.student(views.local_views).cls),
+        ])
+    terms = []
+    for g in range(GLOBAL_VIEWS):
+        for v in range(V):
+            if v != g:  # never the same view
+                rows = [model.dino_loss.row_losses(s_cls[v * B + b][None], t_cls[g * B + b][None], 0.04)[0] for b in range(B)]
+                terms.append(torch.stack(rows).mean())
+    assert len(terms) == 6
+    assert out.metrics["loss/dino"] == pytest.approx(torch.stack(terms).mean().item(), rel=1e-4)
 
 
 def test_nothing_masked_gives_zero_ibot_loss() -> None:
@@ -163,3 +197,17 @@ def test_koleo_weight_enters_the_total() -> None:
     off = _model(tiny_config())(batch, SCHED, generator=torch.Generator().manual_seed(1))
     assert "loss/koleo" not in off.metrics  # the default weight 0 leaves the step unchanged
     assert koleo_loss(torch.zeros(1, 4)) is None
+
+
+def test_mae_weight_adds_a_pixel_decoder_and_enters_the_total() -> None:
+    base = _model(tiny_config())
+    assert not any("pixel_decoder" in k for k in base.state_dict())  # default state keys unchanged
+    cfg = tiny_config(["train.loss.mae=0.5"])
+    model = _model(cfg)
+    assert "student.pixel_decoder.heart.weight" in model.state_dict()
+    out = model(make_batch(cfg, ORGAN_SETS, seed=2), SCHED, generator=torch.Generator().manual_seed(1))
+    m, w = out.metrics, cfg.train.loss
+    want = w.dino * m["loss/dino"] + w.ibot * m["loss/ibot"] + w.dex * m["loss/dex"] + w.balance * m["loss/balance"]
+    assert out.loss.item() == pytest.approx(want + 0.5 * m["loss/mae"], rel=1e-5)
+    out.loss.backward()
+    assert model.student.pixel_decoder["heart"].weight.grad is not None

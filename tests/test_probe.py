@@ -112,3 +112,65 @@ def test_untunable_l2_is_noted():
     with pytest.raises(ValueError, match="labels"):
         score_probes(probes, Embeddings([], torch.zeros(0, 8), torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.bool),
                                         torch.zeros(0, 1), ("other",), ORGANS))
+
+
+def test_choose_l2_never_takes_the_largest_unless_it_is_strictly_best():
+    from fedpanfm.evaluation.probe import choose_l2
+
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    assert choose_l2(t(0.6, 0.8, 0.8, 0.7)) == 2  # a tie inside the grid: the stronger L2
+    assert choose_l2(t(0.6, 0.7, 0.7, 0.7)) == 1  # saturated up to the end: the weakest of that run
+    assert choose_l2(t(0.6, 0.7, 0.8)) == 2  # strictly best at the end: fit_probes extends the grid
+
+
+def _weak_dense(n: int, d: int, seed: int) -> Embeddings:
+    """A signal spread thinly over many dimensions, few subjects: strong L2 wins (the probe
+    direction tends to the class-mean difference, the optimum for isotropic noise)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g).float()
+    x = torch.randn(n, d, generator=g) + 0.08 * (2 * y[:, None] - 1)
+    return Embeddings([f"s{i:04d}" for i in range(n)], x, torch.zeros(n, 1), torch.ones(n, 1, dtype=torch.bool),
+                      y[:, None], ("y",), ("brain",))
+
+
+def test_l2_grid_is_extended_when_its_largest_value_wins():
+    emb = _weak_dense(240, 150, seed=1)
+    split = split_three(emb.subject_ids, 0.3, 0.3, seed=0)
+    short = EvalConfig(l2_grid=[1e-4, 1e-3], l2_extend=0, bootstrap=0)
+    longer = EvalConfig(l2_grid=[1e-4, 1e-3], l2_extend=6, bootstrap=0)
+    p_short, s_short = fit_and_score(emb, split, short)
+    p_long, s_long = fit_and_score(emb, split, longer)
+    assert p_short.probes["y"].l2 == 1e-3  # the grid's top: a larger one would be better ...
+    probe = p_long.probes["y"]
+    assert probe.l2 > 1e-3 and probe.l2_extended >= 1 and "extended" in probe.note  # ... and is found
+    assert probe.val_auroc > p_short.probes["y"].val_auroc
+    assert s_long.macro > s_short.macro + 0.03
+    # The default grid reaches far enough here: its largest value is not the one chosen.
+    p_def, _ = fit_and_score(emb, split, EvalConfig(bootstrap=0))
+    assert p_def.probes["y"].l2 < max(EvalConfig().l2_grid) and p_def.probes["y"].l2_extended == 0
+
+
+def test_probe_matches_sklearn_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    g = torch.Generator().manual_seed(11)
+    n, d = 600, 10
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 2.0 + 1.0
+    w = torch.randn(d, generator=g, dtype=torch.float64)
+    y = (torch.rand(n, generator=g, dtype=torch.float64) < torch.sigmoid((x - 1.0) @ w / 2 - 1.0)).float()
+    emb = Embeddings([f"s{i:04d}" for i in range(n)], x.float(), torch.zeros(n, 1), torch.ones(n, 1, dtype=torch.bool),
+                     y[:, None], ("y",), ("brain",))
+    split = split_three(emb.subject_ids, 0.2, 0.3, seed=0)
+    probes, scores = fit_and_score(emb, split, EvalConfig(bootstrap=0))
+    p = probes.probes["y"]
+    tr, te = emb.subset(split.train), emb.subset(split.test)
+    xtr, xte = tr.cls.double().numpy(), te.cls.double().numpy()
+    mu, sd = xtr.mean(0), xtr.std(0)
+    ytr = tr.labels[:, 0].numpy()
+    pw = float((ytr == 0).sum() / (ytr == 1).sum())
+    clf = LogisticRegression(C=1.0 / (p.l2 * len(ytr)), class_weight={0: 1.0, 1: pw}, max_iter=10000, tol=1e-12)
+    clf.fit((xtr - mu) / sd, ytr)
+    ref = roc_auc_score(te.labels[:, 0].numpy(), clf.decision_function((xte - mu) / sd))
+    assert scores.macro == pytest.approx(ref, abs=1e-3) and scores.macro > 0.75
+    assert p.weight.numpy() == pytest.approx(clf.coef_[0], rel=1e-3, abs=1e-4)

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from conftest import tiny_config
-from fedpanfm.train.schedules import Schedules, cosine, linear_warmup, warmup_cosine
+from fedpanfm.train.schedules import Schedules, cosine, linear_warmup, sqrt_batch_lr, warmup_cosine
 
 
 def test_cosine_linear_and_warmup_cosine_formulas() -> None:
@@ -45,6 +45,23 @@ def test_schedules_object_start_middle_end() -> None:
     assert end["noise_std"] == pytest.approx(0.0)
     assert start["gema_momentum"] == pytest.approx(0.99) and mid["gema_momentum"] == pytest.approx(0.9945)
     assert end["gema_momentum"] == pytest.approx(0.999)
-    assert start["weight_decay"] == end["weight_decay"] == t.weight_decay
+    assert start["weight_decay"] == pytest.approx(0.04) and end["weight_decay"] == pytest.approx(0.4)
+    assert mid["weight_decay"] == pytest.approx(0.22)
     # stateless: a schedule continued in a later round gives the same value
     assert Schedules(cfg.train, cfg.model.dex, 100).at(37) == s.at(37)
+
+
+def test_square_root_batch_rule_with_warmup() -> None:
+    cfg = tiny_config(["train.lr=0.0005", "train.lr_reference_batch=16", "data.batch_size=64",
+                       "deepspeed.gradient_accumulation_steps=2"])
+    s = Schedules.for_config(cfg, total_steps=100)
+    peak = 0.0005 * math.sqrt(128 / 16)  # effective batch 64 x 2 accumulation steps
+    assert s.peak_lr == pytest.approx(peak)
+    assert s.lr(0) == 0.0 and s.lr(5) == pytest.approx(peak / 2) and s.lr(10) == pytest.approx(peak)
+    assert s.lr(100) == pytest.approx(cfg.train.min_lr)
+    assert sqrt_batch_lr(0.004, 1024, 1024) == pytest.approx(0.004)
+    assert sqrt_batch_lr(0.004, 16, 1024) == pytest.approx(0.0005)  # DINOv2's base lr at our reference
+    # without an effective batch the configured lr is the peak
+    assert Schedules(cfg.train, cfg.model.dex, 100).peak_lr == pytest.approx(0.0005)
+    with pytest.raises(ValueError, match="batch"):
+        sqrt_batch_lr(0.1, 0, 16)

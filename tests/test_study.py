@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -19,7 +20,7 @@ from fedpanfm.evaluation.study import (ArmRun, ArmScore, Study, check_study, fed
                                        token_reference)
 from fedpanfm.evaluation.supervised_reference import train_factor_encoder
 from fedpanfm.tb import RunLogger
-from fedpanfm.evaluation.study_report import TABLE_HEADER, check_targets, headroom_line, write_study
+from fedpanfm.evaluation.study_report import TABLE_HEADER, check_targets, headroom_line, targets_table, write_study
 from fedpanfm.train.pretrain import pooled_split
 
 
@@ -30,7 +31,7 @@ def _cfg(extra: list[str] | None = None):
 def test_budget_gives_every_trained_arm_the_same_steps_and_subject_epochs() -> None:
     cfg = _cfg()
     budget = plan_budget(cfg, {"a": 6, "b": 6, "c": 6})
-    trained = {k: v for k, v in budget.items() if k != "random_init"}
+    trained = {k: v for k, v in budget.items() if k not in ("random_init", "supervised_factors")}
     # 2 rounds x 1 epoch x 18 subjects = 36 subject-epochs; batch 2 -> 18 steps for every arm.
     assert {b.steps for b in trained.values()} == {18}
     assert {b.subject_epochs for b in trained.values()} == {36}
@@ -38,7 +39,12 @@ def test_budget_gives_every_trained_arm_the_same_steps_and_subject_epochs() -> N
     assert budget["single_site:a"].epochs == 6 and budget["single_site:a"].subjects == 6
     assert budget["fed_sgm"].epochs == 2 and budget["fed_sgm_nodex"].steps == 18
     assert budget["random_init"].steps == 0
-    assert budget["supervised_factors"].steps == 18 and budget["supervised_factors"].subjects == 18
+    # The supervised reference: the same 18 subjects for at least evaluation.study.supervised_epochs
+    # (default 10) epochs, 9 batches each: 90 steps, more than the arms' 18.
+    assert budget["supervised_factors"].subjects == 18 and budget["supervised_factors"].epochs == 10
+    assert budget["supervised_factors"].steps == 90
+    assert plan_budget(_cfg(["evaluation.study.supervised_epochs=1"]), {"a": 6, "b": 6, "c": 6})[
+        "supervised_factors"].steps == 18  # never fewer than the arms' budget
 
 
 def test_budget_refuses_unequal_steps_and_fractional_epochs() -> None:
@@ -84,49 +90,41 @@ def test_federated_steps_sums_every_site_and_round(tmp_path) -> None:
         federated_steps(tmp_path / "server")
 
 
-def _table(**means: dict[str, float]) -> dict[str, dict[str, float]]:
-    return {arm: {f"{k}_mean": v for k, v in cols.items()} for arm, cols in means.items()}
+def _score(macro: float, no_dom: float = math.nan, att: float = 0.5, info: float = 0.3) -> ArmScore:
+    return ArmScore(macro=macro, val_macro=macro, macro_no_dominant=no_dom, full_same_subjects=macro, entropy=0.9,
+                    dominant_attention=att, dominant_info=info, readouts={"cls": macro})
 
 
-def test_targets_hold_miss_and_margins() -> None:
-    table = _table(
-        random_init={"macro_auroc": 0.55},
-        single_site={"macro_auroc": 0.65},
-        centralized={"macro_auroc": 0.70},
-        fed_none={"auroc_no_adipose_heart": 0.60, "attention_entropy": 0.5,
-                  "adipose_heart_attention": 0.7, "adipose_heart_info": 0.2},
-        fed_random={"auroc_no_adipose_heart": 0.62},
-        fed_sgm={"macro_auroc": 0.68, "auroc_no_adipose_heart": 0.61, "attention_entropy": 0.8},
-    )
-    got = {t.claim: t for t in check_targets(table)}
-    ratio = got["fed_sgm macro AUROC >= 0.97 x centralized"]
-    assert ratio.holds is True and "0.679" in ratio.detail  # 0.97 x 0.70
-    assert got["fed_sgm macro AUROC >= random_init + 0.05"].holds is True
-    single = got["fed_sgm macro AUROC >= single_site + 0.05"]
-    assert single.holds is False and "+0.030" in single.detail
-    order = got["adipose + heart removed: fed_sgm >= fed_random >= fed_none"]
-    assert order.holds is False and "-0.010" in order.detail  # sgm 0.61 < random 0.62
-    entropy = got["attention entropy fed_sgm > fed_none"]
-    assert entropy.holds is True and "within seed noise" not in entropy.detail
-    # The same means with a seed std larger than the difference: still "holds", flagged as noise.
-    noisy = dict(table, fed_sgm={**table["fed_sgm"], "attention_entropy_std": 0.4})
-    entropy = next(t for t in check_targets(noisy) if t.claim.startswith("attention entropy"))
-    assert entropy.holds is True and "differ by 0.300 < std 0.400" in entropy.detail
-    assert next(t for t in got.values() if t.claim.startswith("precondition")).holds is True
-    # An arm not run leaves its claims unmeasured instead of passing or failing them.
-    partial = {t.claim: t.holds for t in check_targets(_table(fed_sgm={"macro_auroc": 0.7}))}
-    assert set(partial.values()) == {None}
-    # Missing arms are "not run" (naming them); a NaN value of an arm that ran is "not measured".
-    nan_info = dict(table, fed_none={**table["fed_none"], "adipose_heart_info_mean": math.nan})
-    without = {k: v for k, v in nan_info.items() if k != "fed_random"}
-    got = {t.claim: t for t in check_targets(without)}
-    order = got["adipose + heart removed: fed_sgm >= fed_random >= fed_none"]
-    assert (order.holds, order.verdict, order.not_run) == (None, "not run", ("fed_random",))
-    assert "fed_random" in order.detail
-    pre = next(t for t in got.values() if t.claim.startswith("precondition"))
-    assert (pre.holds, pre.verdict, pre.not_run) == (None, "not measured", ())
-    assert got["fed_sgm macro AUROC >= random_init + 0.05"].verdict == "holds"
-    assert got["fed_sgm macro AUROC >= single_site + 0.05"].verdict == "**missed**"
+def test_targets_are_checked_per_seed_with_margins() -> None:
+    runs = []
+    for seed, sgm in ((0, 0.80), (1, 0.70)):
+        runs += [ArmRun("random_init", seed, _score(0.62), 0, 1.0),
+                 ArmRun("single_site", seed, _score(0.70), 18, 1.0),
+                 ArmRun("centralized", seed, _score(0.80), 18, 1.0),
+                 ArmRun("fed_none", seed, _score(0.75, no_dom=0.60, att=0.70, info=0.20), 18, 1.0),
+                 ArmRun("fed_sgm", seed, _score(sgm, no_dom=0.63 if seed == 0 else 0.61, att=0.40), 18, 1.0)]
+    got = {(t.claim, t.seed): t for t in check_targets(runs)}
+    r0, r1 = got[("fed_sgm >= random_init + 0.10", 0)], got[("fed_sgm >= random_init + 0.10", 1)]
+    assert (r0.holds, r1.holds) == (True, False)
+    assert r0.margin == pytest.approx(0.08) and r1.margin == pytest.approx(-0.02)
+    assert r0.verdict == "pass" and r1.verdict == "**miss**"
+    cen = got[("fed_sgm >= 0.97 x centralized", 1)]
+    assert cen.holds is False and cen.margin == pytest.approx(0.70 - 0.776)
+    assert got[("fed_sgm >= single_site + 0.05", 0)].margin == pytest.approx(0.05)
+    drop = "adipose + heart removed: fed_sgm - fed_none >= 0.02"
+    assert got[(drop, 0)].holds is True and got[(drop, 1)].holds is False
+    assert got[(drop, 1)].margin == pytest.approx(-0.01)
+    shortcut = next(t for t in got.values() if t.claim.startswith("fed_none shows"))
+    assert shortcut.holds is True and shortcut.margin == pytest.approx(0.70 - 0.30)
+    assert got[("SGM lowers adipose + heart attention: fed_sgm < fed_none", 0)].margin == pytest.approx(0.30)
+    md = targets_table(check_targets(runs))
+    assert "| fed_sgm >= random_init + 0.10 | pass (+0.080) | **miss** (-0.020) | **miss** |" in md
+    # An arm not run leaves its claims "not run"; a NaN value leaves them "not measured".
+    partial = check_targets([ArmRun("fed_sgm", 0, _score(0.7), 18, 1.0), ArmRun("fed_none", 0, _score(0.6), 18, 1.0)])
+    by = {t.claim: t for t in partial}
+    assert by["fed_sgm >= random_init + 0.10"].verdict == "not run"
+    assert by["fed_sgm >= random_init + 0.10"].not_run == ("random_init",)
+    assert by[drop].verdict == "not measured" and math.isnan(by[drop].margin)
 
 
 def test_micro_study_end_to_end(tmp_path) -> None:
@@ -145,16 +143,23 @@ def test_micro_study_end_to_end(tmp_path) -> None:
     assert [(r.arm, r.seed) for r in runs] == [(a, 3) for a in arms]
     # 2 sites x 6 training subjects, batch 2, 1 round x 1 epoch: 6 steps; realised == planned.
     assert study.budget["centralized"].steps == 6
-    assert [r.steps for r in runs] == [0, 6, 6, 6]
+    # The supervised reference: 10 epochs (evaluation.study.supervised_epochs) over the 12 subjects.
+    assert [r.steps for r in runs] == [0, 6, 6, 60]
+    assert "12 training subjects, 60 steps" in runs[3].note and "below the 768 subjects" in runs[3].note
     assert study.single_site_choice[3] in {"site_00_neuro_cardiac", "site_01_abdominal"}
     for r in runs:
         s = r.score
         assert 0.0 <= s.macro <= 1.0 and 0.0 <= s.entropy <= 1.0
         assert s.dominant_attention == pytest.approx(s.attention["adipose"] + s.attention["heart"])
         assert sum(s.attention.values()) == pytest.approx(1.0, abs=1e-5)
+        assert set(s.readouts) == {"cls", "organ_mean", "both"} and s.readout == "cls"
+        assert s.macro == s.readouts["cls"]  # the primary readout decides macro_auroc
+    # Baseline rows once per seed, on the split every arm of the seed is probed on.
+    assert set(study.baselines[3]) == {"presence", "pixel_stats", "pca_pixels", "oracle"}
+    assert all(0.0 <= v.macro <= 1.0 for v in study.baselines[3].values())
     assert 0.0 < study.reference["adipose_heart_attention"] < 1.0
     paths = write_study(runs, study.out, study.budget, study.seconds, study.single_site_choice, "fedpanfm study (test)",
-                        study.reference)
+                        study.reference, study.baselines, study.cfg.to_dict(), commit="abc123")
     with paths["table.csv"].open() as f:
         rows = list(csv.reader(f))
     assert tuple(rows[0]) == TABLE_HEADER
@@ -164,7 +169,18 @@ def test_micro_study_end_to_end(tmp_path) -> None:
     std = rows[0].index("macro_auroc_std")
     assert all(float(r[std]) == 0.0 for r in rows[1:])
     md = paths["results.md"].read_text()
-    assert "| centralized | 1 |" in md and "## Targets (issue 5)" in md and "| not run |" in md
+    assert "| centralized | 1 |" in md and "## Targets (issue 14)" in md and "| not run |" in md
+    assert "| pca_pixels |" in md and "| oracle |" in md
+    latest = json.loads(paths["study-latest.json"].read_text())
+    assert latest["commit"] == "abc123" and latest["command"] == "fedpanfm study (test)"
+    assert set(latest["arms"]) == {"random_init", "single_site", "centralized"} and latest["seeds"] == [3]
+    cen = next(r for r in runs if r.arm == "centralized").score
+    assert latest["arms"]["centralized"]["macro_auroc"] == [pytest.approx(cen.macro)]
+    assert latest["arms"]["centralized"]["macro_auroc_without_adipose_heart"] == [pytest.approx(cen.macro_no_dominant)]
+    assert latest["arms"]["centralized"]["macro_auroc_organ_mean"] == [pytest.approx(cen.readouts["organ_mean"])]
+    assert latest["baselines"]["presence"]["macro_auroc"] == [pytest.approx(study.baselines[3]["presence"].macro)]
+    assert latest["baselines"]["supervised_factors"]["steps"] == [60]
+    assert latest["config"]["evaluation"]["study"]["primary_readout"] == "cls"
     sup = next(r for r in runs if r.arm == "supervised_factors").score.macro
     assert f"Headroom: supervised_factors - random_init = {sup - runs[0].score.macro:+.3f} macro AUROC" in md
     assert "Token-proportional reference" in md
@@ -249,11 +265,11 @@ def test_report_of_a_subset_of_arms(tmp_path) -> None:
     paths = write_study(runs, tmp_path, budget, {"total": 2.0, "prepare": 1.0}, {}, "fedpanfm study (test)")
     md = paths["results.md"].read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and ("fed_sgm" in line or "fed_none" in line)]
-    assert len(rows) == 6 and all("| not run | not run: arm(s) " in r for r in rows)
+    assert len(rows) == 6 and all(r.endswith("| not run | not run | n/a |") for r in rows)
     # (0.70 + 0.74) / 2 - (0.55 + 0.57) / 2 = 0.16
     assert ("Headroom: supervised_factors - random_init = +0.160 macro AUROC (the most a linear probe on this "
             "architecture gained here when told the factors)") in md
-    assert md.index("Headroom:") > md.index("## Targets (issue 5)")
+    assert md.index("Headroom:") > md.index("## Targets (issue 14)")
     assert "| supervised_factors | 2 |" in md
     for name in ("study_auroc.png", "study_attention.png", "study.json", "table.csv"):
         assert paths[name].stat().st_size > 0

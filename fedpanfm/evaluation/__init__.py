@@ -7,6 +7,7 @@ docs/evaluation.md.
 
 from fedpanfm.evaluation.attention import AttentionBalance, attention_balance, normalised_entropy
 from fedpanfm.evaluation.auroc import auroc, average_ranks, bootstrap_counts, percentile_ci
+from fedpanfm.evaluation.baselines import baseline_macro_aurocs, baseline_scores, feature_baseline_scores
 from fedpanfm.evaluation.embed import (
     Embeddings,
     collate_dataset,
@@ -23,13 +24,16 @@ from fedpanfm.evaluation.probe import (
     fit_and_score,
     fit_probes,
     probe_auroc,
+    probe_split,
     score_probes,
     split_three,
 )
+from fedpanfm.evaluation.readouts import READOUTS, readout
 from fedpanfm.evaluation.report import EvaluationResult, evaluate_encoder, write_report
 from fedpanfm.evaluation.robustness import ConditionResult, robustness_conditions
 
 __all__ = [
+    "READOUTS",
     "AttentionBalance",
     "ConditionResult",
     "Embeddings",
@@ -40,19 +44,24 @@ __all__ = [
     "attention_balance",
     "auroc",
     "average_ranks",
+    "baseline_macro_aurocs",
+    "baseline_scores",
     "bootstrap_counts",
     "collate_dataset",
     "drop_per_subject",
     "embed_batches",
     "encoder_from_checkpoint",
     "evaluate_encoder",
+    "feature_baseline_scores",
     "fit_and_score",
     "fit_probes",
     "information_drops",
     "normalised_entropy",
     "percentile_ci",
     "probe_auroc",
+    "probe_split",
     "random_encoder",
+    "readout",
     "robustness_conditions",
     "score_probes",
     "split_three",

@@ -39,6 +39,11 @@ class Embeddings:
         labels: (N, L) float32, NaN = unknown.
         label_names: the L label names.
         organ_names: the O organ names.
+        organ_mean: (N, O, D) float32 mean of each organ's final tokens, zero where absent; None
+            when not computed (embeddings built by hand).
+        readout: what ``cls`` holds: ``"cls"`` (the CLS token) or, after
+            :func:`fedpanfm.evaluation.readouts.readout`, that readout's features. The probes read
+            ``cls`` whatever it holds.
     """
 
     subject_ids: list[str]
@@ -48,6 +53,8 @@ class Embeddings:
     labels: Tensor
     label_names: tuple[str, ...]
     organ_names: tuple[str, ...]
+    organ_mean: Tensor | None = None
+    readout: str = "cls"
 
     def __len__(self) -> int:
         return len(self.subject_ids)
@@ -59,6 +66,7 @@ class Embeddings:
             subject_ids=[self.subject_ids[i] for i in t.tolist()],
             cls=self.cls[t], shares=self.shares[t], present=self.present[t], labels=self.labels[t],
             label_names=self.label_names, organ_names=self.organ_names,
+            organ_mean=None if self.organ_mean is None else self.organ_mean[t], readout=self.readout,
         )
 
     def subset(self, subject_ids: Sequence[str]) -> "Embeddings":
@@ -189,7 +197,7 @@ def embed_batches(
     was_training = encoder.training
     encoder.eval()
     ids: list[str] = []
-    cls, shares, present, labels = [], [], [], []
+    cls, shares, present, labels, organ_mean = [], [], [], [], []
     try:
         for i, batch in enumerate(batches):
             if batch.label_names != first.label_names or batch.organ_names != first.organ_names:
@@ -200,6 +208,7 @@ def embed_batches(
             out = encoder(b.to(device))
             ids.extend(b.subject_ids)
             cls.append(out.cls.float().cpu())
+            organ_mean.append(organ_token_means(out.tokens, out.organ_id, out.pad, len(b.organ_names)).cpu())
             shares.append(organ_attention_shares(out.cls_attn, out.organ_id, len(b.organ_names)).cpu())
             present.append(b.present.cpu())
             labels.append(b.labels.cpu())
@@ -214,7 +223,23 @@ def embed_batches(
         labels=torch.cat(labels) if labels else torch.zeros(0, n_labels),
         label_names=first.label_names,
         organ_names=first.organ_names,
+        organ_mean=torch.cat(organ_mean) if organ_mean else torch.zeros(0, n_organs, 0),
     )
+
+
+def organ_token_means(tokens: Tensor, organ_id: Tensor, pad: Tensor, n_organs: int) -> Tensor:
+    """(B, O, D) mean of each organ's final tokens per subject; zero for an organ a subject lacks.
+
+    Args:
+        tokens: (B, 1+T, D) the encoder's normed tokens (CLS first).
+        organ_id: (B, 1+T) organ index per token, -1 for CLS and padding.
+        pad: (B, 1+T) True at padding.
+        n_organs: O, the vocabulary size.
+    """
+    valid = (organ_id >= 0) & ~pad
+    onehot = torch.nn.functional.one_hot(organ_id.clamp(min=0), n_organs).float() * valid[..., None]
+    sums = torch.einsum("bto,btd->bod", onehot, tokens.float())
+    return sums / onehot.sum(1).clamp(min=1.0)[..., None]
 
 
 __all__ = [
@@ -224,5 +249,6 @@ __all__ = [
     "drop_per_subject",
     "embed_batches",
     "encoder_from_checkpoint",
+    "organ_token_means",
     "random_encoder",
 ]

@@ -1,8 +1,8 @@
 """What an embedding encodes, on a cohort whose latent factors are known (the synthetic cohort).
 
 Probe AUROC says whether an encoder predicts disease; it does not say why not. The synthetic
-cohort writes each subject's latent factors (body size, age, metabolic, renal ...) into
-``cohort_metadata.json``, so we can ask directly which of them the frozen CLS embedding carries
+cohort writes each subject's latent factors (body size, age, metabolic, renal ...) into each
+site folder's ``factors.csv`` (older cohorts: ``cohort_metadata.json``), so we can ask directly which of them the frozen CLS embedding carries
 linearly: one ridge regression per factor, fitted on the probe split's train + val subjects and
 scored by R^2 on its test subjects, plus the participation ratio of the embedding covariance
 (how many directions the embedding really uses). Our diagnostic, not the papers'; it found that
@@ -11,11 +11,13 @@ self-distillation on our small cohorts collapses the CLS onto body size (docs/re
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,31 +58,117 @@ class FactorReport:
         return sum(v) / len(v) if v else math.nan
 
 
+FACTORS_CSV = "factors.csv"
+
+
+def read_factors_csv(path: Path) -> dict[str, dict[str, float]]:
+    """subject id -> factor -> value from one site's ``factors.csv``.
+
+    The file holds a header ``subject_id,<factor>,...`` (at least one factor) and one row per
+    subject with a finite float in every factor column; subject ids are unique.
+
+    Raises:
+        ValueError: the file is ill-formed (names the file, and the row and column at fault).
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path}: unreadable factors file ({exc})") from None
+    if not rows or not rows[0] or rows[0][0].strip() != "subject_id" or len(rows[0]) < 2:
+        raise ValueError(f"{path}: row 1: the header must be 'subject_id' followed by one column per factor, "
+                         f"got {rows[0] if rows else 'an empty file'}")
+    names = [c.strip() for c in rows[0][1:]]
+    blank = [i + 2 for i, c in enumerate(names) if not c]
+    if blank or len(set(names)) != len(names):
+        raise ValueError(f"{path}: row 1: factor column names must be non-empty and distinct, got {names}")
+    out: dict[str, dict[str, float]] = {}
+    for r, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue  # a trailing blank line
+        if len(row) != len(names) + 1:
+            raise ValueError(f"{path}: row {r}: {len(row)} fields, the header has {len(names) + 1}")
+        sid = row[0].strip()
+        if not sid:
+            raise ValueError(f"{path}: row {r}, column subject_id: empty subject id")
+        if sid in out:
+            raise ValueError(f"{path}: row {r}, column subject_id: subject {sid!r} appears twice")
+        values = {}
+        for name, cell in zip(names, row[1:]):
+            try:
+                v = float(cell)
+            except ValueError:
+                raise ValueError(f"{path}: row {r}, column {name}: {cell!r} is not a number") from None
+            if not math.isfinite(v):
+                raise ValueError(f"{path}: row {r}, column {name}: {cell!r} is not finite")
+            values[name] = v
+        out[sid] = values
+    if not out:
+        raise ValueError(f"{path}: no subject rows")
+    return out
+
+
+def _label_factors(meta: Mapping[str, Any] | None, path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(factors the labels read, nuisance factors): from the cohort metadata, else the generator's."""
+    if meta is None:
+        from fedpanfm.data.synthetic_factors import LABELS, NUISANCE_FACTORS
+
+        return tuple(dict.fromkeys(f for m in LABELS.values() for f in m.weights)), tuple(NUISANCE_FACTORS)
+    try:
+        nuisance = tuple(meta["factors"]["nuisance"])
+        signal = tuple(dict.fromkeys(f for m in meta["labels"].values() for f in m["weights"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a synthetic cohort metadata file with label weights ({exc!r})") from None
+    return signal, nuisance
+
+
 def load_cohort_factors(cohort_dir: Path) -> CohortFactors | None:
     """Latent factors of every subject of a synthetic cohort, or None for a cohort without them.
 
+    Read from each site folder's ``factors.csv`` (:func:`read_factors_csv`); cohorts written
+    before those files existed carry the factors in ``cohort_metadata.json`` at the cohort root,
+    which is read instead. The factors the labels read and the nuisance factors come from the
+    metadata file when there is one, else from the generator (``fedpanfm.data.synthetic_factors``).
+
     Args:
-        cohort_dir: the cohort folder (``cohort_metadata.json`` beside the site folders).
+        cohort_dir: the cohort folder.
 
     Returns:
         (subject id -> factor -> value, factors the labels read, nuisance factors), or None.
 
     Raises:
-        ValueError: the metadata file exists but lacks the subjects' factors (names the file).
+        ValueError: a factors file or the metadata file is ill-formed, only some sites have a
+            ``factors.csv``, or a subject id appears in two sites (each names the file).
     """
-    path = Path(cohort_dir) / METADATA_NAME
-    if not path.is_file():
-        return None
-    meta = json.loads(path.read_text())
-    try:
-        subjects = {s["subject_id"]: {k: float(v) for k, v in s["factors"].items()} for s in meta["subjects"]}
-        nuisance = tuple(meta["factors"]["nuisance"])
-        labels = meta["labels"]
-        signal = tuple(dict.fromkeys(f for m in labels.values() for f in m["weights"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: not a synthetic cohort metadata file with subject factors ({exc!r})") from None
-    list_sites(Path(cohort_dir))  # the folder must be a cohort, not a stray metadata file
-    return subjects, signal, nuisance
+    cohort_dir = Path(cohort_dir)
+    path = cohort_dir / METADATA_NAME
+    meta = None
+    if path.is_file():
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: unreadable metadata file ({exc})") from None
+    has_csv = cohort_dir.is_dir() and any((d / FACTORS_CSV).is_file() for d in cohort_dir.iterdir() if d.is_dir())
+    if not has_csv:
+        if meta is None:
+            return None
+        try:
+            subjects = {s["subject_id"]: {k: float(v) for k, v in s["factors"].items()} for s in meta["subjects"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a synthetic cohort metadata file with subject factors ({exc!r})") from None
+        list_sites(cohort_dir)  # the folder must be a cohort, not a stray metadata file
+        return (subjects, *_label_factors(meta, path))
+    subjects = {}
+    for site in list_sites(cohort_dir):
+        file = site / FACTORS_CSV
+        if not file.is_file():
+            raise ValueError(f"{file}: missing, while other sites of {cohort_dir} carry their factors")
+        for sid, values in read_factors_csv(file).items():
+            if sid in subjects:
+                raise ValueError(f"{file}: subject {sid!r} also appears in another site's {FACTORS_CSV}")
+            subjects[sid] = values
+    return (subjects, *_label_factors(meta, path))
 
 
 def participation_ratio(x: Tensor) -> float:
@@ -157,4 +245,7 @@ def factor_decodability(
     )
 
 
-__all__ = ["CohortFactors", "FactorReport", "factor_decodability", "load_cohort_factors", "participation_ratio", "ridge_r2"]
+__all__ = [
+    "FACTORS_CSV", "CohortFactors", "FactorReport", "factor_decodability", "load_cohort_factors", "participation_ratio",
+    "read_factors_csv", "ridge_r2",
+]

@@ -19,6 +19,7 @@ from fedpanfm.config import EvalConfig
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.evaluation.embed import Embeddings, embed_batches
 from fedpanfm.evaluation.probe import ProbeSet, ProbeSplit, fit_probes, score_probes
+from fedpanfm.evaluation.readouts import readout
 from fedpanfm.model.encoder import PanOrganEncoder
 
 
@@ -46,15 +47,17 @@ def refit_drop(full: Embeddings, full_probes: ProbeSet, without: Embeddings, spl
 
 
 def embeddings_without_each(
-    encoder: PanOrganEncoder, batches: Sequence[SubjectBatch], device: torch.device | str = "cpu"
+    encoder: PanOrganEncoder, batches: Sequence[SubjectBatch], device: torch.device | str = "cpu",
+    readout_name: str = "cls",
 ) -> dict[str, Embeddings]:
     """organ -> embeddings of ``batches`` with that organ removed from every subject.
 
     One pass per organ serves both :func:`information_drops` (all subjects) and the robustness
-    table's ``drop:<organ>`` rows (their test subset).
+    table's ``drop:<organ>`` rows (their test subset); ``readout_name`` is the readout they hold.
     """
     organs = batches[0].organ_names
-    return {o: embed_batches(encoder, batches, lambda _i, b, o=o: b.drop_organs([o]), device) for o in organs}
+    return {o: readout(embed_batches(encoder, batches, lambda _i, b, o=o: b.drop_organs([o]), device), readout_name)
+            for o in organs}
 
 
 def information_drops(

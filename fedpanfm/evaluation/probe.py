@@ -54,6 +54,16 @@ def split_three(subject_ids: Sequence[str], val_fraction: float, test_fraction: 
     return ProbeSplit(train, val, test)
 
 
+def probe_split(subject_ids: Sequence[str], cfg: EvalConfig, seed: int) -> ProbeSplit:
+    """The probe split of a run seeded ``seed``: :func:`split_three` at ``cfg.probe_seed + seed``.
+
+    The offset keeps the split's seed apart from the seed that initialises a model, so a random
+    encoder seeded ``seed`` is not drawn from the same stream as the subjects it is scored on,
+    while every arm of one seed is still probed on the same split.
+    """
+    return split_three(subject_ids, cfg.val_fraction, cfg.test_fraction, cfg.probe_seed + seed)
+
+
 @dataclass
 class LinearProbe:
     """A fitted logistic-regression probe of one label.
@@ -64,7 +74,8 @@ class LinearProbe:
         weight: (D,) coefficients on standardised embeddings; bias: the intercept.
         l2: the chosen L2 strength; val_auroc: its validation AUROC (NaN if val had one class).
         n_train, n_train_pos: train subjects with the label known, and positives among them.
-        note: how the L2 was chosen when it could not be tuned ('' when it was).
+        note: how the L2 was chosen when it could not be tuned or the grid was extended ('' otherwise).
+        l2_extended: decades the grid was extended by for this label (0 = the configured grid).
     """
 
     label: str
@@ -77,6 +88,7 @@ class LinearProbe:
     n_train: int
     n_train_pos: int
     note: str = ""
+    l2_extended: int = 0
 
     def logits(self, cls: Tensor) -> Tensor:
         """(N,) logits for (N, D) embeddings."""
@@ -159,17 +171,43 @@ def _known(emb: Embeddings, j: int) -> tuple[Tensor, Tensor]:
     return rows, y[rows]
 
 
+def choose_l2(val_auc: Tensor) -> int:
+    """Index of the L2 to use given the validation AUROC of each grid value (ascending L2).
+
+    The best AUROC wins; among equally good values the strongest L2, except that a tie reaching
+    the grid's largest value is the saturated regime (past some strength a larger L2 only
+    rescales the weights, so the ranking and the AUROC stop changing) and the weakest member of
+    that final run is used. The largest value is therefore returned only when it is strictly the
+    best, which is when :func:`fit_probes` extends the grid.
+    """
+    scores = val_auc.nan_to_num(-1.0)
+    top = float(scores.max())
+    best = int(torch.nonzero(scores == top).flatten()[-1])
+    if best == len(scores) - 1:
+        while best > 0 and float(scores[best - 1]) == top:
+            best -= 1
+    return best
+
+
+def _val_auroc(vx: Tensor, vy: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    if not len(vy):
+        return torch.full((len(w),), math.nan)
+    return torch.stack([auroc(vx @ w[g] + b[g], vy) for g in range(len(w))])
+
+
 def fit_probes(train: Embeddings, val: Embeddings, cfg: EvalConfig) -> ProbeSet:
-    """One probe per label, L2 chosen on ``val`` by AUROC (ties: the stronger L2).
+    """One probe per label, L2 chosen on ``val`` by AUROC (:func:`choose_l2`).
 
     Args:
         train: embeddings of the train subjects.
         val: embeddings of the validation subjects.
-        cfg: ``cfg.evaluation`` (``l2_grid``, ``max_iter``).
+        cfg: ``cfg.evaluation`` (``l2_grid``, ``l2_extend``, ``max_iter``).
 
     A label with only one class among its known train subjects gets no probe (reason in
     ``ProbeSet.notes``). When val has one class the L2 cannot be tuned: the grid's middle value
-    is used and the probe's ``note`` says so.
+    is used and the probe's ``note`` says so. When the grid's largest value is strictly the best,
+    the grid is extended by a decade at a time (at most ``l2_extend``) until it is not; the probe
+    records how far (``l2_extended`` and ``note``).
     """
     if train.label_names != val.label_names:
         raise ValueError(f"fit_probes: train labels {train.label_names} differ from val labels {val.label_names}")
@@ -192,18 +230,29 @@ def fit_probes(train: Embeddings, val: Embeddings, cfg: EvalConfig) -> ProbeSet:
         w, b = fit_logistic(x, y, grid, cfg.max_iter)
         vrows, vy = _known(val, j)
         vx = (val.cls[vrows].double() - mean) / std
-        val_auc = torch.stack([auroc(vx @ w[g] + b[g], vy) for g in range(len(grid))]) if len(vy) else torch.full((len(grid),), math.nan)
-        note = ""
+        val_auc = _val_auroc(vx, vy, w, b)
+        l2s = grid.clone()
+        note, extended = "", 0
         if torch.isnan(val_auc).all():
             best = len(grid) // 2
             note = f"val has one class ({int(vy.sum())} positive(s) of {len(vy)}): L2 not tuned, grid middle used"
         else:
-            # Last index of the maximum = the strongest L2 among equally good ones.
-            scores = val_auc.nan_to_num(-1.0)
-            best = int(torch.nonzero(scores == scores.max()).flatten()[-1])
+            best = choose_l2(val_auc)
+            while best == len(l2s) - 1 and extended < cfg.l2_extend:
+                nxt = l2s[-1:] * 10.0
+                w1, b1 = fit_logistic(x, y, nxt, cfg.max_iter)
+                w, b = torch.cat([w, w1]), torch.cat([b, b1])
+                l2s = torch.cat([l2s, nxt])
+                val_auc = torch.cat([val_auc, _val_auroc(vx, vy, w1, b1)])
+                extended += 1
+                best = choose_l2(val_auc)
+            if extended:
+                note = f"L2 grid extended by {extended} decade(s) to {float(l2s[-1]):g}"
+                if best == len(l2s) - 1:
+                    note += "; its largest value is still the best (evaluation.l2_extend reached)"
         out.probes[name] = LinearProbe(
-            label=name, mean=mean, std=std, weight=w[best], bias=float(b[best]), l2=float(grid[best]),
-            val_auroc=float(val_auc[best]), n_train=len(y), n_train_pos=n_pos, note=note,
+            label=name, mean=mean, std=std, weight=w[best], bias=float(b[best]), l2=float(l2s[best]),
+            val_auroc=float(val_auc[best]), n_train=len(y), n_train_pos=n_pos, note=note, l2_extended=extended,
         )
     return out
 
@@ -264,7 +313,8 @@ def score_probes(probes: ProbeSet, emb: Embeddings, n_boot: int = 0, level: floa
         if probe is None:
             scores.append(LabelScore(name, math.nan, math.nan, math.nan, n, n_pos, probes.notes.get(name, "no probe")))
             continue
-        logits = probe.logits(emb.cls[rows])
+        # A condition that left no subject has no embedding width: nothing to score.
+        logits = probe.logits(emb.cls[rows]) if n else torch.zeros(0, dtype=torch.float64)
         auc = float(auroc(logits, y)) if n else math.nan
         if math.isnan(auc):
             scores.append(LabelScore(name, math.nan, math.nan, math.nan, n, n_pos,
@@ -323,7 +373,7 @@ def probe_auroc(
     """
     ev = cfg.evaluation
     emb = embed_batches(encoder, batches, device=device)
-    split = split_three(emb.subject_ids, ev.val_fraction, ev.test_fraction, seed)
+    split = probe_split(emb.subject_ids, ev, seed)
     probes = fit_probes(emb.subset(split.train), emb.subset(split.val), ev)
     scores = score_probes(probes, emb.subset(split.test))
     out = {f"probe/auroc/{s.label}": s.auroc for s in scores.labels if not math.isnan(s.auroc)}
@@ -343,7 +393,9 @@ __all__ = [
     "fit_and_score",
     "fit_logistic",
     "fit_probes",
+    "choose_l2",
     "probe_auroc",
+    "probe_split",
     "score_probes",
     "split_three",
 ]

@@ -4,7 +4,8 @@
 it under an output folder::
 
     probes.csv  robustness.csv  attention.csv   one row per label / condition / organ
-    report.md                                   the three tables with a short summary
+    rows.csv                                    macro AUROC of every readout and baseline row
+    report.md                                   the tables with a short summary
     summary.json                                everything above, NaN as null (for the study)
     robustness_k.png  organ_drop.png  attention_balance.png
     evaluation/events.out.tfevents.*            TensorBoard scalars (RunLogger sub-run)
@@ -30,7 +31,9 @@ from fedpanfm.evaluation.attention import AttentionBalance, attention_balance
 from fedpanfm.evaluation.embed import Embeddings, embed_batches
 from fedpanfm.evaluation.information import embeddings_without_each, information_drops
 from fedpanfm.evaluation.factors import CohortFactors, FactorReport, factor_decodability
-from fedpanfm.evaluation.probe import ProbeScores, ProbeSet, ProbeSplit, fit_and_score, split_three
+from fedpanfm.evaluation.baselines import baseline_scores
+from fedpanfm.evaluation.probe import ProbeScores, ProbeSet, ProbeSplit, fit_and_score, probe_split
+from fedpanfm.evaluation.readouts import READOUTS, readout
 from fedpanfm.evaluation.robustness import ConditionResult, robustness_conditions
 from fedpanfm.model.encoder import PanOrganEncoder
 from fedpanfm.tb import RunLogger
@@ -50,8 +53,13 @@ class EvaluationResult:
         balance: the attention-balance table (over all subjects, full organs).
         meta: free-form facts (seed, subject counts, seconds, checkpoint ...).
         factors: linear decodability of the cohort's latent factors (synthetic cohorts only).
-        embeddings: the full-organ embeddings of every subject the probes were fitted and
-            scored on (for callers that score further conditions; not written to the report).
+        embeddings: the full-organ embeddings (primary readout) of every subject the probes
+            were fitted and scored on (for callers that score further conditions; not written).
+        readout: the primary readout (``evaluation.study.primary_readout``): what ``probes``,
+            ``scores``, robustness and information read.
+        readouts: readout -> test scores of probes fitted on it (every readout, same split).
+        baselines: baseline row -> test scores (:func:`~fedpanfm.evaluation.baselines.baseline_scores`;
+            empty when ``evaluation.baselines`` is off).
     """
 
     split: ProbeSplit
@@ -62,6 +70,9 @@ class EvaluationResult:
     meta: dict[str, Any] = field(default_factory=dict)
     factors: FactorReport | None = None
     embeddings: Embeddings | None = None
+    readout: str = "cls"
+    readouts: dict[str, ProbeScores] = field(default_factory=dict)
+    baselines: dict[str, ProbeScores] = field(default_factory=dict)
 
 
 def evaluate_encoder(
@@ -78,25 +89,31 @@ def evaluate_encoder(
         encoder: the encoder (already on ``device``).
         cfg: the experiment config (``cfg.evaluation``).
         batches: every labelled subject, collated once (``collate_dataset``).
-        seed: split, bootstrap and random-draw seed.
+        seed: the run seed: the split is ``probe_split`` at it (``evaluation.probe_seed + seed``),
+            it seeds the bootstrap, the random organ draws and the ``random_init`` baseline.
         device: where the encoder runs.
-        factors: the cohort's latent factors (:func:`load_cohort_factors`); None skips that table.
+        factors: the cohort's latent factors (:func:`load_cohort_factors`); None skips that table
+            and the ``oracle`` row.
     """
     t0 = time.perf_counter()
     ev = cfg.evaluation
-    full = embed_batches(encoder, batches, device=device)
-    split = split_three(full.subject_ids, ev.val_fraction, ev.test_fraction, seed)
+    primary = ev.study.primary_readout
+    cls_emb = embed_batches(encoder, batches, device=device)
+    split = probe_split(cls_emb.subject_ids, ev, seed)
+    full = readout(cls_emb, primary)
     probes, scores = fit_and_score(full, split, ev, seed)
+    readouts = {r: scores if r == primary else fit_and_score(readout(cls_emb, r), split, ev, seed)[1] for r in READOUTS}
     test_ids = set(split.test)
     test_batches = []
     for b in batches:
         rows = [i for i, s in enumerate(b.subject_ids) if s in test_ids]
         if rows:
             test_batches.append(b.select(rows))
-    without = embeddings_without_each(encoder, batches, device)
+    without = embeddings_without_each(encoder, batches, device, primary)
     robustness = robustness_conditions(
         encoder, test_batches, probes, ev.random_draws, seed, device, full=full.subset(split.test),
         dropped={o: e.subset([s for s in e.subject_ids if s in test_ids]) for o, e in without.items()},
+        readout_name=primary,
     )
     inference_drop = {r.organ: r.drop for r in robustness if r.kind == "drop_one"}
     info_drop = information_drops(full, without, probes, split, ev)
@@ -107,10 +124,13 @@ def evaluate_encoder(
         "train": len(split.train),
         "val": len(split.val),
         "test": len(split.test),
-        "seconds": round(time.perf_counter() - t0, 2),
+        "readout": primary,
+        "probe_seed": ev.probe_seed + seed,
     }
-    decoded = factor_decodability(full, split, *factors) if factors is not None else None
-    return EvaluationResult(split, probes, scores, robustness, balance, meta, decoded, full)
+    decoded = factor_decodability(cls_emb, split, *factors) if factors is not None else None
+    rows = baseline_scores(batches, cfg, seed, factors, split, device) if ev.baselines else {}
+    meta["seconds"] = round(time.perf_counter() - t0, 2)
+    return EvaluationResult(split, probes, scores, robustness, balance, meta, decoded, full, primary, readouts, rows)
 
 
 # --------------------------------------------------------------------------- tables
@@ -151,6 +171,17 @@ def probe_table(result: EvaluationResult) -> tuple[list[str], list[list[Any]]]:
     return header, rows
 
 
+def rows_table(result: EvaluationResult) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of the readout / baseline table: the encoder under every readout, then
+    every baseline row, all on the same split (macro AUROC over the labels)."""
+    header = ["row", "macro_auroc", "ci_low", "ci_high", "labels", "note"]
+    rows = []
+    for name, sc in [*((f"encoder:{r}", s) for r, s in result.readouts.items()), *result.baselines.items()]:
+        note = "primary readout" if name == f"encoder:{result.readout}" else ""
+        rows.append([name, sc.macro, sc.macro_ci_low, sc.macro_ci_high, sc.n_macro_labels, note])
+    return header, rows
+
+
 def robustness_table(result: EvaluationResult) -> tuple[list[str], list[list[Any]]]:
     """Header and rows of the robustness table (one row per condition, labels as columns)."""
     labels = list(result.probes.label_names)
@@ -183,7 +214,7 @@ def _jsonable(x: Any) -> Any:
 def summary_dict(result: EvaluationResult) -> dict[str, Any]:
     """The result as plain JSON-able data (tensors left out; NaN as None)."""
     probes = {name: {"l2": p.l2, "val_auroc": p.val_auroc, "n_train": p.n_train,
-                     "n_train_pos": p.n_train_pos, "note": p.note}
+                     "n_train_pos": p.n_train_pos, "note": p.note, "l2_extended": p.l2_extended}
               for name, p in result.probes.probes.items()}
     return _jsonable({
         "meta": result.meta,
@@ -191,6 +222,9 @@ def summary_dict(result: EvaluationResult) -> dict[str, Any]:
         "probes": probes,
         "probe_notes": result.probes.notes,
         "scores": dataclasses.asdict(result.scores),
+        "readout": result.readout,
+        "readouts": {r: dataclasses.asdict(s) for r, s in result.readouts.items()},
+        "baselines": {r: dataclasses.asdict(s) for r, s in result.baselines.items()},
         "robustness": [dataclasses.asdict(r) for r in result.robustness],
         "attention": dataclasses.asdict(result.balance),
         "factors": None if result.factors is None else {
@@ -263,6 +297,8 @@ def tensorboard_scalars(result: EvaluationResult) -> dict[int, dict[str, float]]
     steps: dict[int, dict[str, float]] = {0: {}}
     s0 = steps[0]
     s0["probe/auroc_macro"] = result.scores.macro
+    s0.update({f"probe/readout/{r}": s.macro for r, s in result.readouts.items()})
+    s0.update({f"baseline/{r.replace(':', '/')}": s.macro for r, s in result.baselines.items()})
     s0.update({f"probe/auroc/{s.label}": s.auroc for s in result.scores.labels})
     for r in result.robustness:
         if r.kind == "full" or r.kind == "random_k":
@@ -304,7 +340,8 @@ def write_report(result: EvaluationResult, out_dir: Path, title: str = "Evaluati
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    tables = {"probes": probe_table(result), "robustness": robustness_table(result), "attention": attention_table(result)}
+    tables = {"probes": probe_table(result), "rows": rows_table(result), "robustness": robustness_table(result),
+              "attention": attention_table(result)}
     for name, (header, rows) in tables.items():
         paths[f"{name}.csv"] = out_dir / f"{name}.csv"
         _write_csv(paths[f"{name}.csv"], header, rows)
@@ -317,11 +354,15 @@ def write_report(result: EvaluationResult, out_dir: Path, title: str = "Evaluati
         "",
         f"**Macro AUROC {_fmt(sc.macro)}** (95 % bootstrap CI {_fmt(sc.macro_ci_low)} - {_fmt(sc.macro_ci_high)}, "
         f"{sc.n_macro_labels} label(s)). Attention entropy {_fmt(b.entropy)} "
-        f"(pooled {_fmt(b.pooled_entropy)}).",
+        f"(pooled {_fmt(b.pooled_entropy)}). Primary readout `{result.readout}`.",
         "",
-        "## Disease probes (test set)",
+        f"## Disease probes (test set, readout `{result.readout}`)",
         "",
         _md_table(*tables["probes"]),
+        "",
+        "## Readouts and baseline rows (test set, same split and probe protocol)",
+        "",
+        _md_table(*tables["rows"]),
         "",
         "## Missing-organ robustness (test set)",
         "",
@@ -364,6 +405,7 @@ __all__ = [
     "evaluate_encoder",
     "probe_table",
     "robustness_table",
+    "rows_table",
     "summary_dict",
     "tensorboard_scalars",
     "write_report",

@@ -25,6 +25,7 @@ import torch
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.evaluation.embed import BatchTransform, Embeddings, drop_per_subject, embed_batches
 from fedpanfm.evaluation.probe import ProbeSet, score_probes
+from fedpanfm.evaluation.readouts import readout
 from fedpanfm.model.encoder import PanOrganEncoder
 
 
@@ -106,6 +107,7 @@ def robustness_conditions(
     device: torch.device | str = "cpu",
     full: Embeddings | None = None,
     dropped: Mapping[str, Embeddings] | None = None,
+    readout_name: str = "cls",
 ) -> list[ConditionResult]:
     """Score ``probes`` under every missing-organ condition on ``test_batches``.
 
@@ -119,6 +121,8 @@ def robustness_conditions(
         full: the test subjects' full-organ embeddings if already computed.
         dropped: organ -> the test subjects' embeddings with that organ removed, if already
             computed (subjects it left without organs absent).
+        readout_name: the readout the probes read (:mod:`fedpanfm.evaluation.readouts`);
+            ``full`` and ``dropped``, when given, must already hold it.
 
     Returns:
         Rows in order: full, drop:<organ> (vocabulary order), random_k:1..O-1, only:<organ>.
@@ -126,12 +130,13 @@ def robustness_conditions(
     if draws < 1:
         raise ValueError(f"robustness_conditions: draws must be >= 1, got {draws}")
     organs = test_batches[0].organ_names
-    full = full if full is not None else embed_batches(encoder, test_batches, device=device)
+
+    def run(transform: BatchTransform | None) -> Embeddings:
+        return readout(embed_batches(encoder, test_batches, transform, device), readout_name)
+
+    full = full if full is not None else run(None)
     n_test = len(full)
     rows = [_condition("full", "full", "", 0, [full], probes, full, n_test)]
-
-    def run(transform: BatchTransform) -> Embeddings:
-        return embed_batches(encoder, test_batches, transform, device)
 
     for organ in organs:
         emb = dropped[organ] if dropped is not None else run(lambda _i, b, o=organ: b.drop_organs([o]))

@@ -13,19 +13,28 @@ Arms (``evaluation.study.arms``, names in ``fedpanfm.config.STUDY_ARMS``):
 ``fed_sgm_nodex``         federated ``sgm`` with plain MLPs (``model.dex.enabled=false``)
 ``supervised_factors``    our upper reference, not an arm of the comparison: the same encoder
                           trained *supervised* on the latent factors the labels read, on centralized's
-                          subjects and steps (:mod:`fedpanfm.evaluation.supervised_reference`)
+                          subjects, for at least ``evaluation.study.supervised_epochs`` epochs
+                          (:mod:`fedpanfm.evaluation.supervised_reference`); reported among the
+                          baseline rows
 ========================  ==========================================================================
+
+Baseline rows (:mod:`fedpanfm.evaluation.baselines`: ``presence``, ``pixel_stats``,
+``pca_pixels``, ``oracle``) are scored once per seed on that seed's probe split, the split every
+arm of the seed is probed on (``evaluation.probe_seed + seed``). Every arm is probed under every
+readout (:mod:`fedpanfm.evaluation.readouts`); ``evaluation.study.primary_readout`` decides
+``macro_auroc``.
 
 **Budget (our definition).** Every trained arm gets the same number of *subject-epochs* (one
 subject passed once through a training step), ``S = rounds x local epochs x N`` with N the
 training subjects of all sites (after each site's validation hold-out), and therefore the same
-number of optimiser steps when each site's training count is a multiple of the batch size:
+number of optimiser steps when each site's training count is a multiple of the batch size (the
+supervised reference excepted: it is a reference, trained to convergence, not a compared arm):
 centralized trains ``rounds x epochs`` epochs over the pooled N; a single site k trains
 ``S / n_k`` epochs over its n_k; the federation trains ``epochs`` local epochs per round at
 every site, steps summed over sites. :func:`plan_budget` computes it and refuses a cohort where
 the arms' steps would differ. A single-site candidate gets the whole budget (the selection among
-sites is the baseline's own cost). ``supervised_factors`` takes centralized's steps (one per
-batch of the pooled training subjects).
+sites is the baseline's own cost). ``supervised_factors`` takes centralized's steps or
+``supervised_epochs`` epochs over the pooled training subjects, whichever is more.
 
 The federated arms run through the ``fedpanfm.federate`` entry point (``orchestration.simulate``):
 the library never imports ``orchestration`` (architecture.md).
@@ -50,7 +59,9 @@ import torch
 from fedpanfm.evaluation.attention import normalised_entropy
 from fedpanfm.evaluation.embed import collate_dataset, embed_batches, encoder_from_checkpoint, random_encoder
 from fedpanfm.evaluation.factors import CohortFactors, load_cohort_factors
-from fedpanfm.evaluation.probe import score_probes
+from fedpanfm.evaluation.baselines import feature_baseline_scores
+from fedpanfm.evaluation.probe import ProbeScores, probe_split, score_probes
+from fedpanfm.evaluation.readouts import readout
 from fedpanfm.evaluation.report import EvaluationResult, evaluate_encoder, write_report
 from fedpanfm.model.encoder import PanOrganEncoder
 
@@ -123,7 +134,8 @@ def plan_budget(cfg: ExperimentConfig, counts: Mapping[str, int]) -> dict[str, A
 
     Returns:
         arm -> budget for ``random_init`` (0 steps), ``centralized``, each federated arm, each
-        ``single_site:<site>`` candidate and ``supervised_factors`` (centralized's budget).
+        ``single_site:<site>`` candidate and ``supervised_factors`` (centralized's subjects; the
+        larger of centralized's steps and ``supervised_epochs`` epochs).
 
     Raises:
         ValueError: the trained arms' steps would differ (naming them and the fix), or a site's
@@ -140,7 +152,6 @@ def plan_budget(cfg: ExperimentConfig, counts: Mapping[str, int]) -> dict[str, A
     for arm in FEDERATED_ARMS:
         out[arm] = ArmBudget(arm, rounds * epochs, total, fed_steps)
     cen = out["centralized"]
-    out["supervised_factors"] = ArmBudget("supervised_factors", cen.epochs, cen.subjects, cen.steps)
     for site, n in counts.items():
         if budget % n:
             raise ValueError(f"plan_budget: site {site} has {n} training subjects, which does not divide the "
@@ -152,6 +163,9 @@ def plan_budget(cfg: ExperimentConfig, counts: Mapping[str, int]) -> dict[str, A
             f"plan_budget: the arms would take different optimiser steps {steps}; make every site's training "
             f"count ({dict(counts)}) a multiple of data.batch_size = {cfg.data.batch_size}"
         )
+    sup_epochs = max(cen.epochs, cfg.evaluation.study.supervised_epochs)
+    sup_steps = max(cen.steps, sup_epochs * math.ceil(total / cfg.data.batch_size))
+    out["supervised_factors"] = ArmBudget("supervised_factors", sup_epochs, total, sup_steps)
     return out
 
 
@@ -177,6 +191,8 @@ class ArmScore:
         body_size_r2: ridge R^2 of the body-size nuisance factor from the CLS embedding.
         signal_r2: mean ridge R^2 of the latent factors the labels read.
         participation_ratio: effective number of directions of the CLS embedding.
+        readouts: readout -> test macro AUROC of probes fitted on it (same split).
+        readout: the primary readout ``macro`` is measured with.
     """
 
     macro: float
@@ -192,6 +208,20 @@ class ArmScore:
     body_size_r2: float = math.nan
     signal_r2: float = math.nan
     participation_ratio: float = math.nan
+    readouts: dict[str, float] = field(default_factory=dict)
+    readout: str = "cls"
+
+    @property
+    def auroc_cls(self) -> float:
+        return self.readouts.get("cls", math.nan)
+
+    @property
+    def auroc_organ_mean(self) -> float:
+        return self.readouts.get("organ_mean", math.nan)
+
+    @property
+    def auroc_both(self) -> float:
+        return self.readouts.get("both", math.nan)
 
 
 def _finite_mean(values: Sequence[float]) -> float:
@@ -209,7 +239,8 @@ def score_arm(result: EvaluationResult, encoder: PanOrganEncoder, batches: Seque
     """
     test = set(result.split.test)
     full = result.embeddings if result.embeddings is not None else embed_batches(encoder, batches)
-    reduced = embed_batches(encoder, batches, transform=lambda _i, b: b.drop_organs(list(DOMINANT)))
+    reduced = readout(embed_batches(encoder, batches, transform=lambda _i, b: b.drop_organs(list(DOMINANT))),
+                      result.readout)
     ids = [s for s in reduced.subject_ids if s in test]
     if not ids:
         raise ValueError("score_arm: no test subject keeps an organ once adipose and heart are removed")
@@ -235,6 +266,8 @@ def score_arm(result: EvaluationResult, encoder: PanOrganEncoder, batches: Seque
         body_size_r2=math.nan if f is None else f.r2.get("body_size", math.nan),
         signal_r2=math.nan if f is None else f.signal_r2,
         participation_ratio=math.nan if f is None else f.participation_ratio,
+        readouts={r: s.macro for r, s in result.readouts.items()},
+        readout=result.readout,
     )
 
 
@@ -384,6 +417,9 @@ class Study:
         self.seconds: dict[str, float] = {}
         self.reference: dict[str, float] = {}
         self.factors: CohortFactors | None = None
+        self.baselines: dict[int, dict[str, ProbeScores]] = {}
+        # Baseline rows are scored once per seed (run_baselines), not beside every arm.
+        self.arm_cfg = derive(self.cfg, ["evaluation.baselines=false"])
 
     # ---------------------------------------------------------------- setup
 
@@ -446,9 +482,13 @@ class Study:
         elif arm == "supervised_factors":
             from fedpanfm.evaluation.supervised_reference import train_factor_encoder
 
-            steps = self.budget[arm].steps  # the function takes exactly these steps
-            encoder = train_factor_encoder(derive(self.cfg, base), Path(self.cfg.cohort), steps, seed)
-            note = "upper reference: supervised on the latent factors, not a compared arm"
+            plan = self.budget[arm]  # the function takes exactly these steps
+            encoder = train_factor_encoder(derive(self.cfg, base), Path(self.cfg.cohort), plan.steps, seed)
+            steps = plan.steps
+            need = self.cfg.evaluation.study.supervised_min_subjects
+            note = (f"upper reference: supervised on the latent factors, {plan.subjects} training subjects, "
+                    f"{plan.steps} steps ({plan.epochs} epochs)"
+                    + ("" if plan.subjects >= need else f"; below the {need} subjects a real upper reference needs"))
         elif arm in FEDERATED_ARMS:
             federate = self.federate or default_federate()
             summary = federate(self.out / "experiment.yaml", base + FEDERATED_ARMS[arm], run_folder=folder / "train",
@@ -462,7 +502,7 @@ class Study:
             note = "steps summed over sites"
         else:
             raise ValueError(f"unknown study arm {arm!r}; known: {', '.join(STUDY_ARMS)}")
-        score = evaluate_arm(encoder, self.cfg, batches, seed, folder / "evaluation", f"{arm}, seed {seed}",
+        score = evaluate_arm(encoder, self.arm_cfg, batches, seed, folder / "evaluation", f"{arm}, seed {seed}",
                              self.factors)
         return ArmRun(arm, seed, score, steps, time.perf_counter() - t0, note)
 
@@ -478,7 +518,7 @@ class Study:
                                             [f"seed={seed}", "train.masking.policy=sgm",
                                              f"train.epochs={self.budget[key].epochs}"])
             self._check_steps(key, self.budget[key].steps, steps)
-            score = evaluate_arm(encoder, self.cfg, batches, seed, folder / site.name / "evaluation",
+            score = evaluate_arm(encoder, self.arm_cfg, batches, seed, folder / site.name / "evaluation",
                                  f"single site {site.name}, seed {seed}", self.factors)
             self.echo(f"  single site {site.name}: val macro {score.val_macro:.3f}, test macro {score.macro:.3f}")
             if best is None or score.val_macro > best[0]:
@@ -487,6 +527,15 @@ class Study:
         self.single_site_choice[seed] = best[1]
         return ArmRun("single_site", seed, best[2], best[3], time.perf_counter() - t0,
                       f"best by validation AUROC: {best[1]}")
+
+    def run_baselines(self, seed: int, batches: Sequence[SubjectBatch]) -> dict[str, ProbeScores]:
+        """The feature baseline rows at ``seed`` (the split every arm of the seed is probed on)."""
+        ids = [s for b in batches for s in b.subject_ids]
+        split = probe_split(ids, self.cfg.evaluation, seed)
+        rows = feature_baseline_scores(batches, self.cfg, seed, self.factors, split)
+        self.baselines[seed] = rows
+        self.echo(f"baselines seed {seed}: " + ", ".join(f"{k} {v.macro:.3f}" for k, v in rows.items()))
+        return rows
 
     def run(self) -> list[ArmRun]:
         """Prepare, then every arm at every seed (seed-major, so a partial study has whole seeds)."""
@@ -501,6 +550,7 @@ class Study:
         ray_started = self._start_ray() if any(a in FEDERATED_ARMS for a in st.arms) else False
         try:
             for seed in st.seeds:
+                self.run_baselines(seed, batches)
                 for arm in st.arms:
                     run = self.run_arm(arm, seed, batches)
                     self.runs.append(run)

@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """
     p = subparsers.add_parser(
         "study",
-        help="the SGM study: random init, best single site, centralized, federated none/random/sgm, sgm without DEX",
+        help="the SGM study: random init, best single site, centralized, federated none/random/sgm, sgm without DEX, "
+             "and the baseline rows",
         description=__doc__,
     )
     add_config_args(p, required=True)
@@ -43,10 +44,10 @@ def _run(args: argparse.Namespace) -> int:
         "fedpanfm study " + shlex.join(["--config", args.config, *(["--quick"] if args.quick else []), "--out", str(out),
                                          *[x for o in args.overrides for x in ("--set", o)]])
     paths = write_study(runs, study.out, study.budget, study.seconds, study.single_site_choice, command,
-                        study.reference)
+                        study.reference, study.baselines, study.cfg.to_dict())
     table = summarise(runs)
     print("\n" + markdown_table(table))
-    for t in check_targets(table):
-        print(f"  [{t.verdict.replace('**', '').upper()}] {t.claim}: {t.detail}")
-    print(f"study done in {study.seconds['total']:.0f}s; results: {paths['results.md']}")
+    for t in check_targets(runs):
+        print(f"  [{t.verdict.replace('**', '').upper()}] seed {t.seed}: {t.claim}: {t.detail}")
+    print(f"study done in {study.seconds['total']:.0f}s; results: {paths['results.md']}, {paths['study-latest.json']}")
     return 0

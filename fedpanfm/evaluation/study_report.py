@@ -2,10 +2,13 @@
 
 Files under the study folder::
 
-    runs.csv        one row per (arm, seed)
-    table.csv       one row per arm: mean and std over seeds of every metric
-    results.md      the table, the targets of issue 5 with pass / miss / not run and margin, the
-                    headroom line (supervised_factors - random_init), timings
+    runs.csv          one row per (arm, seed)
+    table.csv         one row per arm: mean and std over seeds of every metric
+    results.md        the table, the baseline rows, the targets of issue 14 per seed with pass /
+                      miss / not run and margin, the headroom line, timings
+    study.json        everything above
+    study-latest.json the committed summary: commit, command, config, per-arm and per-baseline
+                      values one per seed (docs/results.md, "Reading study-latest.json")
     study_auroc.png  study_attention.png
 """
 
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpanfm.evaluation.probe import ProbeScores
 from fedpanfm.evaluation.report import _jsonable
 from fedpanfm.evaluation.study import DOMINANT, ArmBudget, ArmRun
 
@@ -36,6 +40,9 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("signal_r2", "disease_factor_r2", "mean ridge R^2 of the latent factors the labels read, from the CLS"),
     ("body_size_r2", "body_size_r2", "ridge R^2 of the body-size nuisance factor, from the CLS"),
     ("participation_ratio", "cls_participation_ratio", "effective number of directions of the CLS embedding"),
+    ("auroc_cls", "macro_auroc_cls", "test macro AUROC, readout cls"),
+    ("auroc_organ_mean", "macro_auroc_organ_mean", "test macro AUROC, readout organ_mean"),
+    ("auroc_both", "macro_auroc_both", "test macro AUROC, readout both"),
 )
 
 #: Arms that are references, not compared methods (drawn hatched; targets never read them).
@@ -71,97 +78,95 @@ def summarise(runs: Sequence[ArmRun]) -> dict[str, dict[str, Any]]:
 
 @dataclass
 class Target:
-    """One claim of issue 5 checked on the study's means.
+    """One claim of issue 14 ("What the study must show") checked at one seed.
 
     Args:
         claim: the claim in words.
-        holds: True / False on the means; None when an arm it needs was not run (``not_run``)
-            or a value it needs is undefined (NaN).
-        detail: the values and margin, or why there is no verdict.
+        seed: the seed it was checked at.
+        holds: True / False; None when an arm it needs was not run (``not_run``) or a value it
+            needs is undefined (NaN).
+        margin: by how much it holds (> 0) or is missed (< 0), in the claim's unit; NaN without a verdict.
+        detail: the values, or why there is no verdict.
         not_run: the arms it needs that the study did not run.
     """
 
     claim: str
+    seed: int
     holds: bool | None
+    margin: float
     detail: str
     not_run: tuple[str, ...] = ()
 
     @property
     def verdict(self) -> str:
-        """``holds``, ``**missed**``, ``not run`` (an arm missing) or ``not measured`` (a NaN)."""
+        """``pass``, ``**miss**``, ``not run`` (an arm missing) or ``not measured`` (a NaN)."""
         if self.holds is None:
             return "not run" if self.not_run else "not measured"
-        return "holds" if self.holds else "**missed**"
+        return "pass" if self.holds else "**miss**"
+
+
+#: The claims: (claim, arms needed, arm -> ArmScore  ->  (value, threshold, strict)); the claim
+#: holds when value >= threshold (value > threshold when strict); margin = value - threshold.
+CLAIMS: tuple[tuple[str, tuple[str, ...], Any], ...] = (
+    ("fed_sgm >= random_init + 0.10", ("fed_sgm", "random_init"),
+     lambda s: (s["fed_sgm"].macro, s["random_init"].macro + 0.10, False)),
+    ("fed_sgm >= 0.97 x centralized", ("fed_sgm", "centralized"),
+     lambda s: (s["fed_sgm"].macro, 0.97 * s["centralized"].macro, False)),
+    ("fed_sgm >= single_site + 0.05", ("fed_sgm", "single_site"),
+     lambda s: (s["fed_sgm"].macro, s["single_site"].macro + 0.05, False)),
+    ("adipose + heart removed: fed_sgm - fed_none >= 0.02", ("fed_sgm", "fed_none"),
+     lambda s: (s["fed_sgm"].macro_no_dominant - s["fed_none"].macro_no_dominant, 0.02, False)),
+    ("fed_none shows the shortcut: adipose + heart attention > 1.5 x their information share", ("fed_none",),
+     lambda s: (s["fed_none"].dominant_attention, 1.5 * s["fed_none"].dominant_info, True)),
+    ("SGM lowers adipose + heart attention: fed_sgm < fed_none", ("fed_sgm", "fed_none"),
+     lambda s: (s["fed_none"].dominant_attention, s["fed_sgm"].dominant_attention, True)),
+)
+
+
+def check_targets(runs: Sequence[ArmRun]) -> list[Target]:
+    """Every claim of :data:`CLAIMS` at every seed of ``runs`` (claim-major, seeds ascending).
+
+    A claim needing an arm the study did not run at that seed is "not run", one needing a NaN
+    value "not measured"; neither passes nor fails.
+    """
+    out: list[Target] = []
+    seeds = sorted({r.seed for r in runs})
+    for claim, arms, rule in CLAIMS:
+        for seed in seeds:
+            scores = {r.arm: r.score for r in runs if r.seed == seed}
+            missing = tuple(a for a in arms if a not in scores)
+            if missing:
+                out.append(Target(claim, seed, None, math.nan, f"not run: arm(s) {', '.join(missing)} not in this study",
+                                  missing))
+                continue
+            value, threshold, strict = rule(scores)
+            if math.isnan(value) or math.isnan(threshold):
+                out.append(Target(claim, seed, None, math.nan, "not measured (a value is undefined)"))
+                continue
+            margin = value - threshold
+            holds = margin > 0 if strict else margin >= 0
+            out.append(Target(claim, seed, holds, margin, f"{value:.3f} vs {threshold:.3f} ({margin:+.3f})"))
+    return out
+
+
+def targets_table(targets: Sequence[Target]) -> str:
+    """Markdown: one row per claim, one column per seed (verdict and margin), and "every seed"."""
+    seeds = sorted({t.seed for t in targets})
+    lines = ["| claim | " + " | ".join(f"seed {s}" for s in seeds) + " | every seed |",
+             "|---|" + "---|" * (len(seeds) + 1)]
+    for claim in dict.fromkeys(t.claim for t in targets):
+        ts = {t.seed: t for t in targets if t.claim == claim}
+        cells = [f"{ts[s].verdict} ({ts[s].margin:+.3f})" if ts[s].holds is not None else ts[s].verdict for s in seeds]
+        verdicts = [ts[s].holds for s in seeds]
+        every = ("pass" if all(verdicts) else "**miss**") if None not in verdicts else \
+            ("**miss**" if False in verdicts else "n/a")
+        lines.append(f"| {claim} | " + " | ".join(cells) + f" | {every} |")
+    return "\n".join(lines)
 
 
 def _m(table: Mapping[str, Mapping[str, Any]], arm: str, col: str) -> float:
-    # An arm not run (or a metric not in the table) is "not measured", never a pass or a miss.
+    # An arm not run (or a metric not in the table) is "not measured".
     return float(table.get(arm, {}).get(f"{col}_mean", math.nan))
-
-
-def _s(table: Mapping[str, Mapping[str, Any]], arm: str, col: str) -> float:
-    return float(table.get(arm, {}).get(f"{col}_std", math.nan))
-
-
-def _noise(table: Mapping[str, Mapping[str, Any]], pairs: Sequence[tuple[str, str, str]]) -> str:
-    """A note for each compared pair whose mean difference is below the larger std over seeds."""
-    notes = []
-    for a, b, col in pairs:
-        diff = abs(_m(table, a, col) - _m(table, b, col))
-        std = max(float(table.get(a, {}).get(f"{col}_std", math.nan)), float(table.get(b, {}).get(f"{col}_std", math.nan)))
-        if diff < std:
-            notes.append(f"{a} vs {b} differ by {diff:.3f} < std {std:.3f}")
-    return f"; within seed noise: {', '.join(notes)}" if notes else ""
-
-
-def check_targets(table: Mapping[str, Mapping[str, Any]]) -> list[Target]:
-    """The four targets of issue 5 and the shortcut precondition, on the means over seeds.
-
-    A comparison whose difference is smaller than the arms' std over seeds is flagged in the
-    detail ("within seed noise"): the verdict is on the means, the flag says how much it means.
-    A claim needing an arm the study did not run (``evaluation.study.arms`` a subset) is "not
-    run", one needing a value that is NaN is "not measured"; neither passes nor fails.
-
-    Args:
-        table: arm -> ``<column>_mean`` / ``<column>_std`` (:func:`summarise`); the arms run.
-    """
-    out: list[Target] = []
-
-    def add(claim: str, arms: Sequence[str], values: Sequence[float], holds: bool, detail: str,
-            pairs: Sequence[tuple[str, str, str]] = ()) -> None:
-        missing = tuple(a for a in dict.fromkeys(arms) if a not in table)
-        if missing:
-            out.append(Target(claim, None, f"not run: arm(s) {', '.join(missing)} not in this study", missing))
-        elif any(math.isnan(v) for v in values):
-            out.append(Target(claim, None, "not measured (a value is undefined)"))
-        else:
-            out.append(Target(claim, holds, detail + _noise(table, pairs)))
-
-    sgm, cen = _m(table, "fed_sgm", "macro_auroc"), _m(table, "centralized", "macro_auroc")
-    add("fed_sgm macro AUROC >= 0.97 x centralized", ["fed_sgm", "centralized"], [sgm, cen], sgm >= 0.97 * cen,
-        f"{sgm:.3f} vs 0.97 x {cen:.3f} = {0.97 * cen:.3f} (ratio {sgm / cen if cen else math.nan:.3f})",
-        [("fed_sgm", "centralized", "macro_auroc")])
-    for base in ("random_init", "single_site"):
-        b = _m(table, base, "macro_auroc")
-        add(f"fed_sgm macro AUROC >= {base} + 0.05", ["fed_sgm", base], [sgm, b], sgm - b >= 0.05,
-            f"{sgm:.3f} - {b:.3f} = {sgm - b:+.3f}", [("fed_sgm", base, "macro_auroc")])
-    col = "auroc_no_adipose_heart"
-    s, r, n = _m(table, "fed_sgm", col), _m(table, "fed_random", col), _m(table, "fed_none", col)
-    add("adipose + heart removed: fed_sgm >= fed_random >= fed_none", ["fed_sgm", "fed_random", "fed_none"],
-        [s, r, n], s >= r >= n,
-        f"sgm {s:.3f}, random {r:.3f}, none {n:.3f} (sgm - random {s - r:+.3f}, random - none {r - n:+.3f})",
-        [("fed_sgm", "fed_random", col), ("fed_random", "fed_none", col)])
-    es, en = _m(table, "fed_sgm", "attention_entropy"), _m(table, "fed_none", "attention_entropy")
-    add("attention entropy fed_sgm > fed_none", ["fed_sgm", "fed_none"], [es, en], es > en,
-        f"{es:.4f} vs {en:.4f} ({es - en:+.4f})",
-        [("fed_sgm", "fed_none", "attention_entropy")])
-    att, inf = _m(table, "fed_none", "adipose_heart_attention"), _m(table, "fed_none", "adipose_heart_info")
-    inference = _m(table, "fed_none", "adipose_heart_inference_share")
-    add("precondition: fed_none shows the shortcut (adipose + heart attention > 1.5 x their information share)",
-        ["fed_none"], [att, inf], att > 1.5 * inf,
-        f"attention {att:.2f} vs information {inf:.2f} ± {_s(table, 'fed_none', 'adipose_heart_info'):.2f} "
-        f"(share of the inference-time drops, not refitted: {inference:.2f})")
-    return out
 
 
 def headroom_line(table: Mapping[str, Mapping[str, Any]]) -> str:
@@ -245,10 +250,87 @@ def _plots(runs: Sequence[ArmRun], table: Mapping[str, Mapping[str, Any]], out: 
     return [p1, p2]
 
 
+def git_commit(path: Path | None = None) -> str:
+    """The git HEAD of the repository holding ``path`` (default: this package), or ``"unknown"``."""
+    import subprocess
+
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+#: Per-arm lists of study-latest.json: key -> ArmScore attribute (one value per seed).
+LATEST_ARM_KEYS: tuple[tuple[str, str], ...] = (
+    ("macro_auroc", "macro"),
+    ("macro_auroc_without_adipose_heart", "macro_no_dominant"),
+    ("macro_auroc_cls", "auroc_cls"),
+    ("macro_auroc_organ_mean", "auroc_organ_mean"),
+    ("macro_auroc_both", "auroc_both"),
+    ("adipose_heart_attention", "dominant_attention"),
+    ("adipose_heart_info", "dominant_info"),
+    ("attention_entropy", "entropy"),
+    ("disease_factor_r2", "signal_r2"),
+    ("cls_participation_ratio", "participation_ratio"),
+)
+
+
+def latest_dict(runs: Sequence[ArmRun], baselines: Mapping[int, Mapping[str, ProbeScores]], command: str,
+                config: Mapping[str, Any], commit: str, targets: Sequence[Target]) -> dict[str, Any]:
+    """The ``study-latest.json`` content (docs/results.md, "Reading study-latest.json").
+
+    ``arms`` holds the compared arms, ``baselines`` the feature rows (one value per seed, seeds
+    in ``seeds`` order) and the reference arms (:data:`REFERENCE_ARMS`).
+    """
+    seeds = sorted({r.seed for r in runs} | set(baselines))
+    arms: dict[str, dict[str, Any]] = {}
+    refs: dict[str, dict[str, Any]] = {}
+    for arm in dict.fromkeys(r.arm for r in runs):
+        by_seed = {r.seed: r for r in runs if r.arm == arm}
+        rs = [by_seed.get(s) for s in seeds]
+        entry: dict[str, Any] = {k: [getattr(r.score, a) if r else math.nan for r in rs] for k, a in LATEST_ARM_KEYS}
+        entry.update({"seeds": [s for s in seeds if s in by_seed], "steps": [r.steps if r else None for r in rs],
+                      "seconds": [r.seconds if r else None for r in rs], "note": [r.note if r else "" for r in rs]})
+        (refs if arm in REFERENCE_ARMS else arms)[arm] = entry
+    rows: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(k for b in baselines.values() for k in b):
+        rows[name] = {"macro_auroc": [baselines[s][name].macro if name in baselines.get(s, {}) else math.nan
+                                      for s in seeds]}
+    rows.update(refs)
+    primary = config.get("evaluation", {}).get("study", {}).get("primary_readout", "cls")
+    return _jsonable({
+        "commit": commit,
+        "command": command,
+        "seeds": seeds,
+        "primary_readout": primary,
+        "arms": arms,
+        "baselines": rows,
+        "targets": [{"claim": t.claim, "seed": t.seed, "verdict": t.verdict.replace("**", ""), "margin": t.margin,
+                     "detail": t.detail} for t in targets],
+        "config": dict(config),
+    })
+
+
+def baselines_table(baselines: Mapping[int, Mapping[str, ProbeScores]]) -> str:
+    """Markdown: one row per baseline row, macro AUROC mean ± std and per seed."""
+    seeds = sorted(baselines)
+    lines = ["| row | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---|" + "---|" * len(seeds)]
+    for name in dict.fromkeys(k for b in baselines.values() for k in b):
+        v = [baselines[s][name].macro if name in baselines[s] else math.nan for s in seeds]
+        m, sd = _mean_std(v)
+        lines.append(f"| {name} | {_fmt(m)} ± {_fmt(sd)} | " + " | ".join(_fmt(x) for x in v) + " |")
+    return "\n".join(lines)
+
+
 def write_study(runs: Sequence[ArmRun], out: Path, budget: Mapping[str, ArmBudget], seconds: Mapping[str, float],
                 single_site_choice: Mapping[int, str], command: str = "",
-                reference: Mapping[str, float] | None = None) -> dict[str, Path]:
-    """Write ``runs.csv``, ``table.csv``, ``results.md``, ``study.json`` and the plots under ``out``.
+                reference: Mapping[str, float] | None = None,
+                baselines: Mapping[int, Mapping[str, ProbeScores]] | None = None,
+                config: Mapping[str, Any] | None = None, commit: str | None = None) -> dict[str, Path]:
+    """Write ``runs.csv``, ``table.csv``, ``results.md``, ``study.json``, ``study-latest.json`` and
+    the plots under ``out``.
 
     Args:
         runs: every (arm, seed) run.
@@ -258,6 +340,9 @@ def write_study(runs: Sequence[ArmRun], out: Path, budget: Mapping[str, ArmBudge
         single_site_choice: seed -> the site the single-site arm chose.
         command: the command line that produced the study (written into results.md).
         reference: the token-proportional attention numbers (:func:`~fedpanfm.evaluation.study.token_reference`).
+        baselines: seed -> baseline row -> test scores (``Study.baselines``).
+        config: the study's config as a dict (into study-latest.json).
+        commit: the git commit; None = :func:`git_commit`.
 
     Returns:
         name -> path of every file written.
@@ -265,6 +350,7 @@ def write_study(runs: Sequence[ArmRun], out: Path, budget: Mapping[str, ArmBudge
     if not runs:
         raise ValueError("write_study: no runs to write")
     out = Path(out)
+    baselines = baselines or {}
     paths: dict[str, Path] = {}
     paths["runs.csv"] = out / "runs.csv"
     with paths["runs.csv"].open("w", newline="") as f:
@@ -280,18 +366,20 @@ def write_study(runs: Sequence[ArmRun], out: Path, budget: Mapping[str, ArmBudge
         w.writerow(TABLE_HEADER)
         for row in table.values():
             w.writerow([f"{row[c]:.6g}" if isinstance(row[c], float) else row[c] for c in TABLE_HEADER])
-    targets = check_targets(table)
+    targets = check_targets(runs)
     headroom = headroom_line(table)
-    trained = [b for a, b in budget.items() if a != "random_init"]
+    trained = [b for a, b in budget.items() if a not in ("random_init", *REFERENCE_ARMS)]
     budget_text = (f"every trained arm: {trained[0].steps} optimiser steps, {trained[0].subject_epochs} subject-epochs"
                    if trained else "no trained arm budget")
+    primary = sorted({r.score.readout for r in runs})
     md = [
         "# SGM study results",
         "",
         (f"Command: `{command}`" if command else ""),
         "",
         f"Seeds {sorted({r.seed for r in runs})}; {budget_text} (docs/results.md, budget). "
-        f"Single site chosen per seed: {dict(single_site_choice) or 'n/a'}. Protocol: docs/evaluation.md.",
+        f"Single site chosen per seed: {dict(single_site_choice) or 'n/a'}. Primary readout (macro_auroc): "
+        f"{', '.join(primary)}. Protocol: docs/evaluation.md.",
         "",
         "## Mean ± std over seeds",
         "",
@@ -303,11 +391,13 @@ def write_study(runs: Sequence[ArmRun], out: Path, budget: Mapping[str, ArmBudge
         "",
         "Columns: " + "; ".join(f"`{c}`: {d}" for _, c, d in METRICS) + f". Dominant organs: {', '.join(DOMINANT)}.",
         "",
-        "## Targets (issue 5)",
+        "## Baseline rows (same split and probe protocol as the arms)",
         "",
-        "| claim | verdict | values |",
-        "|---|---|---|",
-        *[f"| {t.claim} | {t.verdict} | {t.detail} |" for t in targets],
+        baselines_table(baselines) if baselines else "No baseline rows in this study.",
+        "",
+        "## Targets (issue 14), per seed: verdict (margin)",
+        "",
+        targets_table(targets),
         "",
         headroom,
         "",
@@ -320,24 +410,28 @@ def write_study(runs: Sequence[ArmRun], out: Path, budget: Mapping[str, ArmBudge
     paths["results.md"] = out / "results.md"
     paths["results.md"].write_text("\n".join(md))
     paths["study.json"] = out / "study.json"
-
     paths["study.json"].write_text(json.dumps(_jsonable({
         "table": table,
         "targets": [{**t.__dict__, "verdict": t.verdict} for t in targets],
         "headroom": headroom,
         "runs": [{"arm": r.arm, "seed": r.seed, "steps": r.steps, "seconds": r.seconds, "note": r.note,
                   **r.score.__dict__} for r in runs],
+        "baselines": {str(s): {k: v.macro for k, v in b.items()} for s, b in baselines.items()},
         "budget": {a: {**b.__dict__, "subject_epochs": b.subject_epochs} for a, b in budget.items()},
         "seconds": dict(seconds),
         "reference": dict(reference or {}),
         "command": command,
     }), indent=2) + "\n")
+    paths["study-latest.json"] = out / "study-latest.json"
+    latest = latest_dict(runs, baselines, command, config or {}, commit if commit is not None else git_commit(), targets)
+    paths["study-latest.json"].write_text(json.dumps(latest, indent=2) + "\n")
     for p in _plots(runs, table, out):
         paths[p.name] = p
     return paths
 
 
 __all__ = [
-    "METRICS", "REFERENCE_ARMS", "TABLE_HEADER", "Target", "check_targets", "headroom_line", "markdown_table",
-    "summarise", "write_study",
+    "CLAIMS", "LATEST_ARM_KEYS", "METRICS", "REFERENCE_ARMS", "TABLE_HEADER", "Target", "baselines_table",
+    "check_targets", "git_commit", "headroom_line", "latest_dict", "markdown_table", "summarise", "targets_table",
+    "write_study",
 ]

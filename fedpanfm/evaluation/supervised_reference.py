@@ -2,12 +2,13 @@
 
 Our design, not the papers': an encoder that is *told what matters*. A fresh
 :class:`PanOrganEncoder` plus a linear head from its CLS embedding regresses, by mean squared
-error, the standardised latent factors the synthetic cohort's labels read (``cohort_metadata.json``,
-:func:`fedpanfm.evaluation.factors.load_cohort_factors`), on the same training subjects and for the
-same optimiser steps as the self-supervised arms. Its linear-probe AUROC is roughly the most this
-architecture can give a probe on this cohort, so ``supervised_factors - random_init`` is the
-headroom the study's "+0.05 over random_init" targets sit in (at ``synth.disease_signal`` 1 it was
-only +0.041 on the study's cohorts). It is a reference line of the study, NOT an arm of the comparison: no
+error, the standardised latent factors the synthetic cohort's labels read (each site's
+``factors.csv``, :func:`fedpanfm.evaluation.factors.load_cohort_factors`), on the study's training
+subjects, for at least ``evaluation.study.supervised_epochs`` epochs (the study passes the larger of
+that and the arms' step budget: trained on 96 subjects the reference looked like +0.028 of headroom,
+on 768 it reached 0.744, issue 14). Its linear-probe AUROC is roughly the most this architecture can
+give a probe on this cohort, so ``supervised_factors - random_init`` is the headroom the study's
+targets sit in. It is a reference line of the study, NOT an arm of the comparison: no
 self-supervised method could see these factors, and real cohorts have none.
 """
 
@@ -58,8 +59,8 @@ def train_factor_encoder(cfg: ExperimentConfig, cohort_dir: Path, steps: int, se
         raise ValueError(f"train_factor_encoder: steps must be >= 1, got {steps}")
     loaded = load_cohort_factors(cohort_dir)
     if loaded is None:
-        raise ValueError(f"train_factor_encoder: cohort {cohort_dir} has no latent factors (no cohort_metadata.json: "
-                         "a real cohort?); the supervised reference needs a synthetic cohort")
+        raise ValueError(f"train_factor_encoder: cohort {cohort_dir} has no latent factors (no factors.csv nor "
+                         "cohort_metadata.json: a real cohort?); the supervised reference needs a synthetic cohort")
     factors, signal, nuisance = loaded
     names = [f for f in signal if f not in nuisance]
     if not names:

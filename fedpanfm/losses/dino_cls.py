@@ -84,3 +84,36 @@ class DINOClsLoss(CenteredDistillLoss):
         if student_logits.shape[0] == 0:
             raise ValueError("DINOClsLoss: empty batch (0 subjects)")
         return self.row_losses(student_logits, teacher_logits, teacher_temp).mean()
+
+    def cross_view(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
+        """DINO's multi-crop loss: every teacher view supervises every OTHER student view.
+
+        Args:
+            student_logits: (V, B, K), the student's CLS logits of V views; views 0..G-1 are the
+                global views the teacher saw, the rest local views.
+            teacher_logits: (G, B, K), the teacher's CLS logits of the G global views.
+            teacher_temp: the teacher temperature at this step.
+
+        Returns the mean over the G * V - G pairs (g, v), v != g, of the subject-mean
+        cross-entropy from teacher view g to student view v (facebookresearch/dino ``DINOLoss``).
+        """
+        if student_logits.dim() != 3 or teacher_logits.dim() != 3:
+            raise ValueError(
+                f"DINOClsLoss.cross_view: student {tuple(student_logits.shape)} and teacher "
+                f"{tuple(teacher_logits.shape)} logits must be (V, B, K) and (G, B, K)"
+            )
+        n_views, n_global = student_logits.shape[0], teacher_logits.shape[0]
+        if n_global > n_views or n_views < 2 or student_logits.shape[1:] != teacher_logits.shape[1:]:
+            raise ValueError(
+                f"DINOClsLoss.cross_view: need 2 <= G <= V views over the same (B, K); got student "
+                f"{tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}"
+            )
+        self._check(student_logits[0], teacher_logits[0], teacher_temp)
+        if student_logits.shape[1] == 0:
+            raise ValueError("DINOClsLoss.cross_view: empty batch (0 subjects)")
+        t = F.softmax((teacher_logits.detach().float() - self.center) / teacher_temp, dim=-1)
+        log_s = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+        # (G, V): subject-mean cross-entropy of each (teacher view, student view) pair.
+        pair = -torch.einsum("gbk,vbk->gv", t, log_s) / student_logits.shape[1]
+        other = ~torch.eye(n_global, n_views, dtype=torch.bool, device=pair.device)
+        return pair[other].mean()

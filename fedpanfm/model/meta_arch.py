@@ -1,13 +1,18 @@
 """PanFMSSL: the one meta-architecture that owns student, teacher, losses and the organ masker.
 
-One training forward (DINOv2 layout, REFERENCES.md):
-1. teacher (no grad, full view) -> CLS / token features and the last-layer CLS attention;
-2. SGM: the attention shares update the masker's saliency estimate, the masker draws whole-organ
-   masks and in-organ patch masks (no extra forward: the teacher's attention is reused);
-3. student on the masked view (masked tokens replaced by the mask token, positions kept, so the
-   student and teacher layouts are identical);
-4. losses: DINO on CLS, iBOT on masked positions, DEX director -> expert distillation on the
-   student's DEX layers, load balance on the student's routers; total = cfg.train.loss weights.
+One training forward (DINO multi-crop + iBOT + DINOv2 layout, REFERENCES.md; docs/method.md):
+1. views (``model/views.py``): two augmented GLOBAL views of every subject (all its organs) and
+   ``train.local_views`` LOCAL views (organ subsets, independently augmented);
+2. teacher (no grad, eval mode) on the two global views, unmasked -> CLS / token features and
+   the last-layer CLS attention;
+3. SGM: the attention shares update the masker's saliency estimate, the masker draws whole-organ
+   masks and in-organ patch masks for the student's global views (no extra forward);
+4. student on the masked global views (masked tokens replaced by the mask token, positions kept,
+   so the student's and the teacher's layouts of a view are identical) and on the local views;
+5. losses: DINO across views (teacher global view g -> every student view v != g), iBOT within
+   each global view (teacher tokens of view v at the positions masked in the student's view v),
+   DEX director -> expert distillation and load balance on the student's DEX layers, optional
+   KoLeo and MAE-style reconstruction; total = cfg.train.loss weights.
 The teacher is kept in eval mode at all times: no router noise (a noisy target is a worse
 target), no director distillation output and no usage accounting in the teacher.
 """
@@ -15,11 +20,13 @@ target), no director distillation output and no usage accounting in the teacher.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from fedpanfm.augment import OrganAugmenter
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.losses.balance import load_balance_loss
@@ -27,11 +34,16 @@ from fedpanfm.losses.dex_distill import dex_distill_loss
 from fedpanfm.losses.dino_cls import DINOClsLoss
 from fedpanfm.losses.ibot_patch import IBOTPatchLoss
 from fedpanfm.losses.koleo import koleo_loss
+from fedpanfm.losses.mae import masked_patch_mse, patchify
 from fedpanfm.model.encoder import EncoderOutput, PanOrganEncoder
 from fedpanfm.model.heads import DINOHead
+from fedpanfm.model.tokenizer import gather_organ_tokens
+from fedpanfm.model.views import make_views
 from fedpanfm.sgm import OrganMasker, organ_attention_shares
 
 SCHEDULE_KEYS = ("teacher_temp", "noise_std")
+#: Global views per subject: DINO's two, each teacher view supervising the other.
+GLOBAL_VIEWS = 2
 
 
 class SSLNetwork(nn.Module):
@@ -42,10 +54,13 @@ class SSLNetwork(nn.Module):
         head: the projection head mapping D-wide tokens to K prototype logits.
     """
 
-    def __init__(self, encoder: PanOrganEncoder, head: DINOHead) -> None:
+    def __init__(self, encoder: PanOrganEncoder, head: DINOHead, pixel_decoder: nn.ModuleDict | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
+        if pixel_decoder is not None:
+            # Only with train.loss.mae > 0: the default state keys stay those of earlier runs.
+            self.pixel_decoder = pixel_decoder
 
     def forward(
         self, batch: SubjectBatch, organ_mask: Tensor | None = None, patch_mask: dict[str, Tensor] | None = None
@@ -62,7 +77,8 @@ class SSLStats:
         organ_subjects: (n_organs,) long, subjects of this batch holding each organ.
         gate_mass: (L, E) float, gate mass the student routed to each expert of each block
             (zero rows for blocks without DEX).
-        saliency: (B, n_organs) float, the teacher's CLS-attention share per organ and subject.
+        saliency: (B, n_organs) float, the teacher's CLS-attention share per organ and subject
+            (mean over the global views).
     """
 
     organ_subjects: Tensor
@@ -91,8 +107,13 @@ class PanFMSSL(nn.Module):
         super().__init__()
         self.cfg = cfg
         m, t = cfg.model, cfg.train
+        pixel_decoder = None
+        if t.loss.mae > 0:
+            pixel_decoder = nn.ModuleDict({
+                o: nn.Linear(m.dim, math.prod(cfg.data.organs[o].patch)) for o in cfg.data.organ_set()
+            })
         self.student = SSLNetwork(
-            PanOrganEncoder(cfg), DINOHead(m.dim, m.head_hidden_dim, m.head_bottleneck_dim, m.head_out_dim)
+            PanOrganEncoder(cfg), DINOHead(m.dim, m.head_hidden_dim, m.head_bottleneck_dim, m.head_out_dim), pixel_decoder
         )
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
@@ -106,6 +127,7 @@ class PanFMSSL(nn.Module):
         self.organs = cfg.data.organ_set()
         self.masker = OrganMasker(self.organs, t.masking)
         self.num_patches = {o: cfg.data.organs[o].num_patches for o in self.organs}
+        self.augmenter = OrganAugmenter(t.augment)
         self._ema_params: tuple[list[Tensor], list[Tensor]] | None = None
 
     def train(self, mode: bool = True) -> "PanFMSSL":
@@ -125,7 +147,8 @@ class PanFMSSL(nn.Module):
             batch: the subjects (on the model's device).
             sched: this step's schedule values; needs ``teacher_temp`` and ``noise_std``
                 (``Schedules.at(step)``).
-            generator: CPU generator for the masks (None: the global RNG).
+            generator: CPU generator for the views (organ subsets, augmentations) and the masks
+                (None: the global RNG).
 
         In training mode the teacher centres and the masker's saliency estimate are updated;
         in eval mode no state changes (masks are still drawn, so the loss is comparable).
@@ -136,36 +159,46 @@ class PanFMSSL(nn.Module):
         teacher_temp = float(sched["teacher_temp"])
         for layer in self.student.encoder.dex_layers():
             layer.noise_std = float(sched["noise_std"])
+        t = self.cfg.train
+        views = make_views(batch, GLOBAL_VIEWS, t.local_views, (t.local_keep_ratio[0], t.local_keep_ratio[1]),
+                           self.augmenter, generator)
+        gv, B = views.global_views, batch.size
 
         with torch.no_grad():
-            t_out = self.teacher(batch)
+            t_out = self.teacher(gv)
         shares = organ_attention_shares(t_out.cls_attn, t_out.organ_id, len(self.organs))
-        present = batch.present.to(shares.device)
+        present = gv.present.to(shares.device)
         if self.training:
             self.masker.update(shares, present)
+        # SGM masks the student's global views; the local views are organ subsets already.
         organ_mask = self.masker.sample(present, generator)
-        patch_mask = self.masker.sample_patch_mask(batch, organ_mask, self.num_patches, generator)
+        patch_mask = self.masker.sample_patch_mask(gv, organ_mask, self.num_patches, generator)
 
-        s_out = self.student(batch, organ_mask, patch_mask)
+        s_out = self.student(gv, organ_mask, patch_mask)
         if not (torch.equal(s_out.pad, t_out.pad) and torch.equal(s_out.organ_id, t_out.organ_id)):
-            raise RuntimeError("PanFMSSL: student and teacher token layouts differ for the same batch")
+            raise RuntimeError("PanFMSSL: student and teacher token layouts differ for the same view")
+        s_local = self.student(views.local_views) if views.local_views is not None else None
         sel = s_out.masked & ~s_out.pad
-        rows = sel.nonzero()[:, 0]
-        n_cls = s_out.cls.shape[0]
-        # One head call for the CLS tokens and the masked tokens (the head is shared).
-        s_logits = self.student.head(torch.cat([s_out.cls, s_out.tokens[sel]]))
+        rows = sel.nonzero()[:, 0]  # the (view, subject) row: iBOT averages per row first
+        s_cls = [s_out.cls] + ([s_local.cls] if s_local is not None else [])
+        n_s, n_t = views.n_views * B, GLOBAL_VIEWS * B
+        # One head call per network for the CLS tokens and the masked tokens (the head is shared).
+        s_logits = self.student.head(torch.cat(s_cls + [s_out.tokens[sel]]))
         with torch.no_grad():
             t_logits = self.teacher.head(torch.cat([t_out.cls, t_out.tokens[sel]]))
-
-        loss_dino = self.dino_loss(s_logits[:n_cls], t_logits[:n_cls], teacher_temp)
-        loss_ibot = self.ibot_loss(s_logits[n_cls:], t_logits[n_cls:], rows, teacher_temp)
+        k = s_logits.shape[-1]
+        loss_dino = self.dino_loss.cross_view(
+            s_logits[:n_s].view(views.n_views, B, k), t_logits[:n_t].view(GLOBAL_VIEWS, B, k), teacher_temp
+        )
+        loss_ibot = self.ibot_loss(s_logits[n_s:], t_logits[n_t:], rows, teacher_temp)
         if self.training:
-            self.dino_loss.update_center(t_logits[:n_cls])
-            self.ibot_loss.update_center(t_logits[n_cls:])
-        loss_dex = dex_distill_loss(s_out.dex, self.cfg.model.dex.distill_temperature)
-        loss_bal = load_balance_loss(s_out.dex)
+            self.dino_loss.update_center(t_logits[:n_t])
+            self.ibot_loss.update_center(t_logits[n_t:])
+        outs = [(s_out, GLOBAL_VIEWS)] + ([(s_local, views.n_local)] if s_local is not None else [])
+        loss_dex = self._view_mean([(dex_distill_loss(o.dex, self.cfg.model.dex.distill_temperature), n) for o, n in outs])
+        loss_bal = self._view_mean([(load_balance_loss(o.dex), n) for o, n in outs])
 
-        w = self.cfg.train.loss
+        w = t.loss
         total = w.dino * loss_dino + w.ibot * loss_ibot
         metrics = {"loss/dino": loss_dino.item(), "loss/ibot": loss_ibot.item()}
         if loss_dex is not None:
@@ -175,22 +208,52 @@ class PanFMSSL(nn.Module):
             total = total + w.balance * loss_bal
             metrics["loss/balance"] = loss_bal.item()
         if w.koleo > 0:
-            loss_koleo = koleo_loss(s_out.cls)
-            if loss_koleo is not None:
+            # DINOv2 spreads each global view's student CLS within the batch.
+            terms = [koleo_loss(c) for c in s_out.cls.view(GLOBAL_VIEWS, B, -1)]
+            if all(x is not None for x in terms):
+                loss_koleo = torch.stack(terms).mean()
                 total = total + w.koleo * loss_koleo
                 metrics["loss/koleo"] = loss_koleo.item()
+        if w.mae > 0:
+            loss_mae = self._mae_loss(gv, s_out, patch_mask)
+            total = total + w.mae * loss_mae
+            metrics["loss/mae"] = loss_mae.item()
         metrics["loss"] = total.item()
         n_present = int(present.sum())
         metrics["mask/organ_ratio"] = float(organ_mask.sum()) / max(n_present, 1)
         organ_tokens = int((s_out.organ_id >= 0).sum())
         metrics["mask/token_ratio"] = float(sel.sum()) / max(organ_tokens, 1)
+        if views.local_views is not None:
+            metrics["views/local_organ_ratio"] = float(views.local_views.present.sum()) / max(n_present // GLOBAL_VIEWS, 1) / views.n_local
 
         stats = SSLStats(
-            organ_subjects=present.sum(dim=0).long(),
-            gate_mass=self._gate_mass(s_out),
-            saliency=shares,
+            organ_subjects=batch.present.sum(dim=0).long().to(shares.device),
+            gate_mass=sum(self._gate_mass(o) for o, _ in outs) / views.n_views,
+            saliency=shares.view(GLOBAL_VIEWS, B, -1).mean(dim=0),
         )
         return SSLOutput(loss=total, metrics=metrics, stats=stats)
+
+    @staticmethod
+    def _view_mean(terms: list[tuple[Tensor | None, int]]) -> Tensor | None:
+        """Mean of per-forward losses weighted by the views each forward holds (None: no DEX)."""
+        kept = [(x, n) for x, n in terms if x is not None]
+        if not kept:
+            return None
+        return sum(x * n for x, n in kept) / sum(n for _, n in kept)
+
+    def _mae_loss(self, views: SubjectBatch, out: EncoderOutput, patch_mask: dict[str, Tensor]) -> Tensor:
+        """Pixel reconstruction of every masked patch of the student's global views."""
+        preds, targets = [], []
+        for organ, mask in patch_mask.items():
+            tokens = gather_organ_tokens(out.tokens, views, out.positions, organ)[mask]
+            preds.append(self.student.pixel_decoder[organ](tokens))
+            pixels = patchify(views.images[organ], tuple(self.cfg.data.organs[organ].patch))
+            targets.append(pixels[mask.to(pixels.device)])
+        # Organs differ in patch size: one mean over all masked patches, organ by organ.
+        n = sum(p.shape[0] for p in preds)
+        if n == 0:
+            return out.cls.sum() * 0.0
+        return sum(masked_patch_mse(p, t) * p.shape[0] for p, t in zip(preds, targets)) / n
 
     def _gate_mass(self, out: EncoderOutput) -> Tensor:
         n_experts = self.cfg.model.dex.experts

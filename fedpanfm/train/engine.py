@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +167,14 @@ class LocalTrainer:
         self._autocast_dtype = torch.bfloat16 if cfg.deepspeed.bf16 else None
         self._clip = cfg.deepspeed.gradient_clipping if cfg.deepspeed.zero_stage == 0 else 0.0
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # DINO freezes the head's prototypes during the first epoch(s) (``freeze_last_layer``):
+        # moving them while the features are still random destabilises training.
+        self._last_layer = list(self.model.student.head.last_layer.parameters())
+        self._freeze_last = False
+        if cfg.deepspeed.zero_stage > 0:
+            # ZeRO 1/2 copy gradients out during backward; zero them at the source instead.
+            for p in self._last_layer:
+                p.register_hook(lambda g: torch.zeros_like(g) if self._freeze_last else g)
         dist = torch.distributed
         if cfg.deepspeed.zero_stage == 0 and dist.is_initialized() and dist.get_world_size() == 1:
             # A site trains at world size 1: DeepSpeed's gradient all-reduce is the identity there
@@ -200,6 +208,17 @@ class LocalTrainer:
             raise TypeError(f"cannot find the torch optimizer inside {type(self.optimizer).__name__}")
         return opt
 
+    def freeze_last_layer_steps(self, loader: Iterable[SubjectBatch]) -> int:
+        """Optimizer steps the head's last layer stays frozen: ``train.freeze_last_layer_epochs``
+        epochs of ``loader``. The global step counts from the run's start (a federated site
+        continues it across rounds), so "the first epoch" is the run's, not each round's."""
+        epochs = self.cfg.train.freeze_last_layer_epochs
+        if epochs == 0:
+            return 0
+        if not isinstance(loader, Sized):
+            raise TypeError("fit: train.freeze_last_layer_epochs needs a loader with a length (batches per epoch)")
+        return epochs * max(1, len(loader) // self.cfg.deepspeed.gradient_accumulation_steps)
+
     def _set_optim_hparams(self, lr: float, weight_decay: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -228,7 +247,8 @@ class LocalTrainer:
         """
         if epochs < 1:
             raise ValueError(f"fit: epochs = {epochs} must be >= 1")
-        sched = Schedules(self.cfg.train, self.cfg.model.dex, total_steps)
+        sched = Schedules.for_config(self.cfg, total_steps)
+        freeze_steps = self.freeze_last_layer_steps(loader)
         self.total_steps = total_steps
         model = self.model
         if global_saliency is not None:
@@ -247,11 +267,17 @@ class LocalTrainer:
             for batch in self._batches(loader, "fit"):
                 s = sched.at(self.step)
                 self._set_optim_hparams(s["lr"], s["weight_decay"])
+                self._freeze_last = self.step < freeze_steps
                 with self._autocast():
                     out = self.engine(batch, {"teacher_temp": s["teacher_temp"], "noise_std": s["noise_std"]})
                 if not torch.isfinite(out.loss.detach()):
                     raise FloatingPointError(f"fit: non-finite loss {out.loss.item()} at step {self.step}")
                 self.engine.backward(out.loss)
+                if self._freeze_last and self.cfg.deepspeed.zero_stage == 0:
+                    # DINO's cancel_gradients_last_layer: no gradient, so AdamW skips the
+                    # prototypes entirely (no moment, no decay) until they are released.
+                    for p in self._last_layer:
+                        p.grad = None
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 if boundary and self._clip > 0:
                     torch.nn.utils.clip_grad_norm_(self._trainable, self._clip, foreach=True)
@@ -267,7 +293,8 @@ class LocalTrainer:
                         model.update_teacher(s["teacher_momentum"])
                         model.update_directors(s["gema_momentum"])
                     values = {**{k: float(v) for k, v in out.metrics.items()},
-                              **{f"schedule/{k}": v for k, v in s.items()}}
+                              **{f"schedule/{k}": v for k, v in s.items()},
+                              "schedule/last_layer_frozen": float(self._freeze_last)}
                     history.append(values)
                     if on_step is not None:
                         on_step(self.step, values)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedpanfm.config import DexConfig, TrainConfig
+from fedpanfm.config import DexConfig, ExperimentConfig, TrainConfig
 
 
 def cosine(start: float, end: float, step: int, total: int) -> float:
@@ -57,33 +57,56 @@ def warmup_cosine(base: float, final: float, warmup: int, step: int, total: int)
     return cosine(base, final, step - warmup, total - warmup)
 
 
+def sqrt_batch_lr(lr: float, batch: int, reference_batch: int) -> float:
+    """The square-root batch rule (DINOv2): ``lr * sqrt(batch / reference_batch)``.
+
+    Args:
+        lr: the peak learning rate at ``reference_batch``.
+        batch: the effective batch (micro-batch x gradient-accumulation steps).
+        reference_batch: the batch ``lr`` is given for (``train.lr_reference_batch``).
+    """
+    if batch < 1 or reference_batch < 1:
+        raise ValueError(f"sqrt_batch_lr: batch = {batch} and reference_batch = {reference_batch} must be >= 1")
+    return lr * math.sqrt(batch / reference_batch)
+
+
 @dataclass
 class Schedules:
     """All per-step hyper-parameters of local training.
 
     Args:
-        train: ``cfg.train`` (lr, teacher momentum / temperature, warm-up fractions).
+        train: ``cfg.train`` (lr, weight decay, teacher momentum / temperature, warm-up fractions).
         dex: ``cfg.model.dex`` (router noise, group-EMA momentum).
         total_steps: the whole run's optimiser steps (all rounds x local epochs x batches).
+        effective_batch: subjects per optimiser step, for the square-root lr rule; None takes
+            ``train.lr_reference_batch`` (``train.lr`` unscaled). :meth:`for_config` fills it in.
     """
 
     train: TrainConfig
     dex: DexConfig
     total_steps: int
+    effective_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
             raise ValueError(f"Schedules: total_steps = {self.total_steps} must be >= 1")
         self.lr_warmup = int(round(self.train.warmup_fraction * self.total_steps))
         self.temp_warmup = int(round(self.train.teacher_temp_warmup_fraction * self.total_steps))
+        batch = self.train.lr_reference_batch if self.effective_batch is None else self.effective_batch
+        self.peak_lr = sqrt_batch_lr(self.train.lr, batch, self.train.lr_reference_batch)
+
+    @classmethod
+    def for_config(cls, cfg: ExperimentConfig, total_steps: int) -> "Schedules":
+        """The schedules of ``cfg``'s trainer: effective batch = ``data.batch_size`` x
+        ``deepspeed.gradient_accumulation_steps``."""
+        batch = cfg.data.batch_size * cfg.deepspeed.gradient_accumulation_steps
+        return cls(cfg.train, cfg.model.dex, total_steps, batch)
 
     def lr(self, step: int) -> float:
-        return warmup_cosine(self.train.lr, self.train.min_lr, self.lr_warmup, step, self.total_steps)
+        return warmup_cosine(self.peak_lr, self.train.min_lr, self.lr_warmup, step, self.total_steps)
 
     def weight_decay(self, step: int) -> float:
-        # Constant: the config has a single weight_decay, and DINO's 0.04 -> 0.4 ramp was tuned for
-        # ViTs on ImageNet, not for our small, federated runs.
-        return self.train.weight_decay
+        return cosine(self.train.weight_decay, self.train.weight_decay_end, step, self.total_steps)
 
     def teacher_momentum(self, step: int) -> float:
         return cosine(self.train.teacher_momentum_start, self.train.teacher_momentum_end, step, self.total_steps)

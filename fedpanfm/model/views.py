@@ -1,0 +1,141 @@
+"""Self-distillation views of a batch: two augmented global views and organ-subset local views.
+
+DINO's multi-crop gives the student two large (global) crops and several small (local) crops of
+each image; the teacher sees the global crops only. Our subjects are sets of organ images, so
+(our design, docs/method.md "Views and augmentations"):
+
+- a GLOBAL view holds every organ the subject has, each image independently augmented;
+- a LOCAL view holds a random subset of the subject's present organs (a share drawn in
+  ``train.local_keep_ratio``, at least one organ), independently augmented: the student must
+  match, from part of the body, what the teacher says about the whole.
+
+All views of one kind are stacked into ONE :class:`SubjectBatch`, view-major (row ``v * B + b``
+is subject ``b`` in view ``v``), so the encoder runs once per kind of view, not once per view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedpanfm.augment import OrganAugmenter
+from fedpanfm.data.batch import SubjectBatch
+
+
+@dataclass
+class Views:
+    """The views of one batch of ``B`` subjects.
+
+    Args:
+        global_views: ``n_global * B`` rows, view-major; every row holds all organs of its subject.
+        local_views: ``n_local * B`` rows, view-major, or None without local views.
+        n_global: number of global views.
+        n_local: number of local views.
+        size: ``B``, subjects of the source batch.
+    """
+
+    global_views: SubjectBatch
+    local_views: SubjectBatch | None
+    n_global: int
+    n_local: int
+    size: int
+
+    @property
+    def n_views(self) -> int:
+        return self.n_global + self.n_local
+
+
+def stack_views(batch: SubjectBatch, n: int) -> SubjectBatch:
+    """``n`` copies of ``batch`` in one batch, view-major (row ``v * B + b`` = subject b, copy v)."""
+    if n < 1:
+        raise ValueError(f"stack_views: n = {n} views must be >= 1")
+    B = batch.size
+    return SubjectBatch(
+        subject_ids=batch.subject_ids * n,
+        organ_names=batch.organ_names,
+        images={o: torch.cat([x] * n) for o, x in batch.images.items()},
+        index={o: torch.cat([rows + v * B for v in range(n)]) for o, rows in batch.index.items()},
+        present=batch.present.repeat(n, 1),
+        labels=batch.labels.repeat(n, 1),
+        label_names=batch.label_names,
+        sites=batch.sites * n,
+    )
+
+
+def augment_batch(batch: SubjectBatch, augmenter: OrganAugmenter, generator: torch.Generator | None = None) -> SubjectBatch:
+    """``batch`` with every image independently augmented: one batched call per organ stack."""
+    return SubjectBatch(
+        subject_ids=batch.subject_ids,
+        organ_names=batch.organ_names,
+        images={o: augmenter(o, x, generator) for o, x in batch.images.items()},
+        index=batch.index,
+        present=batch.present,
+        labels=batch.labels,
+        label_names=batch.label_names,
+        sites=batch.sites,
+    )
+
+
+def organ_subsets(present: Tensor, keep_ratio: tuple[float, float], generator: torch.Generator | None = None) -> Tensor:
+    """(B, O) bool: per subject, a uniformly random subset of its present organs.
+
+    Its size is ``round(r * |P_b|)`` with ``r ~ U(keep_ratio)`` per subject, clamped to
+    [1, |P_b|]: a subject with organs never loses all of them.
+
+    Args:
+        present: (B, O) bool organ presence.
+        keep_ratio: (low, high) share of the present organs kept.
+        generator: CPU generator.
+    """
+    lo, hi = keep_ratio
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"organ_subsets: keep_ratio {keep_ratio} must satisfy 0 <= low <= high <= 1")
+    present_cpu = present.bool().cpu()
+    n_present = present_cpu.sum(dim=1)
+    r = lo + (hi - lo) * torch.rand(present_cpu.shape[0], generator=generator)
+    k = torch.minimum(torch.clamp((r * n_present).round().long(), min=1), n_present)
+    score = torch.rand(present_cpu.shape, generator=generator)
+    score = torch.where(present_cpu, score, torch.full_like(score, 2.0))  # absent organs rank last
+    rank = score.argsort(dim=1).argsort(dim=1)
+    return ((rank < k[:, None]) & present_cpu).to(present.device)
+
+
+def make_views(
+    batch: SubjectBatch,
+    n_global: int,
+    n_local: int,
+    keep_ratio: tuple[float, float],
+    augmenter: OrganAugmenter | None,
+    generator: torch.Generator | None = None,
+) -> Views:
+    """The global and local views of ``batch``.
+
+    Args:
+        batch: the subjects (any device; images are augmented where they are).
+        n_global: global views (2 in DINO).
+        n_local: organ-subset views (0 = none).
+        keep_ratio: (low, high) share of a subject's organs each local view keeps.
+        augmenter: per-organ augmentation (None: views differ only in their organ subsets).
+        generator: CPU generator for the subsets and the augmentations.
+    """
+    # Deferred: the evaluation package imports the model package (meta_arch -> views).
+    from fedpanfm.evaluation.embed import drop_per_subject
+
+    if not bool(batch.present.any(dim=1).all()):
+        raise ValueError("make_views: a subject of the batch has no organ (nothing to view)")
+    global_views = stack_views(batch, n_global)
+    local_views = None
+    if n_local > 0:
+        stacked = stack_views(batch, n_local)
+        keep = organ_subsets(stacked.present, keep_ratio, generator)
+        # Subsets first, augmentation after: only the kept images are transformed.
+        local_views = drop_per_subject(stacked, stacked.present & ~keep)
+    if augmenter is not None:
+        global_views = augment_batch(global_views, augmenter, generator)
+        local_views = augment_batch(local_views, augmenter, generator) if local_views is not None else None
+    return Views(global_views, local_views, n_global, n_local, batch.size)
+
+
+__all__ = ["Views", "augment_batch", "make_views", "organ_subsets", "stack_views"]
