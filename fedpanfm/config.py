@@ -116,6 +116,10 @@ class SynthConfig:
     organ_disease_signal: dict[str, float] = _f(
         {}, lo=0.0, hi=10.0, doc="organ -> its own disease_signal (e.g. {heart: 1.0}); others use disease_signal"
     )
+    presence: Literal["mnar", "independent"] = _f(
+        "mnar", doc="mnar: sicker subjects miss sessions (training cohorts); independent: each organ present "
+                    "with presence_rate whatever the factors (evaluation cohorts)")
+    presence_rate: float = _f(0.8, lo=0.01, hi=1.0, doc="P(organ present) per protocol organ when presence = independent")
 
 
 # --------------------------------------------------------------------------- model
@@ -145,6 +149,7 @@ class ModelConfig:
     head_hidden_dim: int = _f(128, lo=8)
     head_bottleneck_dim: int = _f(64, lo=8)
     head_out_dim: int = _f(256, lo=8, doc="number of DINO prototypes")
+    stem_channels: int = _f(0, lo=0, doc="channels of the two 3x3 convolutions before each organ's patch embedding; 0 = linear patch embedding")
     dex: DexConfig = field(default_factory=DexConfig)
 
 

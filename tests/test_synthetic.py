@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_config
 
 from fedpanfm.data.manifest import read_manifest
-from fedpanfm.data.synthetic import METADATA_NAME, generate_cohort
+from fedpanfm.data.synthetic import FACTOR_COLUMNS, METADATA_NAME, generate_cohort
 from fedpanfm.data.synthetic_factors import (
     LABELS,
     NUISANCE_FACTORS,
@@ -23,11 +23,24 @@ from fedpanfm.data.synthetic_factors import (
     label_probabilities,
     sample_factors,
     sample_labels,
+    sample_independent_presence,
     sample_presence,
     sample_scanner,
     sigmoid,
 )
-from fedpanfm.data.synthetic_render import RENDERERS, native_coords, render_organ
+from fedpanfm.data.synthetic_render import (
+    RENDERERS,
+    SMALL_ORGANS,
+    irregular_organ,
+    irregularity,
+    lesion_count,
+    lesions,
+    native_coords,
+    rank_gaussian,
+    render_organ,
+    smooth_noise,
+    texture_length,
+)
 
 ALL_ORGANS = tuple(ORGAN_FACTORS)
 
@@ -182,18 +195,112 @@ def test_missingness_depends_on_factors() -> None:
 @pytest.mark.parametrize("organ", sorted(RENDERERS))
 @pytest.mark.parametrize("shape", [(12, 14), (6, 10, 12)])
 @pytest.mark.parametrize("level", [-2.5, 2.5])
-def test_renderers_draw_2d_and_3d_inside_the_crop(organ: str, shape: tuple[int, ...], level: float) -> None:
+def test_renderers_draw_2d_and_3d(organ: str, shape: tuple[int, ...], level: float) -> None:
     f = {k: level for k in sample_factors(np.random.default_rng(0), 1)}
     f["cardiac_phase"] = 0.5 + level / 5.0
     img = render_organ(organ, shape, f, sample_scanner(np.random.default_rng(0)), np.random.default_rng(1))
     assert img.shape == shape and img.dtype == np.float32 and np.isfinite(img).all()
-    # Without the scanner, everything outside the central 80 % of the image plane is plain
-    # background even at extreme factors, so the loader's centre crop keeps the whole organ.
-    cs = native_coords(shape)
-    clean = np.broadcast_to(RENDERERS[organ](cs, f, np.random.default_rng(1)), shape)
-    outer = np.broadcast_to((np.abs(cs[-2]) > 0.85) | (np.abs(cs[-1]) > 0.85), shape)
-    assert outer.any() and np.ptp(clean[outer]) < 1e-6, organ
-    assert clean[~outer].std() > 10.0
+    assert img.std() > 10.0
+
+
+@pytest.mark.parametrize("organ", sorted(SMALL_ORGANS))
+@pytest.mark.parametrize("level", [-2.5, 2.5])
+def test_small_organs_stay_inside_the_crop_in_any_pose(organ: str, level: float) -> None:
+    # Without the scanner, everything outside the central 85 % of the image plane is plain
+    # background at extreme factors and any drawn pose, so the loader's centre crop keeps the
+    # organ. (Heart and adipose images show the chest / body outline, which, as in real scans,
+    # may reach the field of view's edge.)
+    f = {k: level for k in sample_factors(np.random.default_rng(0), 1)}
+    for shape in ((30, 30), (6, 20, 24)):
+        cs = native_coords(shape)
+        for seed in range(8):
+            clean = np.broadcast_to(RENDERERS[organ](cs, f, np.random.default_rng(seed)), shape)
+            outer = np.broadcast_to((np.abs(cs[-2]) > 0.85) | (np.abs(cs[-1]) > 0.85), shape)
+            assert np.ptp(clean[outer]) < 1e-6, (organ, shape, seed)
+
+
+def test_rank_gaussian_matches_the_normal_marginal_whatever_the_length() -> None:
+    rng = np.random.default_rng(0)
+    fine, coarse = (rank_gaussian(smooth_noise(rng, (40, 40), s)) for s in (0.02, 0.2))
+    # Same values, different places: identical histograms ...
+    assert np.allclose(np.sort(fine.ravel()), np.sort(coarse.ravel()))
+    assert abs(fine.mean()) < 1e-3 and abs(fine.std() - 1.0) < 0.01
+    # ... and different spatial structure (lag-1 autocorrelation).
+    lag = [np.corrcoef(x[:, 1:].ravel(), x[:, :-1].ravel())[0, 1] for x in (fine, coarse)]
+    assert lag[0] < 0.8 < 0.95 < lag[1]
+
+
+def test_outline_roughness_keeps_the_organ_volume() -> None:
+    cs = native_coords((48, 48))
+    plain = irregular_organ(cs, (0, 0, 0), (0.5, 0.5, 0.4), 0.0, np.random.default_rng(0))
+    for seed in range(5):
+        rough = irregular_organ(cs, (0, 0, 0), (0.5, 0.5, 0.4), 0.33, np.random.default_rng(seed))
+        assert abs(int((rough > 0.5).sum()) - int((plain > 0.5).sum())) <= 0.03 * (plain > 0.5).sum()
+        assert np.abs(rough - plain).sum() > 0.03 * plain.sum()  # and the outline did change
+
+
+def test_lesion_burden_is_fixed_and_count_grows_with_the_channel() -> None:
+    cs = native_coords((64, 64))
+    volumes = [lesions(cs, (0, 0, 0), (0.5, 0.5, 0.5), n, 0.1, np.random.default_rng(n)).sum() for n in (1, 4)]
+    assert abs(volumes[0] - volumes[1]) < 0.35 * volumes[0]
+    assert lesion_count(-2.0) == 1 < lesion_count(0.0) < lesion_count(2.0)
+    assert texture_length(-2.0) < texture_length(0.0) < texture_length(2.0)
+    assert irregularity(-2.0) < irregularity(0.0) < irregularity(2.0)
+
+
+def test_disease_changes_structure_not_the_intensity_histogram() -> None:
+    # Without scanner and pose noise averaged over images, the intensity quantiles of an organ
+    # image do not move with its disease channels, while a structural statistic does.
+    organ, shape, n = "liver", (24, 24), 40
+    quantiles, lag1 = {}, {}
+    for level in (-2.0, 2.0):
+        f = {k: 0.0 for k in sample_factors(np.random.default_rng(0), 1)}
+        f["steatosis"] = level  # liver texture (and a little of its outline)
+        imgs = [np.broadcast_to(RENDERERS[organ](native_coords(shape), f, np.random.default_rng(i)), shape)
+                for i in range(n)]
+        quantiles[level] = np.mean([np.quantile(im, [0.8, 0.85, 0.9, 0.95, 0.99]) for im in imgs], axis=0)
+        lag1[level] = [np.corrcoef(im[:, 1:].ravel(), im[:, :-1].ravel())[0, 1] for im in imgs]
+    spread = np.abs(quantiles[2.0] - quantiles[-2.0]).max()
+    design = SMALL_ORGANS[organ]
+    assert spread < 0.1 * (design.tissue - design.background), quantiles
+    diff = np.mean(lag1[2.0]) - np.mean(lag1[-2.0])
+    assert diff > 3 * np.std(lag1[-2.0]) / np.sqrt(n), lag1
+
+
+def test_independent_presence_ignores_the_factors() -> None:
+    rng = np.random.default_rng(0)
+    n = 20000
+    f = sample_factors(rng, n)
+    present, restored = sample_independent_presence(rng, n, ALL_ORGANS, 0.8)
+    for organ in ALL_ORGANS:
+        assert abs(present[organ].mean() - 0.8) < 0.02
+        for factor in ("neuro", "metabolic", "renal", "pancreatic"):
+            assert abs(np.corrcoef(present[organ], f[factor])[0, 1]) < 0.03
+    assert np.stack([present[o] for o in ALL_ORGANS]).any(axis=0).all()
+    assert restored.mean() < 1e-3
+
+
+def test_factors_csv_holds_every_subject_and_factor(cohort: tuple[list[Path], dict]) -> None:
+    sites, meta = cohort
+    by_id = {s["subject_id"]: s["factors"] for s in meta["subjects"]}
+    for site in sites:
+        lines = (site / "factors.csv").read_text().splitlines()
+        assert lines[0].split(",") == ["subject_id", *FACTOR_COLUMNS]
+        for line in lines[1:]:
+            sid, *values = line.split(",")
+            assert [float(v) for v in values] == [by_id[sid][c] for c in FACTOR_COLUMNS]  # repr round-trips
+        manifest_ids = {line.split(",")[0] for line in (site / "manifest.csv").read_text().splitlines()[1:] if line}
+        assert {line.split(",")[0] for line in lines[1:]} == manifest_ids
+
+
+def test_evaluation_cohort_presence_is_independent(tmp_path: Path) -> None:
+    sites, meta = _cohort(tmp_path, "e", ["synth.sites=1", "synth.subjects=12", "synth.presence=independent",
+                                          "synth.presence_rate=0.5"])
+    assert meta["presence"] == "independent" and len(sites) == 1
+    imaged = [len(s["imaged"]) for s in meta["subjects"]]
+    assert min(imaged) >= 1  # the floor keeps one organ
+    # Site 0 is neuro_cardiac (2 organs): at rate 0.5 about half of them are imaged.
+    assert 0.3 < np.mean(imaged) / 2 < 0.9
 
 def test_dominant_organs_are_high_contrast_and_driven_by_nuisance() -> None:
     scanner = sample_scanner(np.random.default_rng(0))

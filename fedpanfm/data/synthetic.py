@@ -16,10 +16,12 @@ the same seed gives byte-identical files whatever the generation order.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -41,6 +43,7 @@ from fedpanfm.data.synthetic_factors import (
     presence_probabilities,
     sample_factors,
     sample_labels,
+    sample_independent_presence,
     sample_presence,
     sample_scanner,
     site_protocols,
@@ -49,6 +52,11 @@ from fedpanfm.data.synthetic_factors import (
 from fedpanfm.data.synthetic_render import render_organ
 
 METADATA_NAME = "cohort_metadata.json"
+FACTORS_NAME = "factors.csv"
+#: The latent factors written to each site's factors.csv (``age_years`` is ``age`` in years: left out).
+FACTOR_COLUMNS: tuple[str, ...] = (
+    *SHARED_FACTORS, *(f for o in ORGAN_FACTORS.values() for f in o if f not in SHARED_FACTORS),
+)
 NATIVE_OVERSAMPLE = 1.25  # native voxels per target voxel along each axis
 # Physical field of view (mm, along the organ's longest grid axis) when the organ has no target
 # spacing: typical MR fields of view, so the header spacings are plausible millimetres.
@@ -81,6 +89,15 @@ def _write_nifti(path: Path, image: np.ndarray, spacing: tuple[float, ...]) -> N
     img = nib.Nifti1Image(image, affine)
     img.header.set_xyzt_units("mm")
     nib.save(img, path)
+
+
+def _write_factors(path: Path, subjects: list[dict[str, Any]]) -> None:
+    """``factors.csv``: ``subject_id`` and one column per latent factor, so anyone can fit the oracle."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["subject_id", *FACTOR_COLUMNS])
+        for m in subjects:
+            writer.writerow([m["subject_id"], *(repr(float(m["factors"][c])) for c in FACTOR_COLUMNS)])
 
 
 def _finite(x: float) -> float | None:
@@ -120,7 +137,11 @@ def generate_cohort(out_dir: Path, cfg: ExperimentConfig) -> list[Path]:
             sid = f"s{k:02d}_{j:04d}"
             f = sample_factors(child_rng(syn.seed, "factors", k, j), 1, scanner.age_shift)
             y = sample_labels(child_rng(syn.seed, "labels", k, j), f)
-            present, restored = sample_presence(child_rng(syn.seed, "presence", k, j), f, protocol)
+            if syn.presence == "independent":
+                present, restored = sample_independent_presence(
+                    child_rng(syn.seed, "presence", k, j), 1, protocol, syn.presence_rate)
+            else:
+                present, restored = sample_presence(child_rng(syn.seed, "presence", k, j), f, protocol)
             fs = {name: float(v[0]) for name, v in f.items()}
             labels = {name: _finite(v[0]) for name, v in y.items()}
             imaged = [o for o in protocol if present[o][0]]
@@ -144,14 +165,16 @@ def generate_cohort(out_dir: Path, cfg: ExperimentConfig) -> list[Path]:
                 "presence_probability": {o: float(p[0]) for o, p in p_img.items()},
             })
         write_manifest(site_dir, rows, list(LABEL_NAMES))
+        _write_factors(site_dir / FACTORS_NAME, [m for m in subjects_meta if m["site"] == site_dir.name])
         site_dirs.append(site_dir)
         sites_meta.append(
             {"name": site_dir.name, "mix": mix_name, "organs": list(protocol), "scanner": asdict(scanner)}
         )
     meta = {
-        "generator": "fedpanfm synthetic cohort (our design; docs/synthetic-cohort.md)",
+        "generator": "fedpanfm synthetic cohort v2 (our design; docs/synthetic-cohort.md)",
         "seed": syn.seed,
         "subjects_per_site": syn.subjects,
+        "presence": syn.presence,
         "factors": {
             "shared": list(SHARED_FACTORS),
             "organ_specific": {o: list(v) for o, v in ORGAN_FACTORS.items()},

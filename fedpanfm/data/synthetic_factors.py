@@ -233,6 +233,25 @@ def sample_presence(
     return present, restored
 
 
+def sample_independent_presence(
+    rng: np.random.Generator, n: int, organs: tuple[str, ...] | list[str], rate: float
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Which of a site's ``organs`` each subject has, each present with probability ``rate``
+    independently of every factor (evaluation cohorts: presence says nothing about disease).
+
+    A subject left with no organ keeps one drawn uniformly from ``organs``.
+
+    Returns:
+        (organ -> bool array (n,) present, bool array (n,) True where the floor restored an organ).
+    """
+    present = {o: rng.uniform(size=n) < rate for o in organs}
+    restored = ~np.stack([present[o] for o in organs]).any(axis=0)
+    pick = rng.integers(0, len(organs), size=n)
+    for i in np.flatnonzero(restored):
+        present[organs[pick[i]]][i] = True
+    return present, restored
+
+
 @dataclass(frozen=True)
 class Scanner:
     """One site's scanner: what makes the same subject look different at another site.

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fedpanfm.data.dataset import list_sites
-from fedpanfm.data.synthetic import METADATA_NAME
+from fedpanfm.data.synthetic import FACTORS_NAME, METADATA_NAME
 from fedpanfm.evaluation.embed import Embeddings
 from fedpanfm.evaluation.probe import ProbeSplit
 
@@ -58,7 +58,7 @@ class FactorReport:
         return sum(v) / len(v) if v else math.nan
 
 
-FACTORS_CSV = "factors.csv"
+FACTORS_CSV = FACTORS_NAME  # written by fedpanfm.data.synthetic
 
 
 def read_factors_csv(path: Path) -> dict[str, dict[str, float]]:

@@ -356,7 +356,9 @@ def eval_cohort_config(cfg: ExperimentConfig) -> ExperimentConfig:
                          "cohort must come from a different seed than the training cohort")
     organs = list(cfg.data.organ_set())
     return derive(cfg, [f"synth.sites={st.eval_sites}", f"synth.subjects={st.eval_subjects}",
-                        f"synth.seed={st.eval_seed}", f"synth.site_organs={[organs] * st.eval_sites}"])
+                        f"synth.seed={st.eval_seed}", f"synth.site_organs={[organs] * st.eval_sites}",
+                        # Presence independent of disease: the probes must read images, not missingness.
+                        "synth.presence=independent"])
 
 
 def default_federate() -> Federate:
