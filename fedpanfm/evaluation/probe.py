@@ -112,6 +112,19 @@ def _objective(x1: Tensor, y: Tensor, c: Tensor, theta: Tensor, l2: Tensor) -> T
     return loss.mean(0) + 0.5 * l2 * (theta[:, :-1] ** 2).sum(1)
 
 
+def _spd_solve(h: Tensor, rhs: Tensor) -> Tensor:
+    """(G, D, D) symmetric positive-definite systems solved for (G, D) right-hand sides.
+
+    Cholesky (half the work of LU); a system Cholesky rejects (numerically singular) falls back to LU.
+    """
+    chol, info = torch.linalg.cholesky_ex(h)
+    out = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
+    bad = info != 0
+    if bool(bad.any()):
+        out[bad] = torch.linalg.solve(h[bad], rhs[bad].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
 def fit_logistic(x: Tensor, y: Tensor, l2: Tensor, max_iter: int, tol: float = 1e-10) -> tuple[Tensor, Tensor]:
     """Class-weighted L2 logistic regressions, one per L2 strength, by damped Newton steps.
 
@@ -148,12 +161,21 @@ def fit_logistic(x: Tensor, y: Tensor, l2: Tensor, max_iter: int, tol: float = 1
         grad = (x1.T @ (c[:, None] * (p - y[:, None]))).T / len(y) + ridge * theta
         if grad.abs().max() < tol:
             break
-        h = torch.einsum("ni,ng,nj->gij", x1, c[:, None] * p * (1 - p), x1) / len(y) + torch.diag_embed(ridge)
-        direction = torch.linalg.solve(h, grad.unsqueeze(-1)).squeeze(-1)
+        # (G, D+1, n) @ (n, D+1): one batched matmul (an einsum over n, G, D, D was 4x slower).
+        h = (x1.T[None] * (c[:, None] * p * (1 - p)).T[:, None, :]) @ x1 / len(y)
+        h.diagonal(dim1=-2, dim2=-1).add_(ridge)
+        direction = _spd_solve(h, grad)
         # Armijo: the largest halving of the Newton step that decreases f enough, per problem.
+        # The full step nearly always passes: try it alone first, the 30 halvings only if needed.
+        slope = 1e-4 * (grad * direction).sum(1)
+        full = theta - direction
+        f_full = _objective(x1, y, c, full, l2)
+        if bool((f_full <= f - slope).all()):
+            theta, f = full, f_full
+            continue
         cand = theta[None] - steps[:, None, None] * direction[None]  # (S, G, D+1)
         f_cand = _objective(x1, y, c, cand.reshape(-1, d1), l2.repeat(len(steps))).reshape(len(steps), g)
-        ok = f_cand <= f[None] - 1e-4 * steps[:, None] * (grad * direction).sum(1)[None]
+        ok = f_cand <= f[None] - steps[:, None] * slope[None]
         first = torch.where(ok.any(0), ok.float().argmax(0), torch.full((g,), -1))
         moved = first >= 0
         pick = first.clamp(min=0)

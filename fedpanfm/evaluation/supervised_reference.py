@@ -22,13 +22,20 @@ from fedpanfm.augment import OrganAugmenter
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.collate import make_loader
 from fedpanfm.evaluation.factors import load_cohort_factors
-from fedpanfm.model.encoder import PanOrganEncoder
+from fedpanfm.evaluation.embed import organ_token_means
+from fedpanfm.model.encoder import EncoderOutput, PanOrganEncoder
 from fedpanfm.model.views import augment_batch
 from fedpanfm.train.pretrain import pooled_split
 
 #: AdamW learning rate of the reference (our choice: the rate the throw-away headroom runs used,
 #: which fit the factors well within the study's step budget on the study's tiny encoder).
 LEARNING_RATE: float = 1e-3
+
+
+def _readout_features(out: EncoderOutput, readout: str, n_organs: int) -> torch.Tensor:
+    """What the head regresses from: the study's primary readout (the probes read the same)."""
+    means = organ_token_means(out.tokens, out.organ_id, out.pad, n_organs).flatten(1)
+    return {"cls": out.cls, "organ_mean": means, "both": torch.cat([out.cls, means], dim=1)}[readout]
 
 
 def train_factor_encoder(cfg: ExperimentConfig, cohort_dir: Path, steps: int, seed: int) -> PanOrganEncoder:
@@ -39,7 +46,8 @@ def train_factor_encoder(cfg: ExperimentConfig, cohort_dir: Path, steps: int, se
     and ``cfg.seed``). Each factor is standardised by its mean / std over those subjects. One
     optimiser step per batch of ``data.batch_size`` subjects (no gradient accumulation), AdamW
     (lr :data:`LEARNING_RATE`, torch's default weight decay), MSE between a linear head on the
-    CLS and the standardised factors; batches cycle over the training subjects, reshuffled every
+    study's primary readout (``evaluation.study.primary_readout``: the CLS, the per-organ mean
+    tokens, or both, what the probes then read) and the standardised factors; batches cycle over the training subjects, reshuffled every
     epoch with ``seed``, for exactly ``steps`` steps (the last epoch may stop part-way). Every
     batch is augmented with the self-supervised arms' own per-organ augmentations
     (``train.augment``, when enabled): without them the encoder memorised the training subjects'
@@ -81,7 +89,10 @@ def train_factor_encoder(cfg: ExperimentConfig, cohort_dir: Path, steps: int, se
 
     torch.manual_seed(seed)
     encoder = PanOrganEncoder(cfg)
-    head = torch.nn.Linear(cfg.model.dim, len(names))
+    readout = cfg.evaluation.study.primary_readout
+    n_organs = len(cfg.data.organ_set())
+    width = {"cls": cfg.model.dim, "organ_mean": n_organs * cfg.model.dim, "both": (n_organs + 1) * cfg.model.dim}[readout]
+    head = torch.nn.Linear(width, len(names))
     encoder.train()
     opt = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=LEARNING_RATE)
     loader = make_loader(train_ds, cfg, shuffle=True, seed=seed)  # a new permutation every pass
@@ -93,7 +104,7 @@ def train_factor_encoder(cfg: ExperimentConfig, cohort_dir: Path, steps: int, se
             y_b = torch.stack([target[s] for s in batch.subject_ids])
             if augmenter is not None:
                 batch = augment_batch(batch, augmenter, generator)
-            loss = torch.nn.functional.mse_loss(head(encoder(batch).cls), y_b)
+            loss = torch.nn.functional.mse_loss(head(_readout_features(encoder(batch), readout, n_organs)), y_b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,0 +1,137 @@
+"""``python -m bench.cohort_acceptance``: the benchmark generator's acceptance figures (issue 14).
+
+Writes an evaluation-style cohort with the study config (2 full-body sites x 600 subjects, organ
+presence independent of disease) and prints the macro AUROC of every baseline row with the
+project's probes (split and L2 as every study arm) at 3 probe seeds, and, independently of the
+project's probe code, of presence, per-organ pixel statistics, PCA-32 of the pixels + presence and
+the oracle with scikit-learn's 5-fold cross-validated ``LogisticRegressionCV``. ``--supervised
+DIR`` also trains the supervised reference on the training cohort DIR (>= 768 subjects) and probes
+it. The targets are in docs/synthetic-cohort.md ("Acceptance figures").
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from fedpanfm.config import ExperimentConfig, load_config
+from fedpanfm.data.dataset import pooled_dataset
+from fedpanfm.data.synthetic import generate_cohort
+from fedpanfm.evaluation import baseline_macro_aurocs, collate_dataset, embed_batches, fit_and_score
+from fedpanfm.evaluation.factors import load_cohort_factors
+from fedpanfm.evaluation.probe import probe_split
+from fedpanfm.evaluation.readouts import READOUTS, readout
+
+EVAL_SETTINGS = [
+    "synth.sites=2", "synth.subjects=600", "synth.seed=1000", "synth.presence=independent",
+    "synth.site_organs=[[brain,heart,adipose,liver,kidney,spleen,pancreas],"
+    "[brain,heart,adipose,liver,kidney,spleen,pancreas]]",
+]
+
+
+def sklearn_rows(batches: list, factors: tuple, label_names: tuple[str, ...]) -> dict[str, float]:
+    """Independent check: 5-fold cross-validated logistic probes (scikit-learn) on the simple rows."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    ids = [s for b in batches for s in b.subject_ids]
+    present = np.concatenate([b.present.numpy() for b in batches]).astype(float)
+    labels = np.concatenate([b.labels.numpy() for b in batches])
+    organs = batches[0].organ_names
+    pixels, stats = [], []
+    for k, organ in enumerate(organs):
+        shape = next(b.images[organ].shape[1:] for b in batches if organ in b.images)
+        block = np.zeros((len(ids), int(np.prod(shape))), dtype=np.float32)
+        row = 0
+        for b in batches:
+            if organ in b.images:
+                block[row + b.index[organ].numpy()] = b.images[organ].reshape(len(b.index[organ]), -1).numpy()
+            row += b.size
+        pixels.append(block)
+        q = np.quantile(block, [0.05, 0.25, 0.5, 0.75, 0.95], axis=1).T
+        stats.append(np.concatenate([block.mean(1, keepdims=True), block.std(1, keepdims=True), q], 1) * present[:, [k]])
+    subject_factors, signal, _ = factors
+    inputs = {
+        "presence": present,
+        "pixel_stats": np.concatenate(stats + [present], 1),
+        "pca_pixels": np.concatenate([PCA(32, random_state=0).fit_transform(np.concatenate(pixels, 1)), present], 1),
+        "oracle": np.array([[subject_factors[s][f] for f in signal] for s in ids]),
+    }
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, x in inputs.items():
+            aucs = []
+            for j in range(len(label_names)):
+                known = ~np.isnan(labels[:, j])
+                y = labels[known, j].astype(int)
+                clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-4, 3, 8), max_iter=3000))
+                p = cross_val_predict(clf, x[known], y, cv=StratifiedKFold(5, shuffle=True, random_state=0),
+                                      method="predict_proba")[:, 1]
+                aucs.append(roc_auc_score(y, p))
+            out[name] = float(np.mean(aucs))
+    return out
+
+
+def supervised_row(cfg: ExperimentConfig, train_cohort: Path, batches: list, seeds: list[int]) -> dict[str, float]:
+    """The supervised reference trained on ``train_cohort``, probed as every arm (mean over seeds)."""
+    from fedpanfm.evaluation.supervised_reference import train_factor_encoder
+    from fedpanfm.evaluation.study import site_train_counts
+
+    n = sum(site_train_counts(train_cohort, cfg).values())
+    steps = cfg.evaluation.study.supervised_epochs * -(-n // cfg.data.batch_size)
+    encoder = train_factor_encoder(cfg, train_cohort, steps, seed=0)
+    emb = embed_batches(encoder, batches)
+    scores = {r: [] for r in READOUTS}
+    for seed in seeds:
+        split = probe_split(emb.subject_ids, cfg.evaluation, seed)
+        for r in READOUTS:
+            scores[r].append(fit_and_score(readout(emb, r), split, cfg.evaluation, seed)[1].macro)
+    print(f"supervised reference: {n} training subjects, {steps} steps")
+    return {f"supervised:{r}": float(np.mean(v)) for r, v in scores.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cohort_acceptance", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/study.yaml")
+    p.add_argument("--cohort", default="", help="an existing evaluation cohort (default: write one to a temp folder)")
+    p.add_argument("--supervised", default="", help="training cohort for the supervised reference (optional)")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cohort = Path(a.cohort) if a.cohort else Path(tmp) / "eval"
+        if not a.cohort:
+            generate_cohort(cohort, load_config(a.config, EVAL_SETTINGS))
+        batches = collate_dataset(pooled_dataset(cohort, cfg), cfg)
+        factors = load_cohort_factors(cohort)
+        if factors is None:
+            raise SystemExit(f"{cohort}: no factors.csv: not a synthetic cohort")
+        seeds = [0, 1, 2]
+        rows: dict[str, list[float]] = {}
+        for seed in seeds:
+            for k, v in baseline_macro_aurocs(batches, cfg, seed=seed, factors=factors).items():
+                rows.setdefault(k, []).append(v)
+        print(f"{'row':28s} {'project probes (3 seeds)':28s} sklearn 5-fold CV")
+        independent = sklearn_rows(batches, factors, batches[0].label_names)
+        for k, v in rows.items():
+            ind = independent.get(k)
+            print(f"{k:28s} {np.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})      {'' if ind is None else f'{ind:.3f}'}")
+        if a.supervised:
+            for k, v in supervised_row(cfg, Path(a.supervised), batches, seeds).items():
+                print(f"{k:28s} {v:.3f}")
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
