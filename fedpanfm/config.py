@@ -9,6 +9,7 @@ applied on top of the file and checked the same way.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shlex
 import types
 import typing
@@ -488,7 +489,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".")]
     if not all(parts):
         raise ConfigError(f"--set {text}: empty part in key {key!r}")
-    return parts, yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and _YAML11_FLOAT_GAP.fullmatch(value.strip()):
+        # YAML 1.1 reads 1e-4 (no dot) as a string; every user means the number.
+        value = float(value)
+    return parts, value
+
+
+_YAML11_FLOAT_GAP = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
 def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, text: str) -> None:

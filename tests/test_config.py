@@ -37,6 +37,12 @@ def test_set_overrides_are_typed(tmp_path):
     assert cfg.train.masking.policy == "random"
 
 
+def test_set_reads_exponent_floats_without_a_dot():
+    # YAML 1.1 alone would read "1e-4" as a string and the float field would refuse it.
+    cfg = load_config(None, ["train.lr=1e-4", "train.min_lr=2E-6", "name=1e3x"])
+    assert cfg.train.lr == 1e-4 and cfg.train.min_lr == 2e-6 and cfg.name == "1e3x"
+
+
 @pytest.mark.parametrize(
     "text, key",
     [
