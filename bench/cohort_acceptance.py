@@ -85,18 +85,17 @@ def sklearn_rows(batches: list, factors: tuple, label_names: tuple[str, ...]) ->
 def supervised_row(cfg: ExperimentConfig, train_cohort: Path, batches: list, seeds: list[int]) -> dict[str, float]:
     """The supervised reference trained on ``train_cohort``, probed as every arm (mean over seeds)."""
     from fedpanfm.evaluation.supervised_reference import train_factor_encoder
-    from fedpanfm.evaluation.study import site_train_counts
+    from fedpanfm.evaluation.study import plan_budget, site_train_counts
 
-    n = sum(site_train_counts(train_cohort, cfg).values())
-    steps = cfg.evaluation.study.supervised_epochs * -(-n // cfg.data.batch_size)
-    encoder = train_factor_encoder(cfg, train_cohort, steps, seed=0)
+    plan = plan_budget(cfg, site_train_counts(train_cohort, cfg))["supervised_factors"]  # the study's own
+    encoder = train_factor_encoder(cfg, train_cohort, plan.steps, seed=0)
     emb = embed_batches(encoder, batches)
     scores = {r: [] for r in READOUTS}
     for seed in seeds:
         split = probe_split(emb.subject_ids, cfg.evaluation, seed)
         for r in READOUTS:
             scores[r].append(fit_and_score(readout(emb, r), split, cfg.evaluation, seed)[1].macro)
-    print(f"supervised reference: {n} training subjects, {steps} steps")
+    print(f"supervised reference: {plan.subjects} training subjects, {plan.steps} steps ({plan.epochs} epochs)")
     return {f"supervised:{r}": float(np.mean(v)) for r, v in scores.items()}
 
 

@@ -16,7 +16,7 @@ from fedpanfm.cli import main
 from fedpanfm.data.dataset import pooled_dataset
 from fedpanfm.data.synthetic import generate_cohort
 from fedpanfm.evaluation.attention import attention_balance, normalised_entropy
-from fedpanfm.evaluation.embed import Embeddings, collate_dataset, drop_per_subject, random_encoder
+from fedpanfm.evaluation.embed import Embeddings, collate_dataset, random_encoder
 from fedpanfm.evaluation.probe import probe_auroc
 from fedpanfm.evaluation.robustness import random_drop_mask
 from fedpanfm.model.meta_arch import PanFMSSL
@@ -138,7 +138,7 @@ def test_drop_per_subject_matches_drop_organs_and_excludes_empty_subjects(tiny_c
     heart = list(ORGANS).index("heart")
     uniform = torch.zeros(3, len(ORGANS), dtype=torch.bool)
     uniform[:, heart] = True
-    a, b = drop_per_subject(batch, uniform), batch.drop_organs(["heart"])
+    a, b = batch.drop_per_subject(uniform), batch.drop_organs(["heart"])
     assert a.subject_ids == b.subject_ids == ["s0", "s2"]
     assert torch.equal(a.present, b.present)
     for o in b.images:
@@ -146,7 +146,7 @@ def test_drop_per_subject_matches_drop_organs_and_excludes_empty_subjects(tiny_c
     drop = torch.zeros(3, len(ORGANS), dtype=torch.bool)
     drop[0, list(ORGANS).index("brain")] = True  # s0 keeps heart
     drop[2, heart] = True  # s2 keeps liver, kidney
-    c = drop_per_subject(batch, drop)
+    c = batch.drop_per_subject(drop)
     assert c.subject_ids == ["s0", "s1", "s2"] and "brain" not in c.images
     assert c.index["heart"].tolist() == [0, 1]
     assert torch.equal(c.images["heart"], batch.images["heart"][:2])

@@ -99,20 +99,37 @@ class SubjectBatch:
 
         Subjects left with no organ at all are removed from the batch.
         """
-        keep_organs = [o for o in self.images if o not in organs]
-        present = self.present.clone()
+        drop = torch.zeros_like(self.present, dtype=torch.bool)
         for o in organs:
             if o in self.organ_names:
-                present[:, self.organ_names.index(o)] = False
+                drop[:, self.organ_names.index(o)] = True
+        return self.drop_per_subject(drop)
+
+    def drop_per_subject(self, drop: torch.Tensor) -> "SubjectBatch":
+        """The batch with a different set of organs removed from each subject.
+
+        Random missing-organ draws and organ-subset views need a per-subject choice;
+        :meth:`drop_organs` is the case of the same organs for every subject. Subjects left with
+        no organ are removed.
+
+        Args:
+            drop: (B, O) bool, True = remove that organ from that subject.
+        """
+        if drop.shape != self.present.shape:
+            raise ValueError(f"drop_per_subject: drop {tuple(drop.shape)} must match present {tuple(self.present.shape)}")
+        drop = drop.to(self.present.device)
+        images, index = {}, {}
+        for organ, rows in self.index.items():
+            keep = ~drop[rows, self.organ_names.index(organ)]
+            if keep.all():
+                images[organ], index[organ] = self.images[organ], rows
+            elif keep.any():
+                images[organ] = self.images[organ][keep.to(self.images[organ].device)]
+                index[organ] = rows[keep]
+        present = self.present & ~drop
         pruned = SubjectBatch(
-            subject_ids=self.subject_ids,
-            organ_names=self.organ_names,
-            images={o: self.images[o] for o in keep_organs},
-            index={o: self.index[o] for o in keep_organs},
-            present=present,
-            labels=self.labels,
-            label_names=self.label_names,
-            sites=self.sites,
+            subject_ids=self.subject_ids, organ_names=self.organ_names, images=images, index=index,
+            present=present, labels=self.labels, label_names=self.label_names, sites=self.sites,
         )
         nonempty = torch.nonzero(present.any(dim=1)).flatten().tolist()
         return pruned if len(nonempty) == self.size else pruned.select(nonempty)

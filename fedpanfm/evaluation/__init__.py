@@ -11,7 +11,6 @@ from fedpanfm.evaluation.baselines import baseline_macro_aurocs, baseline_scores
 from fedpanfm.evaluation.embed import (
     Embeddings,
     collate_dataset,
-    drop_per_subject,
     embed_batches,
     encoder_from_checkpoint,
     random_encoder,
@@ -48,7 +47,6 @@ __all__ = [
     "baseline_scores",
     "bootstrap_counts",
     "collate_dataset",
-    "drop_per_subject",
     "embed_batches",
     "encoder_from_checkpoint",
     "evaluate_encoder",

@@ -31,7 +31,7 @@ from torch import Tensor
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.evaluation.embed import Embeddings, embed_batches, random_encoder
-from fedpanfm.evaluation.factors import CohortFactors
+from fedpanfm.evaluation.factors import CohortFactors, label_factor_names
 from fedpanfm.evaluation.probe import ProbeScores, ProbeSplit, fit_and_score, probe_split
 from fedpanfm.evaluation.readouts import READOUTS, readout
 
@@ -148,8 +148,8 @@ def oracle_features(subject_ids: Sequence[str], factors: CohortFactors) -> Tenso
     Raises:
         KeyError: a subject has no factors, or lacks one the labels read (names it).
     """
-    values, signal, nuisance = factors
-    names = [f for f in signal if f not in nuisance]
+    values = factors[0]
+    names = label_factor_names(factors)
     if not names:
         raise ValueError("oracle_features: the labels read no latent factor")
     rows = []

@@ -147,34 +147,6 @@ def collate_dataset(dataset: Dataset, cfg: ExperimentConfig, batch_size: int | N
     ]
 
 
-def drop_per_subject(batch: SubjectBatch, drop: Tensor) -> SubjectBatch:
-    """``batch`` with a different set of organs removed from each subject.
-
-    :meth:`SubjectBatch.drop_organs` removes the same organs from every subject; random
-    missing-organ draws need a per-subject choice. Subjects left with no organ are removed.
-
-    Args:
-        batch: the subjects.
-        drop: (B, O) bool, True = remove that organ from that subject.
-    """
-    if drop.shape != batch.present.shape:
-        raise ValueError(f"drop_per_subject: drop {tuple(drop.shape)} must match present {tuple(batch.present.shape)}")
-    drop = drop.to(batch.present.device)
-    images, index = {}, {}
-    for organ, rows in batch.index.items():
-        keep = ~drop[rows, batch.organ_names.index(organ)]
-        if keep.any():
-            images[organ] = batch.images[organ][keep.to(batch.images[organ].device)]
-            index[organ] = rows[keep]
-    present = batch.present & ~drop
-    pruned = SubjectBatch(
-        subject_ids=batch.subject_ids, organ_names=batch.organ_names, images=images, index=index,
-        present=present, labels=batch.labels, label_names=batch.label_names, sites=batch.sites,
-    )
-    nonempty = torch.nonzero(present.any(dim=1)).flatten().tolist()
-    return pruned if len(nonempty) == batch.size else pruned.select(nonempty)
-
-
 @torch.no_grad()
 def embed_batches(
     encoder: PanOrganEncoder,
@@ -246,7 +218,6 @@ __all__ = [
     "BatchTransform",
     "Embeddings",
     "collate_dataset",
-    "drop_per_subject",
     "embed_batches",
     "encoder_from_checkpoint",
     "organ_token_means",

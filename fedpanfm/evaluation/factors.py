@@ -58,9 +58,6 @@ class FactorReport:
         return sum(v) / len(v) if v else math.nan
 
 
-FACTORS_CSV = FACTORS_NAME  # written by fedpanfm.data.synthetic
-
-
 def read_factors_csv(path: Path) -> dict[str, dict[str, float]]:
     """subject id -> factor -> value from one site's ``factors.csv``.
 
@@ -149,7 +146,7 @@ def load_cohort_factors(cohort_dir: Path) -> CohortFactors | None:
             meta = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: unreadable metadata file ({exc})") from None
-    has_csv = cohort_dir.is_dir() and any((d / FACTORS_CSV).is_file() for d in cohort_dir.iterdir() if d.is_dir())
+    has_csv = cohort_dir.is_dir() and any((d / FACTORS_NAME).is_file() for d in cohort_dir.iterdir() if d.is_dir())
     if not has_csv:
         if meta is None:
             return None
@@ -161,14 +158,21 @@ def load_cohort_factors(cohort_dir: Path) -> CohortFactors | None:
         return (subjects, *_label_factors(meta, path))
     subjects = {}
     for site in list_sites(cohort_dir):
-        file = site / FACTORS_CSV
+        file = site / FACTORS_NAME
         if not file.is_file():
             raise ValueError(f"{file}: missing, while other sites of {cohort_dir} carry their factors")
         for sid, values in read_factors_csv(file).items():
             if sid in subjects:
-                raise ValueError(f"{file}: subject {sid!r} also appears in another site's {FACTORS_CSV}")
+                raise ValueError(f"{file}: subject {sid!r} also appears in another site's {FACTORS_NAME}")
             subjects[sid] = values
     return (subjects, *_label_factors(meta, path))
+
+
+def label_factor_names(factors: CohortFactors) -> list[str]:
+    """The factors the labels read, nuisance factors left out (what the oracle and the supervised
+    reference use), in the labels' order."""
+    _, signal, nuisance = factors
+    return [f for f in signal if f not in nuisance]
 
 
 def participation_ratio(x: Tensor) -> float:
@@ -246,6 +250,6 @@ def factor_decodability(
 
 
 __all__ = [
-    "FACTORS_CSV", "CohortFactors", "FactorReport", "factor_decodability", "load_cohort_factors", "participation_ratio",
-    "read_factors_csv", "ridge_r2",
+    "CohortFactors", "FactorReport", "factor_decodability", "label_factor_names", "load_cohort_factors",
+    "participation_ratio", "read_factors_csv", "ridge_r2",
 ]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedpanfm.data.batch import SubjectBatch
-from fedpanfm.evaluation.embed import BatchTransform, Embeddings, drop_per_subject, embed_batches
+from fedpanfm.evaluation.embed import BatchTransform, Embeddings, embed_batches
 from fedpanfm.evaluation.probe import ProbeSet, score_probes
 from fedpanfm.evaluation.readouts import readout
 from fedpanfm.model.encoder import PanOrganEncoder
@@ -146,7 +146,7 @@ def robustness_conditions(
         draw_embs = []
         for _ in range(draws):
             masks = [random_drop_mask(b.present, k, gen) for b in test_batches]
-            draw_embs.append(run(lambda i, b, m=masks: drop_per_subject(b, m[i])))
+            draw_embs.append(run(lambda i, b, m=masks: b.drop_per_subject(m[i])))
         rows.append(_condition(f"random_k:{k}", "random_k", "", k, draw_embs, probes, full, n_test))
     for organ in organs:
         others = [o for o in organs if o != organ]

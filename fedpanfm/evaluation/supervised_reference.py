@@ -21,7 +21,7 @@ import torch
 from fedpanfm.augment import OrganAugmenter
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.collate import make_loader
-from fedpanfm.evaluation.factors import load_cohort_factors
+from fedpanfm.evaluation.factors import label_factor_names, load_cohort_factors
 from fedpanfm.evaluation.embed import organ_token_means
 from fedpanfm.model.encoder import EncoderOutput, PanOrganEncoder
 from fedpanfm.model.views import augment_batch
@@ -34,6 +34,8 @@ LEARNING_RATE: float = 1e-3
 
 def _readout_features(out: EncoderOutput, readout: str, n_organs: int) -> torch.Tensor:
     """What the head regresses from: the study's primary readout (the probes read the same)."""
+    if readout == "cls":
+        return out.cls  # no per-organ means to compute on the training path
     means = organ_token_means(out.tokens, out.organ_id, out.pad, n_organs).flatten(1)
     return {"cls": out.cls, "organ_mean": means, "both": torch.cat([out.cls, means], dim=1)}[readout]
 
@@ -74,8 +76,8 @@ def train_factor_encoder(cfg: ExperimentConfig, cohort_dir: Path, steps: int, se
     if loaded is None:
         raise ValueError(f"train_factor_encoder: cohort {cohort_dir} has no latent factors (no factors.csv nor "
                          "cohort_metadata.json: a real cohort?); the supervised reference needs a synthetic cohort")
-    factors, signal, nuisance = loaded
-    names = [f for f in signal if f not in nuisance]
+    factors = loaded[0]
+    names = label_factor_names(loaded)
     if not names:
         raise ValueError(f"train_factor_encoder: cohort {cohort_dir}: the labels read no latent factor")
     train_ds, _ = pooled_split(cohort_dir, cfg)

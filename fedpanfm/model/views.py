@@ -120,9 +120,6 @@ def make_views(
         augmenter: per-organ augmentation (None: views differ only in their organ subsets).
         generator: CPU generator for the subsets and the augmentations.
     """
-    # Deferred: the evaluation package imports the model package (meta_arch -> views).
-    from fedpanfm.evaluation.embed import drop_per_subject
-
     if not bool(batch.present.any(dim=1).all()):
         raise ValueError("make_views: a subject of the batch has no organ (nothing to view)")
     global_views = stack_views(batch, n_global)
@@ -131,7 +128,7 @@ def make_views(
         stacked = stack_views(batch, n_local)
         keep = organ_subsets(stacked.present, keep_ratio, generator)
         # Subsets first, augmentation after: only the kept images are transformed.
-        local_views = drop_per_subject(stacked, stacked.present & ~keep)
+        local_views = stacked.drop_per_subject(stacked.present & ~keep)
     if augmenter is not None:
         global_views = augment_batch(global_views, augmenter, generator)
         local_views = augment_batch(local_views, augmenter, generator) if local_views is not None else None
