@@ -79,9 +79,12 @@ def fedpanfm_rounds(sites: int, rounds: int, work: Path, extra: list[str] | None
     def series(tag: str) -> list[float]:
         return [e.value for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
 
-    spans = {t: series(t) for t in acc.Tags()["scalars"] if t.startswith(("time/server/", "train/time/"))}
-    return {"round_s": summary["seconds_per_round"], "aggregate_s": series("seconds/aggregate"),
-            "fit_s": series("train/time/fit_s"), "bytes_received": series("bytes/received"), "spans": spans}
+    # Cost tags live under system/ (fedpanfm/tb.py: grouped_tag).
+    spans = {t.removeprefix("system/"): series(t) for t in acc.Tags()["scalars"]
+             if t.startswith(("system/time/server/", "system/train/time/"))}
+    return {"round_s": summary["seconds_per_round"], "aggregate_s": series("system/seconds/aggregate"),
+            "fit_s": series("system/train/time/fit_s"), "bytes_received": series("system/bytes/received"),
+            "spans": spans}
 
 
 def breakdown(spans: dict[str, list[float]]) -> str:

@@ -95,7 +95,8 @@ def check_site_name(name: str, where: str = "site name") -> str:
         name: the candidate.
         where: what to call it in the error (e.g. the file and key it came from).
     """
-    if not SITE_NAME.match(name):
+    # fullmatch: ``$`` alone would accept a trailing newline ("abc\n").
+    if not isinstance(name, str) or not SITE_NAME.fullmatch(name):
         raise ValueError(f"{where}: {name!r} is not a valid site name (letters, digits, '_' and '-', "
                          "starting with a letter or digit, at most 63 characters)")
     return name

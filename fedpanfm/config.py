@@ -47,8 +47,19 @@ class OrganSpec:
     grid: list[int] = _f([16, 16, 16], lo=1, doc="target grid, 2 or 3 sizes (H, W) or (D, H, W)")
     patch: list[int] = _f([8, 8, 8], lo=1, doc="patch size per axis; must divide grid")
     spacing: list[float] = _f([], lo=0.0, doc="target voxel spacing in mm; [] keeps the file's")
-    normalize: Literal["zscore", "minmax", "percentile", "none"] = "zscore"
+    normalize: Literal["auto", "zscore", "foreground_zscore", "window", "minmax", "percentile", "none"] = _f(
+        "auto", doc="auto: CT -> window, MR -> foreground_zscore, other or unknown modality -> zscore over the "
+                    "whole image (docs/data.md)")
     clip_percentiles: list[float] = _f([0.5, 99.5], lo=0.0, hi=100.0)
+    modality: str = _f("", doc="modality (CT, MR, ...) of this organ's images where manifest.csv has no modality "
+                               "cell and the file does not say (DICOM Modality); '' = unknown")
+    window: list[float] = _f([-160.0, 240.0], doc="[low, high] CT window in HU (normalize = window): clip, then "
+                                                  "scale to [0, 1]")
+    foreground_crop: bool = _f(False, doc="crop to the foreground (body) box plus foreground_margin before resampling")
+    foreground_margin: float = _f(10.0, lo=0.0, doc="mm kept around the foreground box")
+    antialias: bool = _f(True, doc="Gaussian pre-filter (sigma = (factor - 1) / 2 voxels) on downsampled axes")
+    frame: int = _f(-1, lo=-1, doc="index along the 4th axis (time point, echo, channel) of 4D images; -1 = 4D "
+                                   "images are refused")
 
     def check(self, where: str) -> None:
         if len(self.grid) not in (2, 3):
@@ -61,6 +72,10 @@ class OrganSpec:
             raise ConfigError(f"{where}.spacing: {self.spacing} must have as many axes as grid")
         if len(self.clip_percentiles) != 2 or self.clip_percentiles[0] >= self.clip_percentiles[1]:
             raise ConfigError(f"{where}.clip_percentiles: need [low, high] with low < high")
+        if len(self.window) != 2 or self.window[0] >= self.window[1]:
+            raise ConfigError(f"{where}.window: need [low, high] HU with low < high, got {self.window}")
+        if self.modality and not re.fullmatch(r"[A-Z0-9]{1,16}", self.modality):
+            raise ConfigError(f"{where}.modality: {self.modality!r} is not a DICOM modality code such as CT or MR")
 
     @property
     def num_patches(self) -> int:
@@ -72,12 +87,14 @@ class OrganSpec:
 
 def _default_organ_specs() -> dict[str, OrganSpec]:
     # Our choice: dominant organs (adipose, heart) get large 2D grids and so more tokens,
-    # mirroring how much image area they take in a whole-body protocol.
+    # mirroring how much image area they take in a whole-body protocol. CT windows are the usual
+    # reading presets (docs/data.md): brain W80/L40, mediastinum W400/L50, fat to soft tissue,
+    # abdomen W400/L40 (the OrganSpec default).
     big2d = dict(grid=[32, 32], patch=[4, 4], spacing=[])
     return {
-        "brain": OrganSpec(grid=[16, 16, 16], patch=[4, 4, 4]),
-        "heart": OrganSpec(**big2d),
-        "adipose": OrganSpec(**big2d),
+        "brain": OrganSpec(grid=[16, 16, 16], patch=[4, 4, 4], window=[0.0, 80.0]),
+        "heart": OrganSpec(**big2d, window=[-150.0, 250.0]),
+        "adipose": OrganSpec(**big2d, window=[-250.0, 150.0]),
         "liver": OrganSpec(grid=[16, 16, 16], patch=[8, 4, 4]),
         "kidney": OrganSpec(grid=[8, 16, 16], patch=[4, 4, 4]),
         "spleen": OrganSpec(grid=[8, 16, 16], patch=[4, 4, 4]),
@@ -229,6 +246,10 @@ class TrainConfig:
     teacher_temp_warmup_fraction: float = _f(0.3, lo=0.0, hi=1.0)
     student_temp: float = _f(0.1, lo=1e-3)
     center_momentum: float = _f(0.9, lo=0.0, hi=1.0)
+    centering: Literal["centre", "sinkhorn_knopp"] = _f(
+        "centre", doc="teacher normalisation of the DINO and iBOT targets: DINO's running centre, or DINOv2's "
+        "Sinkhorn-Knopp batch equipartition (3 iterations)"
+    )
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     progress: bool = True
@@ -260,9 +281,12 @@ class DPConfig:
     """Central differential privacy on the exchanged updates (docs/security.md)."""
 
     enabled: bool = False
-    clip_norm: float = _f(1.0, lo=1e-12, doc="L2 bound on each site's update delta (student weights)")
+    clip_norm: float = _f(1.0, lo=1e-12, doc="L2 bound on each site's joint delta (every averaged float tensor "
+                                             "and its organ saliency)")
     noise_multiplier: float = _f(1.0, lo=0.0, doc="Gaussian noise std / sensitivity, added at the server")
     delta: float = _f(1e-5, lo=1e-12, hi=0.5, doc="delta of the reported (epsilon, delta)")
+    max_epsilon: float = _f(0.0, lo=0.0, doc="privacy budget: the run ends (its last round checkpointed) before "
+                                             "a round that would take epsilon above it; 0 = no budget")
 
 
 @dataclass
@@ -282,7 +306,14 @@ class FederationConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     retries: int = _f(1, lo=0, doc="re-sends of a round that got fewer than min_sites usable replies")
     max_update_norm: float = _f(0.0, lo=0.0, doc="reject a reply with ||update - global|| above this; 0 = off")
-    max_site_subjects: int = _f(1_000_000, lo=1, doc="reject a reply claiming more training subjects")
+    max_site_subjects: int = _f(100_000, lo=1, doc="reject a reply claiming more training subjects")
+    site_subjects: dict[str, int] = _f({}, lo=1, doc="site name -> subjects it registered; its replies may claim "
+                                                   "no more (a site not listed: max_site_subjects)")
+    subject_cap: float = _f(3.0, lo=0.0, doc="a site's subject count weighs at most this x the round's (lower) "
+                                            "median; its organ and gate-mass weights scale alike; 0 = off")
+    update_norm_cap: float = _f(5.0, lo=0.0, doc="clip each site's ||update - global|| to this x the round's (lower) "
+                                                "median (ignored under dp, which clips to clip_norm); 0 = off")
+    max_metric: float = _f(1e4, lo=1.0, doc="a reply carrying a training or validation metric beyond +-this is dropped")
     robust: Literal["mean", "median", "trimmed_mean"] = "mean"
     trim_fraction: float = _f(0.1, lo=0.0, hi=0.49, doc="share cut at each end per coordinate (trimmed_mean)")
     dp: DPConfig = field(default_factory=DPConfig)
@@ -343,6 +374,8 @@ class EvalConfig:
     random_draws: int = _f(3, lo=1, doc="random organ-removal draws per subject and k")
     batch_size: int = _f(64, lo=1, doc="subjects per encoder forward when embedding")
     server_cohort: str = _f("", doc="labelled cohort the server probes each round's global teacher on; '' = off")
+    server_probe_every_round: bool = _f(False, doc="probe every round even when rounds outpace the probe (they "
+                                                   "queue); false: a waiting round is skipped for a newer one")
     study: "StudyConfig" = field(default_factory=lambda: StudyConfig())
 
 

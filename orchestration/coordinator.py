@@ -8,10 +8,18 @@ The ServerApp runs in a process the SuperLink starts (default ``subprocess`` iso
 connects to Ray itself (``federation.ray.address``: "" a local Ray, ``auto`` / ``host:port`` a
 cluster started with ``ray start --head``).
 
+Life-cycle (our design, docs/deployment.md "Stop, crash, restart"): the SuperLink runs under a
+keeper (fedpanfm/supervision.py) owned by ``fedpanfm server start``. The keeper is the child
+subreaper of everything the SuperLink starts (SuperExec, ServerApp, Ray), records it in
+``coordinator.pid`` and ends all of it when ``server start`` ends by any means, SIGKILL
+included, or when the SuperLink exits. A new start ends whatever a killed keeper left (the
+pid file) and binds the port with ``SO_REUSEADDR``, so a restart works at once.
+
 The coordinator's files live under ``state_dir`` (config ``configs/deployment.yaml``)::
 
     state.db          SuperLink state (registered sites, runs)
     superlink.log     SuperLink log (+ the ServerApp's output)
+    coordinator.pid   the running coordinator's processes (removed when it stops)
     flwr_home/        the Flower CLI config the coordinator uses to register sites
 """
 
@@ -29,6 +37,7 @@ from typing import Iterator
 
 from fedpanfm.certs import check_site_name, check_tls, load_auth_public_key, load_certificate
 from fedpanfm.config import ConfigError, _f, load_yaml_dataclass
+from fedpanfm.supervision import PidFile, ProcessRecord, clean_stale, keeper_command
 
 
 @dataclass
@@ -74,6 +83,10 @@ class CoordinatorConfig:
     @property
     def log_file(self) -> Path:
         return Path(self.state_dir) / "superlink.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return Path(self.state_dir) / "coordinator.pid"
 
     @property
     def flwr_home(self) -> Path:
@@ -217,8 +230,13 @@ def register_sites(cfg: CoordinatorConfig, timeout_s: float = 60.0) -> dict[str,
 
 def ensure_port_free(host: str, port: int) -> None:
     """Raise if ``host:port`` cannot be bound: another SuperLink (or anything) holds it, and a
-    readiness check would otherwise be answered by that other server."""
+    readiness check would otherwise be answered by that other server.
+
+    ``SO_REUSEADDR``, as the SuperLink's own server binds: connections of a stopped SuperLink
+    left in TIME_WAIT (about a minute) do not hold the port, only a listening socket does.
+    """
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
@@ -257,44 +275,81 @@ def wait_until_serving(cfg: CoordinatorConfig, proc: subprocess.Popen[bytes] | N
 
 @dataclass
 class SuperLinkProcess:
-    """A started SuperLink: its process and where it logs.
+    """A started SuperLink under its keeper (fedpanfm/supervision.py).
 
     Args:
-        proc: the ``flower-superlink`` process (its own session, so it can be stopped as a group).
-        log_file: its log file.
+        proc: the keeper process; its stdin is the pipe whose closing ends the coordinator's
+            whole process tree.
+        log_file: the SuperLink's log file.
+        pid_file: where the keeper records the tree.
+        registered: site name -> registration outcome.
+        cleaned: processes a previous, killed coordinator had left running, ended at start.
     """
 
     proc: subprocess.Popen[bytes]
     log_file: Path
+    pid_file: Path
     registered: dict[str, str] = field(default_factory=dict)
+    cleaned: list[ProcessRecord] = field(default_factory=list)
 
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """TERM the SuperLink (it stops its ServerApp executor), KILL after ``timeout_s``."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
+    def superlink_pid(self, timeout_s: float = 10.0) -> int | None:
+        """The ``flower-superlink`` PID from the pid file (None if not recorded within ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
             try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout_s)
+                recorded = PidFile(self.pid_file).read()
+            except ValueError:
+                recorded = None
+            for rec in recorded[2] if recorded else []:
+                if "superlink" in rec.name:
+                    return rec.pid
+            time.sleep(0.2)
+        return None
+
+    def request_stop(self) -> None:
+        """Ask the keeper to end the tree (returns at once; safe in a signal handler)."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def stop(self, timeout_s: float = 40.0) -> int:
+        """End the coordinator: the keeper TERMs the tree (KILL after its grace); its exit code."""
+        self.request_stop()
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # the keeper hung; the next start ends the rest from the pid file
+            return self.proc.wait(timeout=10)
 
 
-def start_superlink(cfg: CoordinatorConfig, insecure: bool = False, ready_timeout_s: float = 60.0) -> SuperLinkProcess:
-    """Start the SuperLink, wait until it serves, register the sites (secure mode).
+def start_superlink(cfg: CoordinatorConfig, insecure: bool = False, ready_timeout_s: float = 60.0,
+                    grace_s: float = 10.0) -> SuperLinkProcess:
+    """End what a killed coordinator left, start the SuperLink under a keeper, wait until it
+    serves, register the sites (secure mode).
 
     Args:
         cfg: the coordinator config.
         insecure: no TLS, no authentication (testing only; the caller warns).
         ready_timeout_s: how long to wait for the SuperLink to serve.
+        grace_s: SIGTERM grace the keeper gives each process when the coordinator stops.
+
+    Raises:
+        AlreadyRunning: a coordinator is running on the same ``state_dir``.
     """
     check_files(cfg, insecure)
-    ensure_port_free(cfg.bind_host, cfg.port)
     Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    cleaned = clean_stale(PidFile(cfg.pid_file), "coordinator")
+    ensure_port_free(cfg.bind_host, cfg.port)
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    cmd = keeper_command(superlink_command(cfg, insecure), cfg.pid_file, os.getpid(), grace_s)
     with open(cfg.log_file, "ab") as log:
-        proc = subprocess.Popen(superlink_command(cfg, insecure), stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
-    link = SuperLinkProcess(proc, cfg.log_file)
+        # Its own session: a Ctrl-C in the terminal reaches `server start` only, which then
+        # stops the keeper in order.
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    link = SuperLinkProcess(proc, cfg.log_file, cfg.pid_file, cleaned=cleaned)
     try:
         wait_until_serving(cfg, proc, ready_timeout_s, insecure)
         if not insecure:

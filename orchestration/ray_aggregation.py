@@ -41,7 +41,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import Tensor
 
 from fedpanfm.config import ExperimentConfig
-from fedpanfm.federation.aggregate import MeanTask, RoundOutcome, RunMeans, State, aggregate_round, run_means_serial
+from fedpanfm.federation.aggregate import (MeanTask, RoundOutcome, RoundPlan, RunMeans, State, aggregate_round,
+                                         run_means_serial)
 from fedpanfm.federation.message import SiteUpdate, state_nbytes
 
 
@@ -62,6 +63,7 @@ class Aggregator(Protocol):
         cfg: ExperimentConfig,
         server_round: int,
         previous_saliency: Tensor | None = None,
+        plan: RoundPlan | None = None,
     ) -> tuple[State, RoundOutcome]: ...
 
 
@@ -104,11 +106,12 @@ class SerialAggregator:
         cfg: ExperimentConfig,
         server_round: int,
         previous_saliency: Tensor | None = None,
+        plan: RoundPlan | None = None,
     ) -> tuple[State, RoundOutcome]:
         """See :func:`fedpanfm.federation.aggregate.aggregate_round` (same arguments)."""
         with one_thread():
             return aggregate_round(global_state, updates, cfg, server_round, previous_saliency,
-                                   self.means_runner(updates))
+                                   self.means_runner(updates), plan)
 
 
 #: A state dict as the object store holds it: one flat array per dtype, and per key

@@ -107,4 +107,18 @@ def find_resume_point(run_folder: Path) -> ResumePoint:
                           + (f" ({len(skipped)} failed verification: {skipped[0]})" if skipped else ""))
 
 
-__all__ = ["ResumePoint", "SERVER", "find_resume_point", "round_folders", "server_state"]
+def resume_command(run_folder: Path | str, coordinator_config: Path | str | None = None) -> str:
+    """The command that continues ``run_folder``: ``fedpanfm simulate --resume`` in simulation
+    (``coordinator_config`` None), else ``fedpanfm federation run --resume`` on the coordinator.
+
+    Args:
+        run_folder: the run folder.
+        coordinator_config: the coordinator's YAML; "" names it by a placeholder (the ServerApp
+            does not know which file the operator used).
+    """
+    if coordinator_config is None:
+        return f"fedpanfm simulate --resume {run_folder}"
+    return f"fedpanfm federation run --config {coordinator_config or '<coordinator YAML>'} --resume {run_folder}"
+
+
+__all__ = ["ResumePoint", "SERVER", "find_resume_point", "resume_command", "round_folders", "server_state"]

@@ -5,7 +5,7 @@
 run :class:`~orchestration.strategy.FedPanFM` for ``cfg.federation.rounds`` rounds, and after
 each round write TensorBoard scalars and a checkpoint; at the end a summary.
 
-The run folder (``<logging.run_dir>/<name>-<timestamp>`` unless the run config's
+The run folder (``<logging.run_dir>/<name>-federation-<time>`` unless the run config's
 ``run-folder`` names one)::
 
     config.yaml            the resolved experiment config
@@ -14,14 +14,21 @@ The run folder (``<logging.run_dir>/<name>-<timestamp>`` unless the run config's
     checkpoints/           round_<k>/, best, latest (orchestration/checkpoints.py)
     summary.json
 
+(``fedpanfm simulate`` adds run.log, command.txt, environment.json: fedpanfm/run_folder.py.)
+Each round also goes to the :data:`fedpanfm.console.ROUNDS` logger as one line
+(orchestration/round_lines.py) and to TensorBoard as pictures (orchestration/round_images.py).
+
 Sites' metrics arrive in their replies; the server writes the site sub-runs, so no shared
 filesystem is assumed. The server observes the traffic at the Grid (:class:`MeteredGrid`):
-that is where bytes exchanged and the sites' validation replies are seen.
+that is where bytes exchanged are counted. The sites' validation metrics are the strategy's
+checked evaluate replies (``FedPanFM.last_evaluation``), named by authenticated site.
 
 Each round's checkpoint carries the server state (orchestration/resume.py); run config
 ``resume`` = a run folder continues that run after its last complete round
 (docs/reliability.md). Per round the server also logs ``failures/<site>`` (cumulative),
-``memory/rss_mb`` and, with ``federation.dp``, ``dp/epsilon``.
+``memory/rss_mb`` and, with ``federation.dp``, ``dp/epsilon`` (also on the console and in the
+summary); with ``federation.dp.max_epsilon`` the run ends after the last round the budget
+allows, that round's checkpoint being the final one (docs/security.md).
 """
 
 from __future__ import annotations
@@ -39,17 +46,22 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedpanfm.certs import check_site_name
 from fedpanfm.config import ExperimentConfig, config_from_run_config, load_config
-from fedpanfm.federation.privacy import epsilon
-from fedpanfm.federation.message import METRICS, NUM_EXAMPLES, SITE_CONFIG, arrayrecord_to_state, state_to_arrayrecord
+from fedpanfm.federation.accounting import GaussianAccountant
+from fedpanfm.federation.message import SiteEvaluation, arrayrecord_to_state, state_to_arrayrecord
 from fedpanfm.model.meta_arch import PanFMSSL
-from fedpanfm.tb import RunLogger, site_run_name
+from fedpanfm.console import ROUNDS
+from fedpanfm.run_folder import new_run_folder as named_run_folder
+from fedpanfm.tb import RunLogger, federation_layout, site_run_name
 from fedpanfm.spans import SpanTimer
 from orchestration.checkpoints import CheckpointPolicy
 from orchestration.ray_aggregation import make_aggregator
-from orchestration.resume import SERVER, ResumePoint, find_resume_point, server_state
+from orchestration.resume import SERVER, ResumePoint, find_resume_point, resume_command, server_state
+from orchestration.round_images import RoundPictures
+from orchestration.round_lines import RoundLines, round_status
 from orchestration.server_eval import ServerProbe
-from orchestration.strategy import FedPanFM, RoundReport
+from orchestration.strategy import FedPanFM, RoundReport, evaluation_means
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +94,7 @@ def planned_steps(cfg: ExperimentConfig) -> int:
 
 
 class MeteredGrid:
-    """A Grid that counts the bytes of the arrays it carries and keeps the evaluate replies.
+    """A Grid that counts the bytes of the arrays it carries.
 
     Args:
         grid: the Grid Flower handed to ``main``; everything else is delegated to it.
@@ -92,7 +104,6 @@ class MeteredGrid:
         self._grid = grid
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.evaluate_replies: list[Message] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -102,7 +113,6 @@ class MeteredGrid:
         self.bytes_sent += sum(_array_bytes(m) for m in messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self.bytes_received += sum(_array_bytes(m) for m in replies if m.has_content())
-        self.evaluate_replies = [m for m in replies if m.metadata.message_type.startswith("evaluate")]
         return replies
 
 
@@ -110,19 +120,10 @@ def _array_bytes(msg: Message) -> int:
     return sum(rec.count_bytes() for rec in msg.content.array_records.values()) if msg.has_content() else 0
 
 
-def site_validation(replies: Iterable[Message]) -> dict[str, tuple[int, dict[str, float]]]:
-    """Site name -> (held-out subjects, ``val/<metric>`` values) from evaluate replies.
-
-    Error replies are skipped (the strategy already logged them).
-    """
-    out: dict[str, tuple[int, dict[str, float]]] = {}
-    for msg in replies:
-        if msg.has_error() or SITE_CONFIG not in msg.content or METRICS not in msg.content:
-            continue
-        m = msg.content[METRICS]
-        out[str(msg.content[SITE_CONFIG]["site-name"])] = (
-            int(m[NUM_EXAMPLES]), {k: float(v) for k, v in m.items() if k != NUM_EXAMPLES})
-    return out
+def accountant(cfg: ExperimentConfig) -> GaussianAccountant | None:
+    """The run's privacy accountant (fedpanfm/federation/accounting.py); None without DP."""
+    dp = cfg.federation.dp
+    return GaussianAccountant(dp.noise_multiplier, dp.delta, dp.max_epsilon) if dp.enabled else None
 
 
 class RunRecorder:
@@ -137,10 +138,14 @@ class RunRecorder:
         saliency: returns the strategy's current global saliency (stored with checkpoints).
         global_state: returns the strategy's current global weights as tensors (what
             ``after_round`` gets encoded), so they are not decoded again; None decodes them.
+        evaluations: returns the round's checked evaluate replies by authenticated site and the
+            evaluate failures by site (``FedPanFM.last_evaluation`` / ``evaluation_failures``);
+            None: no validation metrics.
     """
 
     def __init__(self, run_folder: Path, cfg: ExperimentConfig, grid: MeteredGrid,
-                 resume: ResumePoint | None = None, saliency: Any = None, global_state: Any = None) -> None:
+                 resume: ResumePoint | None = None, saliency: Any = None, global_state: Any = None,
+                 evaluations: Any = None) -> None:
         self.folder = Path(run_folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         if resume is None:
@@ -151,8 +156,14 @@ class RunRecorder:
         self.offset = resume.round if resume else 0
         self._purge = self.offset + 1 if resume else None
         self.server = RunLogger(self.tb_dir, "server", purge_step=self._purge)
+        # Each round's console line (fedpanfm/console.py), completed by the probe's AUROC.
+        self.lines = RoundLines(cfg.federation.rounds, probing=bool(cfg.evaluation.server_cohort))
         # Probe AUROC on the server's labelled validation cohort, off the round's critical path.
-        self.probe = ServerProbe.from_config(cfg, self.server)
+        self.probe = ServerProbe.from_config(cfg, self.server, on_result=self.lines.probe_result)
+        self.pictures = RoundPictures(cfg, self.server, self.probe.batches if self.probe is not None else None)
+        if resume is None:
+            self.server.layout(federation_layout(self.pictures.organs))
+        self._moved = 0.0  # bytes sent + received up to the last round
         self.sites: dict[str, RunLogger] = {}
         # TensorBoard writes (protobuf building, file flushes) run on one thread of their own, in
         # order, while the server waits for the next round's replies: off the round's critical
@@ -167,6 +178,12 @@ class RunRecorder:
         self.resumed_from = resume.round if resume else None
         self._saliency = saliency
         self._global_state = global_state
+        self._evaluations = evaluations
+        self.accountant = accountant(cfg)
+        #: Why the run ended before ``federation.rounds`` without failing (the privacy budget).
+        self.budget_stop: str | None = None
+        #: The command that continues this run (simulate or federation run --resume).
+        self.resume_command = resume_command(self.folder)
         if resume is not None:
             srv = resume.server
             self.history = list(srv.get("history", []))
@@ -176,6 +193,7 @@ class RunRecorder:
 
     def _site(self, name: str) -> RunLogger:
         if name not in self.sites:
+            check_site_name(name, "TensorBoard site run")  # a name is a folder here: no "x/../y"
             self.sites[name] = RunLogger(self.tb_dir, site_run_name(name), purge_step=self._purge)
         return self.sites[name]
 
@@ -201,22 +219,29 @@ class RunRecorder:
         for name, values in report.site_metrics.items():
             # The "train/" prefix the server uses for the site means, so the curves overlay.
             self._write(self._site(name).scalars, {f"train/{k}": v for k, v in values.items()}, report.server_round)
+        for name, norms in report.update_norms.items():
+            self._write(RoundPictures.update_norms, self._site(name), norms, report.server_round)
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """``evaluate_fn`` of ``strategy.start``: called after each round's evaluation (and
         once before round 1, where only the start time is taken)."""
         if server_round == 0:
+            if self.probe is not None and self.offset == 0:
+                # Round 0, the initial weights: what the console's AUROC change is measured from.
+                self.probe.submit(0, arrayrecord_to_state(arrays, "initial global arrays"))
             self._t_round = time.perf_counter()
             return None
         spans = SpanTimer()
-        validation = site_validation(self.grid.evaluate_replies)
-        for name, (_, values) in validation.items():
-            self._write(self._site(name).scalars, values, server_round)
-        n_val = sum(n for n, _ in validation.values())
-        val = {}
-        if n_val:
-            keys = set.intersection(*(set(v) for _, v in validation.values()))
-            val = {k: sum(n * v[k] for n, v in validation.values()) / n_val for k in sorted(keys)}
+        evaluated: dict[str, SiteEvaluation] = {}
+        val: dict[str, float] = {}
+        if self._evaluations is not None:
+            evaluated, failed = self._evaluations()
+            for site, n in failed.items():
+                self.failures[site] = self.failures.get(site, 0) + n
+            means = evaluation_means(evaluated.values(), self.cfg.federation.subject_cap)
+            val = dict(means) if means is not None else {}
+        for name, ev in evaluated.items():
+            self._write(self._site(name).scalars, ev.metrics, server_round)
         now = time.perf_counter()
         fresh = self.report if self.report and self.report.server_round == server_round else None
         scalars = {
@@ -229,11 +254,13 @@ class RunRecorder:
             "attempts": float(fresh.attempts if fresh else 1),
             **{f"failures/{site}": float(n) for site, n in self.failures.items()},
         }
-        dp = self.cfg.federation.dp
-        if dp.enabled:
-            scalars["dp/epsilon"] = epsilon(self.cfg.federation.fraction_train, dp.noise_multiplier, server_round, dp.delta)
-            if not math.isfinite(scalars["dp/epsilon"]):
-                del scalars["dp/epsilon"]  # no noise: no finite guarantee (TensorBoard takes finite values)
+        if self.accountant is not None:
+            eps = self.accountant.epsilon(server_round)
+            log.info("round %d: differential privacy epsilon %.4g at delta %g%s", server_round, eps,
+                     self.cfg.federation.dp.delta,
+                     f" (budget {self.cfg.federation.dp.max_epsilon:g})" if self.cfg.federation.dp.max_epsilon else "")
+            if math.isfinite(eps):  # no noise: no finite guarantee (TensorBoard takes finite values)
+                scalars["dp/epsilon"] = eps
         self._t_round = now
         spans.mark("record")  # validation means, RSS probe
         self._write(self.server.scalars, scalars, server_round)
@@ -241,6 +268,10 @@ class RunRecorder:
             self._write(logger.flush)
         spans.mark("tensorboard")
         self.history.append({"round": server_round, **scalars})
+        moved = float(self.grid.bytes_sent + self.grid.bytes_received)
+        self.lines.status(round_status(server_round, self.lines.last, scalars, fresh, self.pictures.organs,
+                                       moved - self._moved))
+        self._moved = moved
         # The strategy's tensors are the arrays before encoding (never written in place).
         held = self._global_state() if self._global_state is not None else None
         state = dict(held) if held is not None else arrayrecord_to_state(arrays, f"global arrays of round {server_round}")
@@ -254,15 +285,16 @@ class RunRecorder:
         else:
             best = (self.checkpoints.best_round, self.checkpoints.best_loss if self.checkpoints.best_round else None)
         saliency = self._saliency() if self._saliency is not None else torch.zeros(0)
+        self._write(self.pictures.draw, server_round, dict(scalars), saliency.detach().clone())
         self.checkpoints.submit(server_round, state, loss, {
-            "sites": sorted(validation) or sorted(self.report.site_metrics if self.report else []),
+            "sites": sorted(evaluated) or sorted(self.report.site_metrics if self.report else []),
             SERVER: server_state(server_round, saliency, best[0], best[1], list(self.history), self.failures),
         })
         spans.mark("checkpoint_submit")
         # This hook's own spans (seconds), in the round's step.
         self._write(self.server.scalars, spans.tagged("time/server/"), server_round)
         self._write(self.server.flush)
-        return MetricRecord({k: v for k, v in val.items()}) if val else None
+        return MetricRecord(dict(val)) if val else None
 
     def finish(self) -> dict[str, Any]:
         """Wait for the checkpoint writes, record hyper-parameters, close the logs; the summary."""
@@ -277,21 +309,31 @@ class RunRecorder:
         if self.probe is not None:
             # A failed evaluation is logged, never fatal: the trained model matters more.
             self.probe.close(raise_errors=False)
+        self.lines.flush()
         last = self.history[-1] if self.history else {}
         final = {f"final/{k}": v for k, v in last.items() if k.startswith(("train/loss", "val/loss"))}
+        probed = {r: v for r, v in sorted(self.lines.auroc.items()) if v is not None}
+        last_probe = max(probed, default=None)
+        if last_probe is not None:
+            final["final/probe_auroc_macro"] = probed[last_probe]
+            if last_probe > 0 and 0 in probed:
+                final["final/probe_auroc_change"] = probed[last_probe] - probed[0]
         self.server.hparams(_flat_hparams(self.cfg), final)
         for logger in [self.server, *self.sites.values()]:
             logger.close()
         ck = self.folder / "checkpoints"
         dp = self.cfg.federation.dp
+        eps = self.accountant.epsilon(len(self.history)) if self.accountant is not None else None
         summary = {
             "run_folder": str(self.folder),
             "stopped": self.stopped,
+            "budget_stop": self.budget_stop,
+            "resume_command": self.resume_command,
             "resumed_from_round": self.resumed_from,
             "failures": dict(sorted(self.failures.items())),
-            "dp_epsilon": (epsilon(self.cfg.federation.fraction_train, dp.noise_multiplier, len(self.history), dp.delta)
-                           if dp.enabled else None),
+            "dp_epsilon": eps if eps is None or math.isfinite(eps) else None,
             "dp_delta": dp.delta if dp.enabled else None,
+            "dp_max_epsilon": dp.max_epsilon if dp.enabled and dp.max_epsilon > 0 else None,
             "rss_mb_per_round": [h.get("memory/rss_mb") for h in self.history],
             "rounds": len(self.history),
             "sites": sorted(self.sites),
@@ -303,6 +345,7 @@ class RunRecorder:
             "checkpoint_latest": str(ck / "latest"),
             "checkpoint_best": str(ck / "best") if self.checkpoints.best_round else None,
             "seconds_per_round": [h["time/round_s"] for h in self.history],
+            "probe_auroc": {str(r): v for r, v in probed.items()},
         }
         (self.folder / "summary.json").write_text(json.dumps(summary, indent=2))
         if failed_write is not None:
@@ -338,12 +381,15 @@ def _flat_hparams(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def new_run_folder(cfg: ExperimentConfig) -> Path:
-    """``<cfg.logging.run_dir>/<cfg.name>-<YYYYmmdd-HHMMSS>`` (a ``-<n>`` suffix if taken)."""
-    base = Path(cfg.logging.run_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while path.exists():
-        path, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return path
+    """``<cfg.logging.run_dir>/<cfg.name>-federation-<YYYYmmdd-HHMMSS>`` (fedpanfm/run_folder.py)."""
+    return named_run_folder(cfg.logging.run_dir, cfg.name, "federation")
+
+
+def _in_simulation(grid: Grid) -> bool:
+    """Whether ``grid`` is the simulation runtime's in-memory Grid (else a deployment's)."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
 
 
 def await_simulation_ray(grid: Grid, timeout_s: float = 300.0) -> None:
@@ -358,9 +404,8 @@ def await_simulation_ray(grid: Grid, timeout_s: float = 300.0) -> None:
         timeout_s: how long to wait for the runtime's Ray.
     """
     import ray
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    if not isinstance(grid, InMemoryGrid) or ray.is_initialized():
+    if not _in_simulation(grid) or ray.is_initialized():
         return
     deadline = time.monotonic() + timeout_s
     while not ray.is_initialized():
@@ -405,8 +450,11 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         fraction_evaluate=1.0 if cfg.data.val_fraction > 0 else 0.0,
     )
     recorder = RunRecorder(folder, cfg, metered, resume, saliency=lambda: strategy.global_saliency,
-                           global_state=lambda: strategy.global_state)
+                           global_state=lambda: strategy.global_state,
+                           evaluations=lambda: (strategy.last_evaluation, strategy.evaluation_failures))
     strategy.on_round = recorder.on_round
+    if not _in_simulation(grid):
+        recorder.resume_command = resume_command(folder, "")
     start = initial_state(cfg)
     if resume is not None:
         missing = sorted(set(start) ^ set(resume.state))
@@ -415,19 +463,32 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         start = resume.state
         strategy.resume_from(resume.state, resume.saliency, resume.round)
     offset = recorder.offset
-    log.info("fedpanfm run %s: rounds %d..%d, writing to %s", cfg.name, offset + 1, cfg.federation.rounds, folder)
+    last = cfg.federation.rounds
+    if recorder.accountant is not None:
+        # Epsilon is a function of the rounds released (accounting.py), so the last round the
+        # budget allows is known now; the run ends cleanly after it, its checkpoint the final one.
+        last = recorder.accountant.rounds_within_budget(cfg.federation.rounds)
+        if last < cfg.federation.rounds:
+            recorder.budget_stop = (
+                f"privacy budget: federation.dp.max_epsilon = {cfg.federation.dp.max_epsilon:g} allows {last} of "
+                f"{cfg.federation.rounds} rounds (round {last + 1} would reach epsilon "
+                f"{recorder.accountant.epsilon(last + 1):.4g} at delta {cfg.federation.dp.delta:g})")
+            log.warning("%s", recorder.budget_stop)
+    recorder.lines.last = last
+    ROUNDS.info("fedpanfm run %s: rounds %d..%d, writing to %s", cfg.name, offset + 1, last, folder,
+                extra={"round_plan": (offset, last)})
     try:
-        if offset < cfg.federation.rounds:
+        if offset < last:
             strategy.start(
                 grid=metered,  # type: ignore[arg-type]  # duck-typed Grid (delegates to Flower's)
                 initial_arrays=state_to_arrayrecord(start),
-                num_rounds=cfg.federation.rounds - offset,
+                num_rounds=last - offset,
                 timeout=cfg.federation.round_timeout_s,
                 evaluate_fn=lambda r, arrays: recorder.after_round(r + offset if r else 0, arrays),
             )
     except Exception as exc:
         recorder.stopped = f"{type(exc).__name__}: {exc}"
-        log.error("fedpanfm run %s stopped: %s\n  resume with: fedpanfm simulate --resume %s", cfg.name, exc, folder)
+        log.error("fedpanfm run %s stopped: %s\n  resume with: %s", cfg.name, exc, recorder.resume_command)
         raise
     finally:
         summary = recorder.finish()
@@ -442,14 +503,23 @@ def summary_text(s: Mapping[str, Any]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    stopped = [f"  STOPPED: {s['stopped']}\n  resume with: fedpanfm simulate --resume {s['run_folder']}"] \
+    stopped = [f"  STOPPED: {s['stopped']}\n  resume with: {s.get('resume_command') or resume_command(s['run_folder'])}"] \
         if s.get("stopped") else []
     failures = [f"  site failures: {', '.join(f'{k} {v}' for k, v in s['failures'].items())}"] if s.get("failures") else []
-    privacy = [f"  differential privacy: epsilon {fmt(s['dp_epsilon'])} at delta {s['dp_delta']:g}"] \
+    privacy = [f"  differential privacy: epsilon {fmt(s['dp_epsilon'])} at delta {s['dp_delta']:g}"
+               + (f" (budget {s['dp_max_epsilon']:g})" if s.get("dp_max_epsilon") else "")] \
         if s.get("dp_epsilon") is not None else []
+    budget = [f"  ended early: {s['budget_stop']}"] if s.get("budget_stop") else []
+    auroc = {int(r): v for r, v in (s.get("probe_auroc") or {}).items()}
+    if auroc:
+        r_last = max(auroc)
+        change = f" ({auroc[r_last] - auroc[0]:+.3f} since round 0: {auroc[0]:.3f})" if 0 in auroc and r_last else ""
+        probe = [f"  probe AUROC (server's held-out labelled cohort) {auroc[r_last]:.3f} at round {r_last}{change}"]
+    else:
+        probe = []
     return "\n".join([
         f"fedpanfm: {s['rounds']} rounds over sites {', '.join(s['sites'])}",
-        *stopped, *failures, *privacy,
+        *stopped, *budget, *failures, *privacy, *probe,
         f"  final train loss {fmt(s['final_train_loss'])}, final val loss {fmt(s['final_val_loss'])}, "
         f"best val loss {fmt(s['best_val_loss'])} (round {s['best_round']})",
         f"  TensorBoard: tensorboard --logdir {s['tensorboard']}",
@@ -468,6 +538,16 @@ def build_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        if not _in_simulation(grid) and not logging.getLogger().handlers:
+            # A deployed ServerApp process configures no logging; Flower uploads its stderr as
+            # the run's log (`flwr log`, `federation run`), so our INFO lines go there. Our
+            # loggers only: Flower's has its own handler, httpx logs every request at INFO.
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            for ours in ("orchestration", "fedpanfm"):
+                if not logging.getLogger(ours).handlers:
+                    logging.getLogger(ours).setLevel(logging.INFO)
+                    logging.getLogger(ours).addHandler(handler)
         run_federation(grid, run_config if run_config is not None else context.run_config)
 
     return server

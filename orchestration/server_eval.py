@@ -15,16 +15,22 @@ Our design choices:
   is collated once and kept here rather than shipped to a worker every round.
 - If rounds finish faster than the probe, the newest round wins: a round still *waiting* when a
   newer one arrives is skipped (``skipped``, with a warning), so the backlog never grows and the
-  latest model is always the next one scored.
+  latest model is always the next one scored. ``evaluation.server_probe_every_round`` queues
+  every round instead (small runs such as the quickstart, where the AUROC of each round is the
+  progress signal on the console).
+- ``on_result(round, values or None)`` is called on the probe thread once per submitted round, in
+  round order (None: skipped or failed), so the caller can finish that round's console line.
 - A failed evaluation does not stop training: it is logged at once and raised by :meth:`close`.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,13 +58,17 @@ class ServerProbe:
         logger: the server's TensorBoard sub-run; scalars are written at step = round.
         cohort: the labelled cohort folder (site folders below it); None = ``evaluation.server_cohort``.
         seed: the probe split seed (the same every round); None = ``cfg.seed``.
+        on_result: called with (round, the values logged) after each probe, (round, None) for a
+            round skipped or failed.
+        every_round: queue every round (no skipping); None = ``evaluation.server_probe_every_round``.
 
     Raises:
         ValueError: no cohort configured. ``CohortError``: the folder is missing or holds no site.
     """
 
     def __init__(self, cfg: ExperimentConfig, logger: RunLogger, cohort: str | Path | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, on_result: Callable[[int, dict[str, float] | None], None] | None = None,
+                 every_round: bool | None = None) -> None:
         folder = cohort if cohort is not None else cfg.evaluation.server_cohort
         if not folder:
             raise ValueError("ServerProbe: no cohort (evaluation.server_cohort is empty)")
@@ -71,16 +81,23 @@ class ServerProbe:
         self.skipped: list[int] = []
         self.errors: list[str] = []
         self._lock = threading.Lock()
-        self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._pending: collections.deque[tuple[int, dict[str, torch.Tensor]]] = collections.deque()
+        self.every_round = cfg.evaluation.server_probe_every_round if every_round is None else every_round
+        self._on_result = on_result
         self._encoder: PanOrganEncoder | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedpanfm-server-probe")
         # Reading the cohort is the pool's first job, so constructing the hook does not block either.
         self._batches = self._pool.submit(self._collate)
 
     @classmethod
-    def from_config(cls, cfg: ExperimentConfig, logger: RunLogger) -> "ServerProbe | None":
+    def from_config(cls, cfg: ExperimentConfig, logger: RunLogger,
+                    on_result: Callable[[int, dict[str, float] | None], None] | None = None) -> "ServerProbe | None":
         """The hook if ``evaluation.server_cohort`` names a cohort, else None (evaluation off)."""
-        return cls(cfg, logger) if cfg.evaluation.server_cohort else None
+        return cls(cfg, logger, on_result=on_result) if cfg.evaluation.server_cohort else None
+
+    def batches(self) -> list[SubjectBatch]:
+        """The collated labelled cohort (waits for the first read; raises its error)."""
+        return self._batches.result()
 
     def _collate(self) -> list[SubjectBatch]:
         batches = collate_dataset(pooled_dataset(self.cohort, self.cfg), self.cfg)
@@ -105,15 +122,24 @@ class ServerProbe:
         if not teacher:
             raise KeyError(f"server probe, round {server_round}: the global state has no '{TEACHER_PREFIX}*' key")
         with self._lock:
-            if self._pending is not None:
-                self.skipped.append(self._pending[0])
-                log.warning("server probe: round %d skipped, round %d is newer", self._pending[0], server_round)
-            self._pending = (server_round, teacher)
+            if self._pending and not self.every_round:
+                stale, _ = self._pending.popleft()
+                self.skipped.append(stale)
+                log.warning("server probe: round %d skipped, round %d is newer", stale, server_round)
+                self._notify(stale, None)
+            self._pending.append((server_round, teacher))
         self._pool.submit(self._run_pending)
+
+    def _notify(self, server_round: int, values: dict[str, float] | None) -> None:
+        if self._on_result is not None:
+            try:
+                self._on_result(server_round, values)
+            except Exception as exc:  # noqa: BLE001 - the caller's display must not fail the probe
+                log.error("server probe, round %d: result callback failed: %s", server_round, exc)
 
     def _run_pending(self) -> None:
         with self._lock:
-            job, self._pending = self._pending, None
+            job = self._pending.popleft() if self._pending else None
         if job is None:  # an earlier job already took the newest round
             return
         server_round, teacher = job
@@ -128,12 +154,14 @@ class ServerProbe:
             self.logger.scalars(values, server_round)
             self.logger.flush()
             self.results[server_round] = values
+            self._notify(server_round, values)
             log.info("server probe, round %d: macro AUROC %s (%.1f s)", server_round,
                      f"{values['probe/auroc_macro']:.3f}" if "probe/auroc_macro" in values else "undefined",
                      values["probe/seconds"])
         except Exception as exc:  # reported now, raised by close(): training goes on meanwhile
             self.errors.append(f"round {server_round}: {type(exc).__name__}: {exc}")
             log.error("server probe, round %d failed (cohort %s): %s", server_round, self.cohort, exc)
+            self._notify(server_round, None)
 
     def close(self, raise_errors: bool = True) -> dict[int, dict[str, float]]:
         """Wait for the queued probes and stop the thread; round -> the values logged.

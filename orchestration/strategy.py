@@ -12,7 +12,14 @@ strategy keeps FedAvg's node sampling and evaluation and replaces the training r
   arrays Flower hands back: those are only what was sent);
 - ``aggregate_train`` decodes every reply as a :class:`~fedpanfm.federation.message.SiteUpdate`,
   drops malformed ones with one log line naming the node and the reason, and hands the rest to
-  an aggregator (serial or Ray, ``orchestration.ray_aggregation``).
+  an aggregator (serial or Ray, ``orchestration.ray_aggregation``);
+- ``aggregate_evaluate`` does the same for evaluate replies
+  (:class:`~fedpanfm.federation.message.SiteEvaluation`, ``check_evaluation``) before the
+  validation metrics are averaged (held-out counts capped like training subjects).
+
+Identity (docs/security.md): which site a reply comes from is the node's authenticated site
+(``orchestration.identity``: the registered key's name in deployment, the partition in
+simulation), never the reply's ``site-name``; a reply whose claim differs is refused.
 
 The server-side state between rounds (global weights, global saliency, last round) lives on the
 strategy; ``on_round`` receives a :class:`RoundReport` after every aggregation so the server app
@@ -43,18 +50,22 @@ from flwr.supercore import log
 from torch import Tensor
 
 from fedpanfm.config import ExperimentConfig
-from fedpanfm.federation.aggregate import check_update
+from fedpanfm.federation.aggregate import RoundPlan
+from fedpanfm.federation.influence import lower_median, norm_keys
 from fedpanfm.federation.message import (
     BF16_STYPE,
-    SITE_CONFIG,
     MessageError,
+    SiteEvaluation,
     SiteUpdate,
     TrainInstruction,
     arrayrecord_to_state,
     state_to_arrayrecord,
 )
+from fedpanfm.federation.privacy import delta_norm
+from fedpanfm.federation.validation import check_evaluation, check_update
 from fedpanfm.spans import SpanTimer
 
+from orchestration.identity import node_sites
 from orchestration.ray_aggregation import Aggregator, SerialAggregator
 
 
@@ -69,9 +80,13 @@ class RoundReport:
         site_metrics: site name -> that site's training metrics plus "subjects" and "steps".
         dropped: one line per dropped reply (node, site if known, reason).
         seconds: wall time of the aggregation.
-        failures: site (or ``node_<id>`` before its name is known) -> failures this round
-            (error replies, missing replies, rejected updates; every attempt counts).
+        failures: site (or ``node_<id>`` for a node with no authenticated site) -> failures
+            this round (error replies, missing replies, rejected updates; every attempt counts).
         attempts: how many times the round was sent (1 + retries used).
+        influence: site -> how far the round's caps scaled its subjects and update
+            (``RoundOutcome.influence``; empty under DP).
+        update_norms: site -> the L2 norm of (its update - the round's global weights) per
+            tensor (``norm_keys``), before any cap: the sites' TensorBoard histograms.
     """
 
     server_round: int
@@ -81,6 +96,8 @@ class RoundReport:
     seconds: float = 0.0
     failures: dict[str, int] = field(default_factory=dict)
     attempts: int = 1
+    influence: dict[str, dict[str, float]] = field(default_factory=dict)
+    update_norms: dict[str, list[float]] = field(default_factory=dict)
 
 
 class RoundFailed(RuntimeError):
@@ -130,8 +147,12 @@ class FedPanFM(FedAvg):
         self.server_round = 0
         self.last_report: RoundReport | None = None
         self.round_offset = 0
-        #: node id -> site name, learnt from replies (a failed reply names only its node).
+        #: node id -> authenticated site name (orchestration/identity.py), never from a reply.
         self.node_sites: dict[int, str] = {}
+        #: The last round's checked evaluate replies by site, and the failures among them.
+        self.last_evaluation: dict[str, SiteEvaluation] = {}
+        self.evaluation_failures: dict[str, int] = {}
+        self._plan: RoundPlan | None = None
         self._sent: tuple[RecordDict, list[int]] | None = None
         self._grid: Grid | None = None
         if fed.dp.enabled and fed.teacher_policy == "aggregate":
@@ -141,21 +162,22 @@ class FedPanFM(FedAvg):
             raise ValueError(f"FedPanFM: federation.dp is calibrated for the weighted mean; "
                              f"federation.robust = {fed.robust!r} is not supported with it")
 
-    def resume_from(self, global_state: dict[str, Tensor], saliency: Tensor, completed_round: int,
-                    node_sites: dict[int, str] | None = None) -> None:
+    def resume_from(self, global_state: dict[str, Tensor], saliency: Tensor, completed_round: int) -> None:
         """Continue after ``completed_round``: Flower's round r becomes round r + completed_round.
 
         Args:
             global_state: the global weights after ``completed_round`` (teacher included).
             saliency: the global organ saliency after it.
             completed_round: the last round whose checkpoint is complete.
-            node_sites: node id -> site name, if known.
         """
         self.global_state = dict(global_state)
         self.global_saliency = saliency.to(torch.float64).clone()
         self.server_round = completed_round
         self.round_offset = completed_round
-        self.node_sites.update(node_sites or {})
+
+    def identify(self, grid: Grid) -> None:
+        """Refresh node id -> site from the runtime (orchestration/identity.py)."""
+        self.node_sites.update(node_sites(grid, self.cfg))
 
     def summary(self) -> None:
         super().summary()
@@ -175,7 +197,31 @@ class FedPanFM(FedAvg):
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return super().aggregate_evaluate(server_round + self.round_offset, replies)
+        """Check every evaluate reply (identity, structure, bounds) and average the survivors'
+        ``val/*`` metrics by held-out subjects, each count capped at ``subject_cap x`` the lower
+        median (a site cannot buy the choice of the best checkpoint by claiming a large cohort).
+        A failing reply is dropped, logged, and counted as its site's failure."""
+        server_round += self.round_offset
+        if self._grid is not None:
+            self.identify(self._grid)
+        self.last_evaluation, self.evaluation_failures = {}, {}
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            try:
+                if msg.has_error():
+                    raise MessageError(f"node {node}: site reported an error: {msg.error.reason}")
+                ev = SiteEvaluation.from_recorddict(msg.content, sender=f"node {node}")
+                self._check_identity(node, ev.site)
+                check_evaluation(ev, self.cfg)
+                if ev.site in self.last_evaluation:
+                    raise MessageError(f"node {node} (site {ev.site}): a second evaluate reply this round")
+            except MessageError as exc:
+                site = self.site_of(node)
+                self.evaluation_failures[site] = self.evaluation_failures.get(site, 0) + 1
+                log(WARNING, "aggregate_evaluate: round %d: dropping reply from %s: %s", server_round, site, exc.reason)
+                continue
+            self.last_evaluation[ev.site] = ev
+        return evaluation_means(self.last_evaluation.values(), self.cfg.federation.subject_cap)
 
     def _configure_train(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> Iterable[Message]:
         """Sample sites and send each the round's :class:`TrainInstruction`.
@@ -205,6 +251,9 @@ class FedPanFM(FedAvg):
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
         node_ids, all_nodes = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
         log(INFO, "configure_train: round %d, sampled %d sites (out of %d)", server_round, len(node_ids), len(all_nodes))
+        self.identify(grid)
+        # Fixed before any reply: the DP mean's denominator and the planned steps per round.
+        self._plan = RoundPlan(sampled=len(node_ids), steps=self.total_steps / self.cfg.federation.rounds)
         instruction = TrainInstruction(
             arrays=arrays,
             server_round=server_round,
@@ -220,8 +269,18 @@ class FedPanFM(FedAvg):
         return self._construct_messages(content, node_ids, MessageType.TRAIN)
 
     def site_of(self, node_id: int) -> str:
-        """The site a node serves, as far as its replies told us (``node_<id>`` otherwise)."""
+        """The site a node is authenticated as (``node_<id>`` for a node without one)."""
         return self.node_sites.get(int(node_id), f"node_{node_id}")
+
+    def _check_identity(self, node: int, claimed: str) -> None:
+        """Raise :class:`MessageError` unless ``node`` is authenticated as site ``claimed``."""
+        site = self.node_sites.get(node)
+        if site is None:
+            raise MessageError(f"node {node}: no authenticated site (not a registered node); its reply claims "
+                               f"site {claimed!r}")
+        if site != claimed:
+            raise MessageError(f"node {node} is site {site}, but its reply claims to be site {claimed!r} "
+                               "(impersonation refused)")
 
     def decode_replies(self, replies: Iterable[Message]) -> tuple[list[SiteUpdate], list[str]]:
         """Checked updates, and one line per dropped reply (error replies and malformed ones)."""
@@ -229,12 +288,10 @@ class FedPanFM(FedAvg):
             raise RuntimeError("FedPanFM: aggregate_train before configure_train (no global state)")
         updates: list[SiteUpdate] = []
         dropped: list[str] = []
+        if self._grid is not None:
+            self.identify(self._grid)  # the runtime's node table now (a node may have joined since)
         for msg in replies:
             node = f"node {msg.metadata.src_node_id}"
-            if msg.has_content() and SITE_CONFIG in msg.content:
-                name = msg.content[SITE_CONFIG].get("site-name") if isinstance(msg.content[SITE_CONFIG], ConfigRecord) else None
-                if isinstance(name, str) and name:
-                    self.node_sites[int(msg.metadata.src_node_id)] = name
             if msg.has_error():
                 dropped.append(f"{node}: site reported an error: {msg.error.reason}")
                 log(WARNING, "aggregate_train: dropping reply from %s: site reported an error: %s", node, msg.error.reason)
@@ -244,6 +301,7 @@ class FedPanFM(FedAvg):
                 # to the exact fp32 master keeps the master's own precision.
                 update = SiteUpdate.from_recorddict(msg.content, self.organs.names, sender=node,
                                                     reference=self.global_state)
+                self._check_identity(int(msg.metadata.src_node_id), update.site)
                 check_update(update, self.global_state, self.cfg)
                 if any(u.site == update.site for u in updates):
                     raise MessageError(f"{node} (site {update.site}): a second reply for the same site this round")
@@ -273,7 +331,12 @@ class FedPanFM(FedAvg):
                 f"federation.min_sites = {self.min_train_nodes} (failed: {', '.join(sorted(failures)) or 'none'}); "
                 f"the run stops; round {server_round - 1} is the last complete round (resume from its checkpoint)")
         assert self.global_state is not None
-        state, outcome = self.aggregator.aggregate(self.global_state, updates, self.cfg, server_round, self.global_saliency)
+        # Measured against the weights the sites started from, before aggregation replaces them.
+        norms = {u.site: [delta_norm(u.state, self.global_state, [k]) for k in norm_keys(u) if k in self.global_state]
+                 for u in updates}
+        plan = self._plan or RoundPlan(sampled=len(updates), steps=self.total_steps / self.cfg.federation.rounds)
+        state, outcome = self.aggregator.aggregate(self.global_state, updates, self.cfg, server_round, self.global_saliency,
+                                                   plan)
         spans.mark("aggregate")
         self.global_state = state
         self.global_saliency = outcome.saliency
@@ -288,6 +351,8 @@ class FedPanFM(FedAvg):
             seconds=spans.elapsed(),
             failures=failures,
             attempts=attempts,
+            influence=outcome.influence,
+            update_norms=norms,
         )
         report.metrics["seconds/aggregate"] = report.seconds
         self.last_report = report
@@ -341,9 +406,26 @@ class FedPanFM(FedAvg):
             sent = failed
 
 
+def evaluation_means(evaluations: Iterable[SiteEvaluation], subject_cap: float) -> MetricRecord | None:
+    """``val/*`` means over the sites reporting each, weighted by held-out subjects capped at
+    ``subject_cap x`` the lower median (0 = no cap); None without any evaluation."""
+    evs = list(evaluations)
+    if not evs:
+        return None
+    cap = subject_cap * lower_median([e.num_examples for e in evs]) if subject_cap > 0 else float("inf")
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for e in evs:
+        w = min(float(e.num_examples), cap)
+        for k, v in e.metrics.items():
+            sums[k] = sums.get(k, 0.0) + w * v
+            weights[k] = weights.get(k, 0.0) + w
+    return MetricRecord({k: sums[k] / weights[k] for k in sorted(sums)})
+
+
 def _all_floats_bf16(arrays: ArrayRecord) -> bool:
     """True when no floating array of ``arrays`` travels as fp32 numpy (all are ``BF16_STYPE``)."""
     return not any(a.stype != BF16_STYPE and a.dtype.startswith("float") for a in arrays.values())
 
 
-__all__ = ["FedPanFM", "RoundFailed", "RoundReport"]
+__all__ = ["FedPanFM", "RoundFailed", "RoundReport", "evaluation_means"]

@@ -1,27 +1,34 @@
 """``fedpanfm site check`` and ``fedpanfm site start``: what a hospital runs (a CLI plugin).
 
 ``check`` validates the site kit before joining: the data folder (every subject read and
-preprocessed the way training will, then the cohort summary), the organs against the
-config, the CA certificate and the auth key, and a TLS connection to the coordinator with the
-CA (short timeout). ``start`` runs ``flower-supernode`` with TLS, the site's auth key and the
+preprocessed the way training will, then the cohort summary under the site's name), the organs
+against the config, the CA certificate and the auth key, a TLS connection to the coordinator with
+the CA (short timeout), and that the coordinator registered the site's key (a signed request,
+sites/registration.py). ``start`` runs ``flower-supernode`` with TLS, the site's auth key and the
 node config naming the site and its data, in the foreground, logging to ``log_dir``; beside it,
 unless ``worker.enabled: false`` or ``--no-worker``, the site's trainer worker
-(``sites/worker.py``), which keeps the DeepSpeed engine across rounds.
+(``sites/worker.py``), which keeps the DeepSpeed engine across rounds. ``start`` is the child
+subreaper of everything below it: the ClientApp processes the SuperNode starts end with it
+(fedpanfm/supervision.py), and when it stops it says why on the console.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from fedpanfm.certs import CertError, check_tls, load_auth_private_key, load_certificate
+from fedpanfm.supervision import end_descendants, set_child_subreaper
+from sites.registration import probe_registration
 from sites.site_config import SiteConfig, load_site_config
 
 
@@ -36,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check = sub.add_parser("check", help="validate data, keys and the coordinator connection")
     check.add_argument("--config", required=True, type=Path, help="the site YAML (site.yaml)")
     check.add_argument("--timeout", type=float, default=5.0, help="TLS connection timeout in seconds")
-    check.add_argument("--offline", action="store_true", help="skip the connection check")
+    check.add_argument("--offline", action="store_true", help="skip the connection and registration checks")
     check.set_defaults(func=_run_check)
     start = sub.add_parser("start", help="join the federation (runs flower-supernode in the foreground)")
     start.add_argument("--config", required=True, type=Path, help="the site YAML (site.yaml)")
@@ -70,7 +77,8 @@ def check_data(site: SiteConfig) -> str:
     if not (data_dir / "manifest.csv").is_file():
         raise FileNotFoundError(f"site {site.site_name}: data_dir {data_dir} holds no manifest.csv")
     cfg = site.experiment_config()
-    summary = summarize_site(data_dir, cfg)
+    # Named as the coordinator knows the site, not by its data folder.
+    summary = dataclasses.replace(summarize_site(data_dir, cfg), site=site.site_name)
     dataset = SiteDataset(data_dir, cfg)
     for i in range(len(dataset)):
         dataset[i]  # reads and preprocesses: a broken image fails here, not in round 1
@@ -118,6 +126,9 @@ def run_check(site: SiteConfig, timeout_s: float = 5.0, offline: bool = False) -
     if not offline:
         step("coordinator", lambda: f"{site.coordinator} presents a certificate for "
              f"{check_tls(site.coordinator, site.ca_cert, timeout_s)} trusted by the CA")
+        if not any(f.startswith(("keys:", "coordinator:")) for f in failures):
+            step("registration", lambda: f"the coordinator accepted site {site.site_name}'s signed request: its key "
+                 f"is registered (node {probe_registration(site.coordinator, site.ca_cert, site.auth_key, timeout_s)})")
     return failures
 
 
@@ -184,6 +195,8 @@ def _run_start(args: argparse.Namespace) -> int:
     else:
         print("WARNING: --insecure: no TLS, no site authentication; never use across institutions",
               file=sys.stderr)
+    # ClientApp processes whose SuperNode died are re-parented here, so they are ended below.
+    set_child_subreaper()
     log_dir = Path(site.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "supernode.log"
@@ -199,44 +212,112 @@ def _run_start(args: argparse.Namespace) -> int:
         stats = worker.start()
         print(f"site {site.site_name}: trainer worker {stats['pid']} on {site.worker.socket_path()}; "
               f"log: {log_dir / 'trainer_worker.log'}", flush=True)
+
+    def worker_pids() -> set[int]:
+        return {worker.proc.pid} if worker is not None and worker.proc is not None else set()
+
+    outcome = Outcome()
     try:
         print(f"site {site.site_name}: joining {site.coordinator}; SuperNode log: {log_path}", flush=True)
-        return supervise(cmd, env, log_path, args.restarts)
+        outcome = supervise(cmd, env, log_path, args.restarts, keep=worker_pids)
     finally:
         if worker is not None:
             worker.stop()
+        left = end_descendants()
+        if left:
+            print(f"site {site.site_name}: ended {len(left)} process(es) the SuperNode left (pids "
+                  f"{', '.join(map(str, left))})", file=sys.stderr, flush=True)
+    if outcome.stopped:
+        print(f"site {site.site_name}: stopped ({outcome.stopped})", flush=True)
+        return 0
+    reason = stop_reason(log_path.read_text(errors="replace") if log_path.is_file() else "", site)
+    print(f"site {site.site_name}: the SuperNode stopped (exit {outcome.code}): {reason}; log: {log_path}",
+          file=sys.stderr, flush=True)
+    return outcome.code or 1
 
 
 #: A SuperNode that ran this long had joined; its exit is a fault worth a restart.
 MIN_UPTIME_S = 60.0
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-def supervise(cmd: list[str], env: dict[str, str], log_path: Path, restarts: int) -> int:
+#: What the SuperNode's log says when it gives up, and what it means for the site's operator
+#: (Flower 1.41's messages, as seen in tests/test_deployment.py).
+STOP_REASONS: tuple[tuple[str, str], ...] = (
+    ("Failed to activate SuperNode", "the coordinator refused this site's key {auth_key}: it is not registered "
+     "there (the coordinator adds the site to `sites` and runs `fedpanfm server register`), it was unregistered, "
+     "or a SuperNode with this key is already online"),
+    ("CERTIFICATE_VERIFY_FAILED", "TLS: the coordinator {coordinator} presents a certificate the CA {ca_cert} does "
+     "not trust (a wrong ca.crt, or the coordinator's certificates were replaced)"),
+    ("Hostname mismatch", "TLS: the coordinator's certificate is not for the name in `coordinator` ({coordinator})"),
+    ("Invalid SuperNode authentication", "the coordinator rejected the site's signature (clock off by more than "
+     "a minute, or a damaged key file {auth_key})"),
+    ("Heartbeat failed unexpectedly", "the coordinator no longer knows this SuperNode (it was unregistered, or "
+     "the coordinator lost its state database)"),
+    ("Connection refused", "the coordinator {coordinator} does not answer (not running, or a firewall)"),
+    ("All connection attempts failed", "the coordinator {coordinator} does not answer (not running, or a firewall)"),
+    ("Name or service not known", "the coordinator's host name in `coordinator` ({coordinator}) does not resolve"),
+)
+
+
+def stop_reason(log_text: str, site: SiteConfig) -> str:
+    """Why the SuperNode stopped, in the site operator's words, from the end of its log.
+
+    Args:
+        log_text: the SuperNode log (only what its last start wrote is read).
+        site: the site config (named in the reason).
+    """
+    text = _ANSI.sub("", log_text)
+    start = text.rfind("Starting Flower SuperNode")
+    tail = text[start:] if start >= 0 else text[-20000:]
+    for needle, reason in STOP_REASONS:
+        if needle in tail:
+            return reason.format(auth_key=site.auth_key, coordinator=site.coordinator, ca_cert=site.ca_cert)
+    errors = [ln.split(":", 1)[-1].strip() for ln in tail.splitlines() if ln.lstrip().startswith(("ERROR", "CRITICAL"))]
+    errors = [e for e in errors if e and not e.startswith("Exit Code")]
+    return errors[-1] if errors else "no reason in its log"
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How :func:`supervise` ended: the SuperNode's last exit code, and the signal that stopped
+    it from outside ("" when it stopped by itself)."""
+
+    code: int = 1
+    stopped: str = ""
+
+
+def supervise(cmd: list[str], env: dict[str, str], log_path: Path, restarts: int,
+              keep: Callable[[], Iterable[int]] = set) -> Outcome:
     """Run the SuperNode in the foreground; restart it when it dies after having run a while.
 
     Why: Flower 1.41's SuperNode exits on one HTTP 500 from the SuperLink (seen here as
     "database is locked" in the SuperLink's SQLite state under heavy load), which would drop
-    the site from the rest of the run. A SuperNode that fails within ``MIN_UPTIME_S`` (key
-    refused, CA wrong, coordinator unreachable) is not restarted: that needs a person. A
-    restarted node loses what the site kept in ``context.state`` (its running organ saliency
-    and schedule position); it continues from the federation's schedule position.
+    the site from the rest of the run; after a coordinator restart it may exit as well (its node
+    was marked offline). A SuperNode that fails within ``MIN_UPTIME_S`` (key refused, CA wrong,
+    coordinator unreachable) is not restarted: that needs a person. A restarted node loses what
+    the site kept in ``context.state`` unless the trainer worker holds it (sites/worker.py).
+    After each exit the ClientApp processes it left are ended (this process is their subreaper).
 
     Args:
         cmd: the ``flower-supernode`` command.
         env: its environment.
         log_path: the log file (appended).
         restarts: how many restarts at most.
+        keep: PIDs of processes below this one that must survive a SuperNode exit (the worker).
     """
-    stopping = False
+    stopping = ""
     proc: subprocess.Popen[bytes] | None = None
 
-    def on_term(*_: object) -> None:
+    def on_term(signum: int, _frame: object) -> None:
         nonlocal stopping
-        stopping = True
+        stopping = signal.Signals(signum).name
         if proc is not None and proc.poll() is None:
             proc.terminate()  # only signal: waiting here would re-enter the main wait()
 
-    signal.signal(signal.SIGTERM, on_term)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_term)
+    code = 1
     for attempt in range(restarts + 1):
         t0 = time.monotonic()
         with open(log_path, "ab") as log:
@@ -244,17 +325,18 @@ def supervise(cmd: list[str], env: dict[str, str], log_path: Path, restarts: int
             try:
                 code = proc.wait()
             except KeyboardInterrupt:
-                stopping = True
+                stopping = "Ctrl-C"
                 proc.terminate()
                 code = proc.wait(timeout=30)
             finally:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait(timeout=30)
+        end_descendants(keep=keep())
         uptime = time.monotonic() - t0
         if stopping or uptime < MIN_UPTIME_S or attempt == restarts:
-            return code
+            return Outcome(code, stopping)
         print(f"SuperNode exited ({code}) after {uptime:.0f} s; restarting ({attempt + 1}/{restarts}), "
               f"see {log_path}", file=sys.stderr, flush=True)
         time.sleep(5.0)
-    return 1
+    return Outcome(code, stopping)

@@ -17,6 +17,12 @@ back with ``allow_pickle=False`` or a header parse that rejects object dtypes, o
 
 The worker serves one request at a time: a second ClientApp's connection waits in the
 listen backlog until the engine is free.
+
+A resumed run (run config ``resume``) is a new Flower run, so the SuperNode hands its first
+message an empty ``context.state``. The worker outlives runs: it keeps the site's state after
+each of the last :data:`KEPT_ROUNDS` rounds per run folder, and gives a resumed run's first
+train call the state kept after the newest earlier round, which is what the site would have
+held in the uninterrupted run (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ OPS = ("train", "evaluate")
 #: sun_path holds 108 bytes on Linux, NUL included.
 MAX_SOCKET_PATH = 107
 KEY_BYTES = 32
+#: Rounds of site state the worker keeps per run folder, and run folders it keeps them for.
+KEPT_ROUNDS, KEPT_RUNS = 3, 4
 
 
 class WorkerUnavailable(ConnectionError):
@@ -327,6 +335,8 @@ class TrainerWorker:
         self.requests = 0
         self.engine_builds = 0
         self._engine_key: str | None = None
+        #: run folder -> server round -> the site's ``context.state`` after training it.
+        self.kept: dict[str, dict[int, RecordDict]] = {}
 
     def stats(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "requests": self.requests, "engine_builds": self.engine_builds}
@@ -392,10 +402,13 @@ class TrainerWorker:
         ctx, meta = header.get("context"), header.get("message")
         if not isinstance(ctx, dict) or not isinstance(meta, dict):
             raise WorkerProtocolError("client: header lacks 'context' or 'message'")
-        context = Context(run_id=int(ctx["run_id"]), node_id=int(ctx["node_id"]), node_config=ctx["node_config"],
-                          state=decode_recorddict(header.get("state"), blobs, "context state"),
-                          run_config=ctx["run_config"])
         content = decode_recorddict(header.get("content"), blobs, f"{op} message content")
+        state = decode_recorddict(header.get("state"), blobs, "context state")
+        run_folder, server_round = _run_round(ctx.get("run_config"), content) if op == "train" else ("", 0)
+        if run_folder and not len(state) and ctx.get("run_config", {}).get("resume"):
+            state = self.restore(run_folder, server_round)
+        context = Context(run_id=int(ctx["run_id"]), node_id=int(ctx["node_id"]), node_config=ctx["node_config"],
+                          state=state, run_config=ctx["run_config"])
         msg = Message(content=content, metadata=Metadata(reply_to_message_id="", created_at=time.time(), **meta))
         cfg = config_from_run_config(context.run_config)
         key = trainer_key(cfg)
@@ -406,7 +419,47 @@ class TrainerWorker:
             self._engine_key = key
             self.engine_builds += 1
         reply = (train_site if op == "train" else evaluate_site)(msg, context, cfg)
+        if run_folder:
+            self.remember(run_folder, server_round, context.state)
         return reply.content, context.state
+
+    def remember(self, run_folder: str, server_round: int, state: RecordDict) -> None:
+        """Keep the site's state after ``server_round`` of the run in ``run_folder`` (the last
+        :data:`KEPT_ROUNDS` rounds of the last :data:`KEPT_RUNS` runs)."""
+        rounds = self.kept.pop(run_folder, {})
+        rounds[server_round] = state
+        for old in sorted(rounds)[:-KEPT_ROUNDS]:
+            del rounds[old]
+        self.kept[run_folder] = rounds  # re-inserted: the dict's order is the order of use
+        for old_run in list(self.kept)[:-KEPT_RUNS]:
+            del self.kept[old_run]
+
+    def restore(self, run_folder: str, server_round: int) -> RecordDict:
+        """The state kept after the newest round before ``server_round`` of ``run_folder``'s run
+        (empty when none is kept: the site starts afresh, as after a restart of the worker)."""
+        earlier = [r for r in self.kept.get(run_folder, {}) if r < server_round]
+        if not earlier:
+            log.info("resumed run %s round %d: no site state kept here; the site starts it afresh",
+                     run_folder, server_round)
+            return RecordDict()
+        log.info("resumed run %s round %d: continuing from the site state kept after round %d",
+                 run_folder, server_round, max(earlier))
+        return self.kept[run_folder][max(earlier)]
+
+
+def _run_round(run_config: Any, content: RecordDict) -> tuple[str, int]:
+    """(the run folder a train message belongs to, its server round); ("", 0) when either is
+    not there. The folder names the run across a resume (``resume`` = the folder it continues)."""
+    from fedpanfm.federation.message import SERVER_CONFIG
+
+    if not isinstance(run_config, Mapping):
+        return "", 0
+    folder = str(run_config.get("resume") or run_config.get("run-folder") or "")
+    rec = content.get(SERVER_CONFIG) if SERVER_CONFIG in content else None
+    server_round = rec.get("server-round") if isinstance(rec, ConfigRecord) else None
+    if not folder or not isinstance(server_round, int) or server_round < 1:
+        return "", 0
+    return folder, server_round
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -242,3 +242,43 @@ def test_patchify_order_matches_the_tokenizer_and_mae_mse() -> None:
     # per-patch normalised targets: [-1, 1] and (flat) [0, 0]; errors 0 and 0.25
     assert masked_patch_mse(pred, target).item() == pytest.approx(0.25 / 4, rel=1e-4)
     assert masked_patch_mse(torch.zeros(0, 2, requires_grad=True), torch.zeros(0, 2)).requires_grad
+
+
+def _dinov2_sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
+    """DINOv2's ``sinkhorn_knopp_teacher`` (one process), written out in the exp domain."""
+    q = torch.exp(teacher_output.double() / teacher_temp).t()
+    b, k = q.shape[1], q.shape[0]
+    q /= q.sum()
+    for _ in range(n_iterations):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    return (q * b).t()
+
+
+def test_sinkhorn_knopp_targets_match_dinov2_and_balance_prototypes() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.rand(12, 5, generator=gen) * 2 - 1  # cosines, as the head gives
+    loss = DINOClsLoss(5, 0.1, 0.9, centering="sinkhorn_knopp")
+    q = loss.teacher_probs(logits, 0.2)
+    torch.testing.assert_close(q.double(), _dinov2_sinkhorn_knopp(logits, 0.2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(12))  # each row a distribution
+    # Three iterations move the batch towards equipartition over prototypes (12 / 5 rows each).
+    plain = torch.softmax(logits / 0.2, dim=-1)
+    assert (q.sum(dim=0) - 12 / 5).abs().max() < 0.5 * (plain.sum(dim=0) - 12 / 5).abs().max()
+
+
+def test_sinkhorn_knopp_is_finite_for_sharp_temperatures_and_cross_view_uses_it() -> None:
+    logits = torch.tensor([[1.0, -1.0, 0.5], [-1.0, 1.0, 0.0]])
+    q = DINOClsLoss(3, 0.1, 0.9, centering="sinkhorn_knopp").teacher_probs(logits, 0.01)  # exp(100) overflows
+    assert torch.isfinite(q).all()
+    loss = DINOClsLoss(3, 0.1, 0.9, centering="sinkhorn_knopp")
+    student = torch.randn(3, 2, 3)
+    teacher = torch.randn(2, 2, 3)
+    t = loss.teacher_probs(teacher, 0.04)
+    want = torch.stack([-(t[g] * torch.log_softmax(student[v] / 0.1, -1)).sum(-1).mean()
+                        for g in range(2) for v in range(3) if v != g]).mean()
+    torch.testing.assert_close(loss.cross_view(student, teacher, 0.04), want)
+    with pytest.raises(ValueError, match="centering"):
+        DINOClsLoss(3, 0.1, 0.9, centering="batchnorm")

@@ -38,8 +38,9 @@ def test_single_file_dicom_is_2d_with_rescale_applied():
     arr, spacing = read_image(DCM_DATA / "CT_small.dcm")
     ds = pydicom.dcmread(DCM_DATA / "CT_small.dcm")
     assert arr.shape == (128, 128) and spacing == pytest.approx((0.661468, 0.661468))
-    # CT_small has slope 1, intercept -1024: values are Hounsfield units.
-    np.testing.assert_array_equal(arr, ds.pixel_array.astype(np.float32) - 1024.0)
+    # CT_small has slope 1, intercept -1024: values are Hounsfield units. It is an axial slice
+    # (columns toward L, rows toward P): canonical RAS puts reversed columns first, then reversed rows.
+    np.testing.assert_array_equal(arr, (ds.pixel_array.astype(np.float32) - 1024.0)[::-1, ::-1].T)
 
 
 def test_dicom_series_sorted_by_position_with_slice_distance(tmp_path):
@@ -50,14 +51,14 @@ def test_dicom_series_sorted_by_position_with_slice_distance(tmp_path):
     for i, name in enumerate(names):
         shutil.copy(CT5N / name, series / f"slice{len(names) - i:02d}")
     arr, spacing = read_image(series)
-    assert arr.shape == (5, 16, 16)
-    assert spacing == pytest.approx((2.5, 0.488281, 0.488281))
+    assert arr.shape == (16, 16, 5)  # canonical RAS: x (R), y (A), z (S, the slice axis)
+    assert spacing == pytest.approx((0.488281, 0.488281, 2.5))
     # Positions z = 8.76 (file 2062) down to -1.24 (file 3353): ascending z puts 3353 first.
     expected_order = ["3353", "3023", "2693", "2392", "2062"]
     for k, name in enumerate(expected_order):
         ds = pydicom.dcmread(CT5N / name)
-        np.testing.assert_array_equal(arr[k], ds.pixel_array.astype(np.float32) * 1.0 - 1024.0)
-    assert probe_image(series).shape == (5, 16, 16)
+        np.testing.assert_array_equal(arr[:, :, k], (ds.pixel_array.astype(np.float32) * 1.0 - 1024.0)[::-1, ::-1].T)
+    assert probe_image(series).shape == (16, 16, 5)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +116,8 @@ def test_real_nifti_through_dataset_and_collate(tmp_path):
     assert batch.labels.flatten().tolist() == [0.0, 1.0, 0.0]
     # Independent result for anatomical.nii: z-score over the whole image, then the centre crop
     # (33, 41, 25) -> (8, 8, 8) starts at ((33-8)//2, (41-8)//2, (25-8)//2) = (12, 16, 8).
-    raw = np.asarray(nibabel.load(NIB_DATA / "anatomical.nii").get_fdata(), dtype=np.float64)
+    # The file is LAS: canonical RAS reverses its first axis.
+    raw = np.asarray(nibabel.load(NIB_DATA / "anatomical.nii").get_fdata(), dtype=np.float64)[::-1]
     z = (raw - raw.mean()) / raw.std()
     np.testing.assert_allclose(batch.images["brain"][0, 0].numpy(), z[12:20, 16:24, 8:16], rtol=1e-4, atol=1e-4)
     # standard.nii.gz (4, 5, 7) is padded on every axis with the z-scored minimum.
@@ -132,7 +134,7 @@ def test_real_dicom_files_as_a_2d_organ(tmp_path):
     batch = next(iter(make_loader(SiteDataset(site, cfg), cfg, shuffle=False)))
     assert batch.images["heart"].shape == (2, 1, 16, 16)
     ct = pydicom.dcmread(DCM_DATA / "CT_small.dcm").pixel_array.astype(np.float64)
-    expected = (ct - ct.min()) / (ct.max() - ct.min())
+    expected = ((ct - ct.min()) / (ct.max() - ct.min()))[::-1, ::-1].T  # canonical RAS, as above
     np.testing.assert_allclose(batch.images["heart"][0, 0].numpy(), expected[56:72, 56:72], atol=1e-6)
 
 

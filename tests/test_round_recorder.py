@@ -34,8 +34,8 @@ def test_writes_land_in_order_and_the_checkpoint_holds_the_strategys_state(tmp_p
         rec.after_round(r, state_to_arrayrecord(state))
     summary = rec.finish()
     server = read_scalars(Path(summary["tensorboard"]) / "server")
-    assert [s for s, _ in server["time/round_s"]] == [1, 2]
-    assert [s for s, _ in server["time/server/checkpoint_submit_s"]] == [1, 2]
+    assert [s for s, _ in server["system/time/round_s"]] == [1, 2]
+    assert [s for s, _ in server["system/time/server/checkpoint_submit_s"]] == [1, 2]
     saved, _, meta = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest")
     assert meta["round"] == 2 and set(saved) == set(held)
     assert all(torch.equal(saved[k], held[k]) for k in held)

@@ -24,7 +24,7 @@ def test_three_site_simulation_logs_and_checkpoints(tmp_path: Path) -> None:
         "synth.sites=3", "synth.subjects=6", "federation.rounds=2", "federation.min_sites=3",
         "data.val_fraction=0.34", "data.batch_size=3",
         # The server probes the global teacher on a labelled cohort each round (here the sites' own).
-        f"evaluation.server_cohort={tmp_path / 'cohort'}",
+        f"evaluation.server_cohort={tmp_path / 'cohort'}", "evaluation.server_probe_every_round=true",
     ]
     config = ROOT / "configs" / "quickstart.yaml"
     cfg = load_config(config, overrides)
@@ -37,19 +37,21 @@ def test_three_site_simulation_logs_and_checkpoints(tmp_path: Path) -> None:
 
     server = read_scalars(run / "tensorboard" / "server")
     organs = cfg.data.organ_set().names
-    expected = {"train/loss", "val/loss", "time/round_s", "bytes/received", "bytes/sent_total",
+    # Costs of the run are grouped under system/ (fedpanfm/tb.py), apart from the science.
+    expected = {"train/loss", "val/loss", "system/time/round_s", "system/bytes/received", "system/bytes/sent_total",
                 "director_divergence/mean", "expert_usage/layer0/e0", "sites",
                 *(f"saliency/{o}" for o in organs)}
     assert expected <= set(server), sorted(expected - set(server))
     # Where each round went: the server's spans and the sites' (mean over sites), per round.
-    expected |= {f"time/server/{n}_s" for n in ("decode", "aggregate", "report", "encode", "tensorboard",
-                                                  "checkpoint_submit")}
-    expected |= {f"train/time/{n}_s" for n in ("decode", "load", "fit_call", "export", "encode")}
+    expected |= {f"system/time/server/{n}_s"
+                 for n in ("decode", "aggregate", "report", "encode", "tensorboard", "checkpoint_submit")}
+    expected |= {f"system/train/time/{n}_s" for n in ("decode", "load", "fit_call", "export", "encode")}
     for tag in expected:
         assert [step for step, _ in server[tag]] == [1, 2], tag
-    assert all(v >= 0 for n in expected if n.startswith(("time/server/", "train/time/")) for _, v in server[n])
-    # The server-side probe ran after every round without holding the federation up.
-    assert [step for step, _ in server["probe/n_test"]] == [1, 2]
+    assert all(v >= 0 for n in expected if n.startswith(("system/time/server/", "system/train/time/")) for _, v in server[n])
+    # The server-side probe ran on the initial weights (round 0) and after every round without
+    # holding the federation up.
+    assert [step for step, _ in server["probe/n_test"]] == [0, 1, 2]
     assert all(v > 0 for _, v in server["probe/n_test"])
     # Every site contributed in every round.
     assert [v for _, v in server["sites"]] == [3.0, 3.0]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import fake_site_update, global_model_state, tiny_config
 from flwr.app import Error, Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpanfm.federation.aggregate import aggregate_round
@@ -31,14 +32,19 @@ Behaviour = Callable[[int], RecordDict | Error | None]  # attempt -> reply conte
 
 
 class ScriptedGrid:
-    """A Grid whose nodes answer by script: per node, what it replies on each attempt."""
+    """A Grid whose nodes answer by script: per node, what it replies on each attempt; ``names``:
+    node -> the site its key was registered under (its authenticated identity)."""
 
-    def __init__(self, script: dict[int, Behaviour]) -> None:
+    def __init__(self, script: dict[int, Behaviour], names: dict[int, str] | None = None) -> None:
         self.script = script
+        self.names = names or {}
         self.calls: list[list[int]] = []
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.script)
+
+    def get_nodes(self) -> list[NodeInfo]:
+        return [NodeInfo(node_id=n, name=self.names.get(n, "")) for n in sorted(self.script)]
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -52,10 +58,11 @@ class ScriptedGrid:
         return out
 
 
-def run_round(cfg, g, script: dict[int, Behaviour]) -> tuple[FedPanFM, ScriptedGrid, list[RoundReport]]:
+def run_round(cfg, g, script: dict[int, Behaviour],
+              names: dict[int, str] | None = None) -> tuple[FedPanFM, ScriptedGrid, list[RoundReport]]:
     reports: list[RoundReport] = []
     strategy = FedPanFM(cfg, total_steps=30, on_round=reports.append)
-    grid = ScriptedGrid(script)
+    grid = ScriptedGrid(script, names if names is not None else {1: "a", 2: "b"})
     msgs = strategy.configure_train(1, state_to_arrayrecord(g), None, grid)
     replies = grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout_s)
     strategy.aggregate_train(1, replies)
@@ -94,14 +101,16 @@ def test_too_few_sites_are_retried_and_the_failed_site_named() -> None:
     strategy, grid, (report,) = run_round(cfg, g, script)
     assert grid.calls == [[1, 2], [2], [2]]  # re-sent only to the failed site
     assert report.attempts == 3 and set(report.site_metrics) == {"a", "b"}
-    assert report.failures == {"node_2": 2}
-    assert strategy.site_of(2) == "b"  # learnt from its reply: later failures are counted under its name
+    # Node 2 is registered as site b: its failures count under that name from the first one on
+    # (identity from registration, not from a reply it may never send).
+    assert report.failures == {"b": 2}
+    assert strategy.site_of(2) == "b"
 
 
 def test_run_stops_with_a_clear_message_when_retries_run_out() -> None:
     cfg = tiny_config(["federation.min_sites=2", "federation.retries=1"])
     g = global_model_state(cfg)
-    with pytest.raises(RoundFailed, match=r"round 1: 1 usable site updates after 2 attempt\(s\).*min_sites = 2.*node_2"):
+    with pytest.raises(RoundFailed, match=r"round 1: 1 usable site updates after 2 attempt\(s\).*min_sites = 2.*failed: b\)"):
         run_round(cfg, g, {1: good(cfg, g, "a", 4, 1), 2: raising})
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import fake_site_update, global_model_state, tiny_config
 from flwr.app import Error, Message, MessageType, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -25,8 +26,18 @@ def server_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 0)
 
 
+#: node id -> the site name its key was registered under (the SuperLink's node table).
+REGISTERED: dict[int, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def registry():
+    REGISTERED.clear()
+    yield REGISTERED
+
+
 class FakeGrid:
-    """The part of a Flower Grid that node sampling uses."""
+    """The part of a Flower Grid that node sampling and site identity use."""
 
     def __init__(self, node_ids: list[int]) -> None:
         self.node_ids = node_ids
@@ -34,9 +45,17 @@ class FakeGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
 
+    def get_nodes(self) -> list[NodeInfo]:
+        return [NodeInfo(node_id=n, name=REGISTERED.get(n, "")) for n in self.node_ids]
 
-def reply(content: RecordDict | Error, node_id: int) -> Message:
-    """A site's reply as Flower delivers it: a reply to an instruction sent to ``node_id``."""
+
+def reply(content: RecordDict | Error, node_id: int, registered_as: str | None = None) -> Message:
+    """A site's reply as Flower delivers it: a reply to an instruction sent to ``node_id``.
+
+    The node is registered as ``registered_as`` (default: the site the reply names, i.e. an
+    honest site)."""
+    if not isinstance(content, Error):
+        REGISTERED[node_id] = registered_as or str(content["site"]["site-name"])
     instruction = Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
     return Message(content, reply_to=instruction)
 
@@ -85,7 +104,9 @@ def test_configure_train_sends_the_instruction():
 
 
 def test_a_site_cannot_change_an_organ_it_lacks():
-    cfg = tiny_config(["federation.teacher_policy=server_ema"])
+    # The update-norm cap off: no_brain's 1e6 brain weights would clip its whole delta (the cap's
+    # own test: tests/test_adversarial_hooks.py); here only the organ rule is under test.
+    cfg = tiny_config(["federation.teacher_policy=server_ema", "federation.update_norm_cap=0"])
     g = global_model_state(cfg)
     organs = cfg.data.organ_set()
     full = fake_site_update(cfg, g, "full", 6, organ_subjects=[6, 6, 6, 6, 6, 6, 0], seed=1)
@@ -196,6 +217,25 @@ def test_duplicate_site_is_dropped():
     g = global_model_state(cfg)
     u = fake_site_update(cfg, g, "same", 4)
     strategy, _ = start(cfg, g)
-    strategy.aggregate_train(1, [reply(u.to_recorddict(), 1), reply(u.to_recorddict(), 2)])
+    # The same node's reply delivered twice: the second is dropped.
+    strategy.aggregate_train(1, [reply(u.to_recorddict(), 1), reply(u.to_recorddict(), 1)])
     assert strategy.last_report is not None and "second reply" in strategy.last_report.dropped[0]
     assert isinstance(SiteUpdate.from_recorddict(u.to_recorddict()), SiteUpdate)
+
+
+def test_a_node_claiming_another_sites_name_is_refused():
+    """Identity comes from the node's registration: node 2 (site "b") replying as "a" first does
+    not push the genuine a out (the issue's finding), whatever the order."""
+    cfg = tiny_config(["federation.min_sites=1"])
+    g = global_model_state(cfg)
+    a = fake_site_update(cfg, g, "a", 4, seed=1)
+    fake_a = fake_site_update(cfg, g, "a", 4, seed=2)
+    strategy, _ = start(cfg, g, n_nodes=2)
+    arrays, _ = strategy.aggregate_train(1, [reply(fake_a.to_recorddict(), 2, registered_as="b"),
+                                             reply(a.to_recorddict(), 1)])
+    report = strategy.last_report
+    assert report is not None and set(report.site_metrics) == {"a"} and report.failures == {"b": 1}
+    assert "node 2 is site b, but its reply claims to be site 'a'" in report.dropped[0]
+    new = arrayrecord_to_state(arrays)
+    expected, _ = aggregate_round(g, [a], cfg, 1)
+    assert all(torch.equal(new[k], expected[k]) for k in expected)

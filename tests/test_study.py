@@ -146,7 +146,13 @@ def test_micro_study_end_to_end(tmp_path) -> None:
     # The supervised reference: 10 epochs (evaluation.study.supervised_epochs) over the 12 subjects.
     assert [r.steps for r in runs] == [0, 6, 6, 60]
     assert "12 training subjects, 60 steps" in runs[3].note and "below the 768 subjects" in runs[3].note
-    assert study.single_site_choice[3] in {"site_00_neuro_cardiac", "site_01_abdominal"}
+    chosen = study.single_site_choice[3]
+    assert chosen in {"site_00_neuro_cardiac", "site_01_abdominal"}
+    # Candidates are chosen by their validation probes alone; the chosen one's full report is
+    # written, and the echoed validation figure is the report's own val_macro.
+    single = tmp_path / "study" / "arms" / "single_site_seed3"
+    assert [p.parent.name for p in single.glob("*/evaluation")] == [chosen]
+    assert f"  single site {chosen}: val macro {runs[1].score.val_macro:.3f}" in lines
     for r in runs:
         s = r.score
         assert 0.0 <= s.macro <= 1.0 and 0.0 <= s.entropy <= 1.0

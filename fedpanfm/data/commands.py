@@ -1,4 +1,4 @@
-"""``fedpanfm cohort synth`` (write the synthetic cohort) and ``fedpanfm cohort inspect``."""
+"""``fedpanfm cohort synth`` (write the synthetic cohort), ``inspect`` and ``preview``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fedpanfm.config import load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``cohort`` subcommand (with ``synth`` and ``inspect``) to the ``fedpanfm`` parser.
+    """Add the ``cohort`` subcommand (``synth``, ``inspect``, ``preview``) to the ``fedpanfm`` parser.
 
     Args:
         subparsers: the top-level parser's sub-parser collection.
@@ -30,6 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("dir", type=Path, help="a cohort folder of site folders, or one site folder")
     add_config_args(inspect)
     inspect.set_defaults(func=run_inspect)
+
+    preview = sub.add_parser(
+        "preview", help="write what the model sees from one site: arrays, PNG mosaics, a before/after table"
+    )
+    preview.add_argument("site_dir", type=Path, help="one site folder (manifest.csv and its images)")
+    preview.add_argument("--out", required=True, type=Path, help="folder for <subject>/<organ>.npy, mosaics, table")
+    add_config_args(preview)
+    preview.set_defaults(func=run_preview)
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -56,4 +64,15 @@ def run_inspect(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     sites = [args.dir] if is_site(args.dir) else list_sites(args.dir)
     print(format_summary([summarize_site(s, cfg) for s in sites]))
+    return 0
+
+
+def run_preview(args: argparse.Namespace) -> int:
+    """Preprocess one site folder into ``--out`` and print its per-organ summary."""
+    from fedpanfm.data.preview import TABLE_NAME, format_preview, preview_site
+
+    cfg = load_config(args.config, args.overrides)
+    rows = preview_site(args.site_dir, cfg, args.out)
+    print(format_preview(args.site_dir.name, rows))
+    print(f"arrays and mosaics under {args.out}, one row per image in {args.out / TABLE_NAME}")
     return 0

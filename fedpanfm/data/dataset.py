@@ -8,7 +8,7 @@ raise.
 
 Preprocessed arrays are cached on disk as ``.npy`` (never pickle) under ``cfg.data.cache_dir``
 (``''`` -> ``<site>/.fedpanfm_cache``), keyed by the file's absolute path, mtime, size, the
-manifest spacing and the organ's ``OrganSpec``. Writes go to a temporary file then
+manifest spacing and modality and the organ's ``OrganSpec``. Writes go to a temporary file then
 ``os.replace``, so parallel readers (DataLoader workers, sites sharing a cache folder) only ever
 see whole files. A warm cache entry counts as the file's validation: its key already pins the
 exact file that was read and preprocessed successfully.
@@ -36,6 +36,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from fedpanfm.config import ExperimentConfig, OrganSpec
 from fedpanfm.data.batch import Subject
 from fedpanfm.data.manifest import MANIFEST_NAME, CohortError, read_manifest, where
+from fedpanfm.data.intensity import resolve_modality
 from fedpanfm.data.preprocess import check_dims, preprocess
 from fedpanfm.data.readers import file_signature, probe_image, read_image
 
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 
 CACHE_FOLDER = ".fedpanfm_cache"
 # Bump when preprocessing changes meaning, so stale cache entries are never read.
-CACHE_VERSION = 1
+# 2: canonical RAS orientation, exact spacing with anti-aliasing, modality-aware intensity.
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -55,6 +57,8 @@ class _Image:
     rel_path: str
     path: Path
     npy_spacing: tuple[float, ...] | None
+    modality: str = ""  # the manifest's modality cell
+    file_modality: str | None = None  # what the file says (DICOM Modality), once probed
 
 
 @dataclass
@@ -97,7 +101,7 @@ class SiteDataset(Dataset[Subject]):
                 continue  # skipped for a bad manifest row above
             rows = by_subject[sid]
             images = [
-                _Image(r.organ, n, r.path, self.site_dir / r.path, r.spacing) for n, r in rows
+                _Image(r.organ, n, r.path, self.site_dir / r.path, r.spacing, r.modality) for n, r in rows
             ]
             labels = {k: math.nan if v is None else float(v) for k, v in rows[0][1].labels.items()}
             try:
@@ -186,6 +190,7 @@ class SiteDataset(Dataset[Subject]):
                 "mtime_ns": mtime,
                 "size": size,
                 "npy_spacing": im.npy_spacing,
+                "modality": im.modality,
                 "spec": dataclasses.asdict(self._spec(im.organ)),
             },
             sort_keys=True,
@@ -199,8 +204,11 @@ class SiteDataset(Dataset[Subject]):
         try:
             if self.cfg.data.cache and self._cache_path(im).is_file():
                 return
-            info = probe_image(im.path, im.npy_spacing)
-            check_dims(info.shape, self._spec(im.organ), im.organ, source)
+            spec = self._spec(im.organ)
+            info = probe_image(im.path, im.npy_spacing, spec.frame)
+            check_dims(info.shape, spec, im.organ, source)
+            im.file_modality = info.modality
+            resolve_modality(im.modality, info.modality, spec.modality, source)
         except CohortError as exc:
             raise _with_source(exc, source) from None
 
@@ -214,8 +222,11 @@ class SiteDataset(Dataset[Subject]):
                 if arr.shape != (1, *spec.grid) or arr.dtype != np.float32:
                     raise CohortError(f"cache file {cache_path} holds {arr.dtype} {arr.shape}, expected float32 {(1, *spec.grid)}")
                 return arr
-            image, spacing = read_image(im.path, im.npy_spacing)
-            arr = preprocess(image, spacing, spec, im.organ, source)
+            if im.file_modality is None:
+                im.file_modality = probe_image(im.path, im.npy_spacing, spec.frame).modality
+            modality = resolve_modality(im.modality, im.file_modality, spec.modality, source)
+            image, spacing = read_image(im.path, im.npy_spacing, spec.frame)
+            arr = preprocess(image, spacing, spec, im.organ, source, modality)
         except CohortError as exc:
             raise _with_source(exc, source) from None
         if cache_path is not None:

@@ -1,7 +1,8 @@
 """A site's ``manifest.csv``: which image file holds which organ of which subject, plus labels.
 
 Layout (docs/architecture.md, "Cohort on disk"): columns ``subject_id,organ,path``, an optional
-``spacing`` column (``sx;sy[;sz]`` in mm, read only for ``.npy`` files), then one column per
+``spacing`` column (``sx;sy[;sz]`` in mm, read only for ``.npy`` files), an optional ``modality``
+column (a DICOM modality code such as ``CT`` or ``MR``; empty = the organ's default), then one column per
 disease label holding ``0``, ``1`` or an empty cell for unknown. Every row of a subject repeats
 the subject's labels. ``path`` is relative to the site folder.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,6 +24,8 @@ from fedpanfm.organs import OrganSet
 MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = ("subject_id", "organ", "path")
 SPACING_COLUMN = "spacing"
+MODALITY_COLUMN = "modality"
+_MODALITY = re.compile(r"[A-Z0-9]{1,16}")
 
 
 class CohortError(ValueError):
@@ -38,6 +42,7 @@ class ManifestRow:
         path: image path relative to the site folder (NIfTI file, DICOM series folder or .npy).
         labels: label name -> 0.0 / 1.0, or None where unknown.
         spacing: voxel spacing in mm for ``.npy`` files, one value per axis; None means 1 mm.
+        modality: upper-case modality code (``CT``, ``MR``...); ``""`` = not given.
     """
 
     subject_id: str
@@ -45,6 +50,7 @@ class ManifestRow:
     path: str
     labels: dict[str, float | None] = field(default_factory=dict)
     spacing: tuple[float, ...] | None = None
+    modality: str = ""
 
 
 @dataclass
@@ -137,7 +143,9 @@ def write_manifest(site_dir: Path, rows: list[ManifestRow], label_names: list[st
     site_dir = Path(site_dir)
     site_dir.mkdir(parents=True, exist_ok=True)
     with_spacing = any(r.spacing is not None for r in rows)
-    header = list(REQUIRED_COLUMNS) + ([SPACING_COLUMN] if with_spacing else []) + list(label_names)
+    with_modality = any(r.modality for r in rows)
+    header = (list(REQUIRED_COLUMNS) + ([SPACING_COLUMN] if with_spacing else [])
+              + ([MODALITY_COLUMN] if with_modality else []) + list(label_names))
     path = site_dir / MANIFEST_NAME
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -146,6 +154,8 @@ def write_manifest(site_dir: Path, rows: list[ManifestRow], label_names: list[st
             cells = [r.subject_id, r.organ, r.path]
             if with_spacing:
                 cells.append(format_spacing(r.spacing) if r.spacing is not None else "")
+            if with_modality:
+                cells.append(r.modality)
             for name in label_names:
                 v = r.labels.get(name)
                 cells.append("" if v is None else str(int(v)))
@@ -190,7 +200,7 @@ def read_manifest(
     if dupes or "" in header:
         raise CohortError(f"{where(site_dir, 1)}: duplicate or empty column name(s) {dupes or ['']}")
     col = {c: i for i, c in enumerate(header)}
-    label_names = [c for c in header if c not in REQUIRED_COLUMNS and c != SPACING_COLUMN]
+    label_names = [c for c in header if c not in REQUIRED_COLUMNS and c not in (SPACING_COLUMN, MODALITY_COLUMN)]
 
     rows: list[ManifestRow] = []
     numbers: list[int] = []
@@ -242,7 +252,11 @@ def read_manifest(
             except ValueError as exc:
                 fail(subject, f"{here}: {exc}")
                 continue
-        rows.append(ManifestRow(subject, organ, cells[col["path"]].strip(), labels, spacing))
+        modality = cells[col[MODALITY_COLUMN]].strip().upper() if MODALITY_COLUMN in col else ""
+        if modality and not _MODALITY.fullmatch(modality):
+            fail(subject, f"{here}: modality {modality!r} is not a DICOM modality code such as CT or MR")
+            continue
+        rows.append(ManifestRow(subject, organ, cells[col["path"]].strip(), labels, spacing, modality))
         numbers.append(number)
 
     if bad:

@@ -1,15 +1,20 @@
 """Turn one organ image into the fixed grid the model sees (per-organ ``OrganSpec``).
 
-Steps, in order, all our reconstruction (the papers give no preprocessing):
+The image arrives from ``fedpanfm.data.readers`` in canonical RAS+ order with its spacing. Steps,
+in order, all our reconstruction (the papers give no preprocessing; docs/data.md says why):
 
-1. dimensionality check: the image must have as many axes as the organ's grid;
-2. resampling from the file's spacing to ``spec.spacing`` (linear interpolation; an empty
-   ``spec.spacing`` keeps the file's voxels as they are);
-3. intensity normalisation over the whole resampled image (``zscore``, ``minmax``,
-   ``percentile`` = clip to ``spec.clip_percentiles`` then min-max, or ``none``). Statistics come
-   from the full field of view rather than the crop so that the same anatomy gets the same
-   intensities whatever the crop keeps;
-4. centre crop / pad to ``spec.grid``. Padding uses the minimum of the normalised image: it is
+1. dimensionality check: the image must have as many axes as the organ's grid (a 4D image
+   needs ``spec.frame`` to pick one time point / channel, done by the reader);
+2. optional foreground crop (``spec.foreground_crop``): the body's bounding box plus
+   ``spec.foreground_margin`` mm (``fedpanfm/data/foreground.py``), so the grid holds anatomy
+   rather than air and table;
+3. resampling to exactly ``spec.spacing`` mm, Gaussian anti-aliasing on downsampled axes
+   (``fedpanfm/data/resampling.py``); an empty ``spec.spacing`` keeps the file's voxels;
+4. intensity normalisation by modality (``fedpanfm/data/intensity.py``): ``auto`` = CT window
+   in HU, MR z-score over the foreground, else z-score over the image. Statistics come from the
+   full (resampled) field of view rather than the final crop so that the same anatomy gets the
+   same intensities whatever the crop keeps;
+5. centre crop / pad to ``spec.grid``. Padding uses the minimum of the normalised image: it is
    the background (air, outside the body) in MR and CT, whereas padding with 0 would paint a
    mean-intensity frame after z-scoring. An odd remainder goes to the end of the axis.
 """
@@ -18,10 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedpanfm.config import OrganSpec
+from fedpanfm.data.foreground import foreground_box, foreground_mask
+from fedpanfm.data.intensity import normalize, resolve_method
 from fedpanfm.data.manifest import CohortError
+from fedpanfm.data.resampling import resample
 
 
 def check_dims(shape: tuple[int, ...], spec: OrganSpec, organ: str, source: str) -> None:
@@ -34,50 +41,11 @@ def check_dims(shape: tuple[int, ...], spec: OrganSpec, organ: str, source: str)
         source: names the file (and site / row) in the message.
     """
     if len(shape) != len(spec.grid):
+        hint = f" (set data.organs.{organ}.frame to pick one entry of its 4th axis)" if len(shape) == len(spec.grid) + 1 else ""
         raise CohortError(
             f"{source}: organ {organ!r} needs a {len(spec.grid)}D image (grid {list(spec.grid)}), "
-            f"the file holds shape {tuple(shape)} ({len(shape)}D)"
+            f"the file holds shape {tuple(shape)} ({len(shape)}D){hint}"
         )
-
-
-def resample(image: torch.Tensor, spacing: tuple[float, ...], target: list[float]) -> torch.Tensor:
-    """Resample ``image`` (spatial dims only) from ``spacing`` to ``target`` mm.
-
-    Args:
-        image: float tensor of shape (*spatial).
-        spacing: the file's voxel spacing in mm, one value per axis.
-        target: the wanted spacing; empty keeps the image as it is.
-    """
-    if not target:
-        return image
-    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.shape, spacing, target)]
-    if list(image.shape) == size:
-        return image
-    mode = "trilinear" if image.ndim == 3 else "bilinear"
-    return F.interpolate(image[None, None], size=size, mode=mode, align_corners=False)[0, 0]
-
-
-def normalize(image: torch.Tensor, method: str, clip_percentiles: list[float]) -> torch.Tensor:
-    """Intensity normalisation; a constant image becomes all zeros (no division by zero).
-
-    Args:
-        image: float tensor.
-        method: ``zscore``, ``minmax``, ``percentile`` or ``none``.
-        clip_percentiles: [low, high] percentiles for ``percentile``.
-    """
-    if method == "none":
-        return image
-    if method == "zscore":
-        std = image.std(unbiased=False)
-        centred = image - image.mean()
-        return centred / std if std > 0 else centred
-    if method == "percentile":
-        lo, hi = np.percentile(image.numpy(), clip_percentiles)
-        image = image.clamp(float(lo), float(hi))
-    elif method != "minmax":
-        raise ValueError(f"unknown normalisation {method!r}")
-    lo, hi = image.min(), image.max()
-    return (image - lo) / (hi - lo) if hi > lo else image - lo
 
 
 def crop_or_pad(image: torch.Tensor, grid: list[int], fill: float) -> torch.Tensor:
@@ -104,27 +72,40 @@ def crop_or_pad(image: torch.Tensor, grid: list[int], fill: float) -> torch.Tens
 
 
 def preprocess(
-    image: np.ndarray, spacing: tuple[float, ...], spec: OrganSpec, organ: str, source: str
+    image: np.ndarray,
+    spacing: tuple[float, ...],
+    spec: OrganSpec,
+    organ: str,
+    source: str,
+    modality: str = "",
 ) -> np.ndarray:
     """One organ image -> float32 array (1, *spec.grid) (steps in the module docstring).
 
     Args:
-        image: the voxel array from ``read_image`` (singleton axes squeezed).
+        image: the canonical voxel array from ``load_image`` (singleton axes squeezed).
         spacing: its voxel spacing in mm, one value per axis.
         spec: the organ's preprocessing spec (``cfg.data.organs[organ]``).
         organ: the organ name (for messages).
         source: names the file (and site / row) in error messages.
+        modality: the image's resolved modality (``intensity.resolve_modality``); '' = unknown.
     """
     check_dims(image.shape, spec, organ, source)
     if image.size == 0:
         raise CohortError(f"{source}: organ {organ!r}: the image is empty, shape {image.shape}")
     if not np.isfinite(image).all():
         raise CohortError(f"{source}: organ {organ!r}: the image holds NaN or infinite values")
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    x = resample(x, tuple(spacing), list(spec.spacing))
-    x = normalize(x, spec.normalize, list(spec.clip_percentiles))
-    x = crop_or_pad(x, list(spec.grid), float(x.min()))
-    out = x.numpy().astype(np.float32, copy=False)[None]
+    x = np.ascontiguousarray(image, dtype=np.float32)
+    if spec.foreground_crop:
+        x = np.ascontiguousarray(x[foreground_box(foreground_mask(x, modality), tuple(spacing), spec.foreground_margin)])
+    t = resample(torch.from_numpy(x), tuple(spacing), list(spec.spacing), antialias=spec.antialias)
+    method = resolve_method(spec.normalize, modality)
+    mask = torch.from_numpy(foreground_mask(t.numpy(), modality)) if method == "foreground_zscore" else None
+    t = normalize(t, method, list(spec.clip_percentiles), list(spec.window), mask)
+    t = crop_or_pad(t, list(spec.grid), float(t.min()))
+    out = t.numpy().astype(np.float32, copy=False)[None]
     if not np.isfinite(out).all():
         raise CohortError(f"{source}: organ {organ!r}: preprocessing produced non-finite values")
     return out
+
+
+__all__ = ["check_dims", "crop_or_pad", "normalize", "preprocess", "resample"]

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="use the checkpoint's architecture and config with random weights (the random-encoder baseline)")
     p.add_argument("--cohort", required=True, help="labelled cohort folder (site folders below it; pooled)")
     p.add_argument("--out", default=None,
-                   help="output folder (default: <logging.run_dir>/<name>_evaluate_<time>)")
+                   help="output folder (default: <logging.run_dir>/<name>-evaluate-<time>)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the split, bootstrap, random organ draws and random init (default: the config's seed)")
     add_config_args(p)

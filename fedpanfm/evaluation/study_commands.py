@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_args(p, required=True)
     p.add_argument("--quick", action="store_true",
                    help="apply the config's evaluation.study.quick overrides (a small study, under 10 minutes on 2 cores)")
-    p.add_argument("--out", default=None, help="study folder (default: <logging.run_dir>/<name>_study_<time>)")
+    p.add_argument("--out", default=None, help="study folder (default: <logging.run_dir>/<name>-study-<time>)")
     p.set_defaults(func=_run)
 
 

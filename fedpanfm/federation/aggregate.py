@@ -17,20 +17,23 @@ No input tensor is ever modified; a group with no weight returns the previous te
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from fedpanfm.config import ExperimentConfig
-from fedpanfm.federation.message import MessageError, SiteUpdate, state_nbytes
+from fedpanfm.federation.message import SiteUpdate, state_nbytes
 from fedpanfm.federation.directors import State, director_divergence, director_momentum, global_usage, update_directors
 from fedpanfm.federation.param_groups import ParamGroup, classify, counterpart, group_keys
-from fedpanfm.federation.privacy import add_noise, clip_delta, delta_norm, dp_keys
+from fedpanfm.federation.influence import cap_subjects, cap_update_norms, lower_median, normalised_saliency
+from fedpanfm.federation.privacy import SALIENCY, add_noise, clip_delta, dp_keys, fixed_denominator
 from fedpanfm.federation.robust import robust_reduce
 from fedpanfm.federation.saliency import aggregate_saliency
+from fedpanfm.federation.validation import check_update, required_keys
 
 
 
@@ -194,77 +197,6 @@ def _uses_site_teacher(cfg: ExperimentConfig) -> bool:
     return cfg.federation.teacher_policy == "aggregate"
 
 
-def required_keys(global_state: Mapping[str, Tensor], cfg: ExperimentConfig) -> list[str]:
-    """The keys a site's reply must carry: all of them, less the teacher's unless the teacher
-    policy is "aggregate" (under "server_ema" and "local" the server never reads a site's teacher)."""
-    need_teacher = _uses_site_teacher(cfg)
-    return [k for k in global_state if need_teacher or classify(k).role != "teacher"]
-
-
-def _expert_grid(global_state: Mapping[str, Tensor]) -> tuple[int, int]:
-    """(blocks, experts) spanned by the expert keys; (0, 0) without DEX."""
-    groups = [classify(k) for k in global_state]
-    layers = [g.layer for g in groups if g.kind == "expert" and g.layer is not None]
-    experts = [g.expert for g in groups if g.kind == "expert" and g.expert is not None]
-    return (max(layers) + 1, max(experts) + 1) if layers else (0, 0)
-
-
-def _omitted_expert(key: str, update: SiteUpdate) -> bool:
-    """True if ``key`` is an expert the site may leave out: it reports zero gate mass for it, so
-    the expert's weight in the mean is zero (sparse expert transfer, fedpanfm/federation/transfer.py)."""
-    g = classify(key)
-    gm = update.gate_mass
-    return (g.kind == "expert" and g.layer is not None and g.expert is not None
-            and g.layer < gm.shape[0] and g.expert < gm.shape[1] and float(gm[g.layer, g.expert]) == 0.0)
-
-
-def check_update(update: SiteUpdate, global_state: Mapping[str, Tensor], cfg: ExperimentConfig) -> None:
-    """Raise :class:`MessageError` unless ``update`` fits the global model: every required key,
-    no unknown key, same shapes and dtype kinds (integer dtypes exactly), a gate-mass table
-    covering every expert and no larger than its subjects could route, at most
-    ``federation.max_site_subjects`` subjects, and (when ``federation.max_update_norm`` > 0)
-    ``||update - global||`` within that bound (docs/security.md)."""
-    where = f"site {update.site}"
-    fed = cfg.federation
-    if update.num_examples > fed.max_site_subjects:
-        raise MessageError(f"{where}: claims {update.num_examples} training subjects, more than "
-                           f"federation.max_site_subjects = {fed.max_site_subjects}")
-    missing = [k for k in required_keys(global_state, cfg) if k not in update.state and not _omitted_expert(k, update)]
-    if missing:
-        raise MessageError(f"{where}: {len(missing)} weights missing, first {missing[0]!r}")
-    unknown = [k for k in update.state if k not in global_state]
-    if unknown:
-        raise MessageError(f"{where}: unknown weight {unknown[0]!r}")
-    for key, t in update.state.items():
-        g = global_state[key]
-        if t.shape != g.shape or t.dtype.is_floating_point != g.dtype.is_floating_point:
-            raise MessageError(f"{where}: {key!r} is {t.dtype} {tuple(t.shape)}, the global model has {g.dtype} {tuple(g.shape)}")
-        if not g.dtype.is_floating_point and t.dtype != g.dtype:
-            raise MessageError(f"{where}: {key!r} is {t.dtype}, the global model has {g.dtype}")
-    layers, experts = _expert_grid(global_state)
-    if layers and (update.gate_mass.shape[0] < layers or update.gate_mass.shape[1] != experts):
-        raise MessageError(
-            f"{where}: gate mass of shape {tuple(update.gate_mass.shape)} does not cover {layers} blocks x {experts} experts"
-        )
-    if layers and float(update.gate_mass[:layers].sum()) <= 0:
-        raise MessageError(f"{where}: gate mass is all zero although the model has DEX layers (missing stats)")
-    if layers:
-        # Routing is per subject (from the CLS token) with gates <= 1, and each training subject
-        # passes each block once per epoch: no expert can receive more than epochs * subjects.
-        bound = cfg.train.epochs * update.num_examples * (1 + 1e-6)
-        worst = int(update.gate_mass[:layers].argmax())
-        l, e = divmod(worst, update.gate_mass.shape[1])
-        if float(update.gate_mass[l, e]) > bound:
-            raise MessageError(f"{where}: gate mass {float(update.gate_mass[l, e]):.1f} of block {l} expert {e} exceeds "
-                               f"what {update.num_examples} subjects x {cfg.train.epochs} epochs can route ({bound:.1f})")
-    if fed.max_update_norm > 0:
-        keys = [k for k, t in update.state.items() if t.is_floating_point() and classify(k).kind != "accumulator"]
-        norm = delta_norm(update.state, global_state, keys)
-        if norm > fed.max_update_norm:
-            raise MessageError(f"{where}: update norm ||update - global|| = {norm:.4g} exceeds "
-                               f"federation.max_update_norm = {fed.max_update_norm:.4g}")
-
-
 def plan_means(global_state: Mapping[str, Tensor], updates: Sequence[SiteUpdate], cfg: ExperimentConfig) -> list[MeanTask]:
     """The weighted-mean tasks of a round (everything but directors, accumulators and, unless
     the teacher policy is "aggregate", the teacher).
@@ -336,10 +268,27 @@ class RoundOutcome:
     Args:
         saliency: (n_organs,) the new global saliency shares.
         metrics: flat name -> float (tags as TensorBoard uses them).
+        influence: site -> {"subject_scale", "norm_scale"}: how far the round's caps scaled its
+            subject counts and its update (1 = untouched; ``federation.influence``).
     """
 
     saliency: Tensor
     metrics: dict[str, float]
+    influence: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server fixed for a round before any reply arrived (the DP estimator needs it).
+
+    Args:
+        sampled: sites the round was sent to: ``max(int(n * fraction_train), min_sites)``, the
+            fixed denominator of the private mean.
+        steps: optimiser steps planned per site and round (the directors' momentum under DP).
+    """
+
+    sampled: int
+    steps: float
 
 
 def finish_round(
@@ -349,6 +298,10 @@ def finish_round(
     cfg: ExperimentConfig,
     server_round: int,
     previous_saliency: Tensor | None = None,
+    *,
+    saliency: Tensor | None = None,
+    round_steps: float | None = None,
+    director_usage: Tensor | None = None,
 ) -> tuple[State, RoundOutcome]:
     """Complete the new global state from the group means.
 
@@ -359,6 +312,12 @@ def finish_round(
         cfg: the experiment config.
         server_round: the round being closed, from 1.
         previous_saliency: last round's global saliency (None = uniform).
+        saliency: the new global saliency (DP: already noised); None: the mean of the sites'
+            normalised saliency weighted by organ subjects (``federation.saliency``).
+        round_steps: the local steps a round stands for (the directors' momentum); None: the
+            lower median of the sites' steps (one site cannot set it).
+        director_usage: (L, E) expert weights of the directors' group EMA; None: the sites'
+            summed gate mass.
     """
     policy = cfg.federation.teacher_policy
     state: State = dict(means)
@@ -366,9 +325,10 @@ def finish_round(
         if classify(key).kind == "accumulator":
             state[key] = torch.zeros_like(t)
     usage = global_usage(updates)
-    mean_steps = sum(u.steps for u in updates) / len(updates) if updates else 1.0
-    m_dir = director_momentum(cfg, server_round, mean_steps)
-    update_directors(state, previous, usage, m_dir, ["student", "teacher"] if policy == "aggregate" else ["student"])
+    steps = round_steps if round_steps is not None else (lower_median([float(u.steps) for u in updates]) if updates else 1.0)
+    m_dir = director_momentum(cfg, server_round, steps)
+    update_directors(state, previous, usage if director_usage is None else director_usage, m_dir,
+                     ["student", "teacher"] if policy == "aggregate" else ["student"])
     teacher = {k: t for k, t in previous.items() if classify(k).role == "teacher" and k not in state}
     if policy == "server_ema":
         state.update(server_ema_teacher(state, teacher, cfg.federation.server_teacher_momentum))
@@ -378,7 +338,9 @@ def finish_round(
     state = {k: state[k] for k in previous}  # the global key order, and proof nothing is missing
 
     organs = cfg.data.organ_set()
-    saliency = aggregate_saliency([u.saliency for u in updates], [u.organ_subjects for u in updates], previous_saliency)
+    if saliency is None:
+        saliency = aggregate_saliency([normalised_saliency(u.saliency, u.organ_subjects) for u in updates],
+                                      [u.organ_subjects for u in updates], previous_saliency)
     metrics: dict[str, float] = {f"saliency/{o}": float(s) for o, s in zip(organs.names, saliency)}
     for l in range(usage.shape[0]):
         total = float(usage[l].sum())
@@ -407,8 +369,13 @@ def aggregate_round(
     server_round: int,
     previous_saliency: Tensor | None = None,
     run_means: RunMeans = run_means_serial,
+    plan: RoundPlan | None = None,
 ) -> tuple[State, RoundOutcome]:
     """One round of server aggregation.
+
+    Without DP, each site's influence is bounded first (``federation.influence``: subject counts
+    capped at ``subject_cap x`` the median, update norms at ``update_norm_cap x`` the median);
+    with ``federation.dp`` the round is the private estimator (:func:`private_round`).
 
     Args:
         global_state: the global state dict before the round (never modified).
@@ -417,6 +384,7 @@ def aggregate_round(
         server_round: the round being closed, from 1.
         previous_saliency: last round's global saliency (None = uniform).
         run_means: executes the mean tasks (serial here; Ray in orchestration).
+        plan: what the server fixed before the replies; required with ``federation.dp``.
 
     Returns:
         (new global state, outcome with the new global saliency and the round's metrics).
@@ -425,59 +393,101 @@ def aggregate_round(
         raise ValueError(f"round {server_round}: no site update to aggregate")
     for u in updates:
         check_update(u, global_state, cfg)
-    dp = cfg.federation.dp
-    states = [u.state for u in updates]
-    if dp.enabled:
-        keys = dp_keys(global_state)
-        states = [clip_delta(s, global_state, keys, dp.clip_norm)[0] for s in states]
+    fed = cfg.federation
+    if fed.dp.enabled:
+        if plan is None:
+            raise ValueError(f"round {server_round}: federation.dp needs the round's plan (sites sampled, steps)")
+        return private_round(global_state, updates, cfg, server_round, plan, previous_saliency, run_means)
+    updates, subject_scale = cap_subjects(updates, fed.subject_cap)
+    updates, norm_scale = cap_update_norms(updates, global_state, fed.update_norm_cap)
     tasks = plan_means(global_state, updates, cfg)
-    means = run_means(tasks, states, global_state)
-    if dp.enabled:
-        means, std = noise_means(means, global_state, tasks, cfg, server_round)
+    means = run_means(tasks, [u.state for u in updates], global_state)
     state, outcome = finish_round(means, global_state, updates, cfg, server_round, previous_saliency)
-    if dp.enabled:
-        outcome.metrics["dp/noise_std"] = std
+    outcome.influence = {u.site: {"subject_scale": subject_scale[u.site], "norm_scale": norm_scale[u.site]}
+                         for u in updates}
+    outcome.metrics["influence/subjects_capped"] = float(sum(v < 1 for v in subject_scale.values()))
+    outcome.metrics["influence/norms_clipped"] = float(sum(v < 1 for v in norm_scale.values()))
     return state, outcome
 
 
-def noise_means(means: State, previous: Mapping[str, Tensor], tasks: Sequence[MeanTask], cfg: ExperimentConfig,
-                server_round: int) -> tuple[State, float]:
-    """Central DP: Gaussian noise on the privatised keys of the round's means (fedpanfm/federation/privacy.py).
+def private_round(
+    global_state: Mapping[str, Tensor],
+    updates: Sequence[SiteUpdate],
+    cfg: ExperimentConfig,
+    server_round: int,
+    plan: RoundPlan,
+    previous_saliency: Tensor | None = None,
+    run_means: RunMeans = run_means_serial,
+) -> tuple[State, RoundOutcome]:
+    """The round under central DP (fedpanfm/federation/privacy.py, docs/security.md).
 
-    The std is ``noise_multiplier * clip_norm * s``, s the largest share any site holds in any
-    privatised group's weights (one site's clipped delta moves the weighted mean by at most
-    that). Keys whose group had no weight (kept from ``previous``) saw no data and get none.
-    The generator is seeded by (seed, round), so a resumed run adds the same noise.
+    Per site, the joint delta of every privatised tensor (:func:`dp_keys`) and its saliency
+    (normalised, in global-share units, organs it lacks at the previous global value) is clipped
+    to ``clip_norm``; each group is the fixed-denominator mean over the ``plan.sampled`` sites
+    (a site that trained the group counts once, the rest of the denominator keeps the previous
+    value); Gaussian noise of std ``noise_multiplier * clip_norm / plan.sampled`` goes on every
+    privatised element and the saliency, from a fresh CSPRNG-seeded generator. The teacher, the
+    directors (uniform expert weights, ``plan.steps``) and the saliency shares are then derived
+    from the noised values only. Adding or removing one site moves the un-noised result by at
+    most ``clip_norm / plan.sampled`` (tests/test_dp_sensitivity.py).
 
-    Returns:
-        (the noised means, the std used).
+    Args:
+        global_state: the global state before the round.
+        updates: the checked updates (at most ``plan.sampled``).
+        cfg: the experiment config (``federation.dp``).
+        server_round: the round being closed.
+        plan: sites sampled and planned steps.
+        previous_saliency: last round's global saliency shares (None = uniform).
+        run_means: executes the mean tasks.
     """
     dp = cfg.federation.dp
-    keys = set(dp_keys(previous))
-    share = 0.0
-    noised: list[str] = []
-    for task in tasks:
-        mine = [k for k in task.keys if k in keys and means[k] is not previous[k]]
-        total = float(task.weights.sum())
-        if mine and total > 0:
-            share = max(share, float(task.weights.max()) / total)
-            noised.extend(mine)
-    std = dp.noise_multiplier * dp.clip_norm * share
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + server_round)
-    return add_noise(means, noised, std, gen), std
+    n_organs = len(cfg.data.organ_set())
+    keys = dp_keys(global_state)
+    prev_sal = (torch.full((n_organs,), 1.0 / n_organs, dtype=torch.float64) if previous_saliency is None
+                else previous_saliency.to(torch.float64).flatten())
+    reference = {**{k: global_state[k] for k in keys}, SALIENCY: prev_sal}
+    states: list[State] = []
+    sal_sum = torch.zeros(n_organs, dtype=torch.float64)
+    for u in updates:
+        # Global-share units: a site's normalised saliency (mean 1 over its organs) / n_organs.
+        site_sal = torch.where(u.organ_subjects > 0, normalised_saliency(u.saliency, u.organ_subjects) / n_organs, prev_sal)
+        joint = {**{k: u.state.get(k, global_state[k]) for k in keys}, SALIENCY: site_sal}
+        clipped, _ = clip_delta(joint, reference, [*keys, SALIENCY], dp.clip_norm)
+        sal_sum += clipped.pop(SALIENCY) - prev_sal
+        states.append({**u.state, **clipped})
+    tasks = []
+    for task in plan_means(global_state, updates, cfg):
+        w, w_prev = fixed_denominator(task.weights, plan.sampled)
+        tasks.append(dataclasses.replace(task, weights=torch.cat([w, torch.tensor([w_prev], dtype=torch.float64)]),
+                                         reducer="mean"))
+    # The previous global state is one more term of every mean: it holds the denominator's rest.
+    means = run_means(tasks, [*states, global_state], global_state)
+    std = dp.noise_multiplier * dp.clip_norm / plan.sampled
+    noised = add_noise({**means, SALIENCY: prev_sal + sal_sum / plan.sampled}, [*keys, SALIENCY], std)
+    raw = noised.pop(SALIENCY).clamp_min(0.0)
+    total = float(raw.sum())
+    saliency = raw / total if total > 0 else torch.full((n_organs,), 1.0 / n_organs, dtype=torch.float64)
+    layers, experts = (updates[0].gate_mass.shape if updates[0].gate_mass.dim() == 2 else (0, 0))
+    state, outcome = finish_round(noised, global_state, updates, cfg, server_round, previous_saliency,
+                                  saliency=saliency, round_steps=plan.steps,
+                                  director_usage=torch.ones(layers, experts, dtype=torch.float64))
+    outcome.metrics["dp/noise_std"] = std
+    outcome.metrics["dp/sampled"] = float(plan.sampled)
+    return state, outcome
 
 
 __all__ = [
     "MeanTask",
     "RoundOutcome",
+    "RoundPlan",
     "RunMeans",
     "aggregate_round",
     "check_update",
     "finish_round",
     "mean_group",
     "mean_site_metrics",
-    "noise_means",
     "plan_means",
+    "private_round",
     "required_keys",
     "run_means_serial",
     "server_ema_teacher",

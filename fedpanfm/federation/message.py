@@ -29,6 +29,7 @@ Decoding checks the version and every field and raises :class:`MessageError` wit
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
+
+from fedpanfm.certs import check_site_name
 
 PROTOCOL_VERSION = 1
 ARRAYS = "arrays"
@@ -180,7 +183,8 @@ def _npy_view(arr: Array) -> np.ndarray:
 
 
 def arrayrecord_to_state(record: ArrayRecord, where: str = "arrays",
-                         reference: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+                         reference: Mapping[str, Tensor] | None = None,
+                         expected: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """An ArrayRecord back as torch tensors, checking dtype and finiteness.
 
     Floating arrays arrive as fp32 (numpy), bf16 (``BF16_STYPE``) or bf16 deltas
@@ -194,12 +198,22 @@ def arrayrecord_to_state(record: ArrayRecord, where: str = "arrays",
         where: names the sender in error messages (e.g. "site hospital_a").
         reference: the state deltas are relative to (the server: its fp32 master global state
             of the round); None: a delta array is an error.
+        expected: the keys and shapes the receiver accepts (the server: its global state); an
+            array with another key or shape is refused BEFORE it is decoded, so an oversized
+            or unknown array costs no memory beyond the message itself. None: no such check.
 
     Raises:
         MessageError: an undecodable array, a float dtype other than fp32 / bf16, NaN or Inf,
             or a delta without a reference tensor of its key and shape.
     """
     state: dict[str, Tensor] = {}
+    if expected is not None:
+        for key, arr in record.items():
+            ref = expected.get(key)
+            if ref is None:
+                raise MessageError(f"{where}: unknown array {key!r} ({len(record)} arrays; the model has {len(expected)})")
+            if tuple(int(x) for x in arr.shape) != tuple(ref.shape):
+                raise MessageError(f"{where}: array {key!r} has shape {tuple(arr.shape)}, the model's is {tuple(ref.shape)}")
     for key, arr in record.items():
         try:
             if arr.stype in (BF16_STYPE, BF16_DELTA_STYPE):
@@ -283,6 +297,37 @@ def _str_list(record: Mapping[str, object], key: str, where: str) -> list[str]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise MessageError(f"{where}: {key!r} must be a list of strings")
     return list(v)
+
+
+#: At most this many metrics in a reply, each name at most 128 characters of ``[A-Za-z0-9_./-]``
+#: (they become TensorBoard tags and JSON keys on the server).
+MAX_METRICS = 512
+_METRIC_NAME = re.compile(r"[A-Za-z0-9_./\-]{1,128}")
+
+
+def _site_name(record: Mapping[str, object], where: str) -> str:
+    """The record's ``site-name``, checked as a site name (it names files and logs on the server)."""
+    name = _get(record, "site-name", where)
+    try:
+        return check_site_name(name, f"{where}: 'site-name'")  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise MessageError(str(exc)) from None
+
+
+def _scalar_metrics(m: Mapping[str, object], skip: Sequence[str], where: str, what: str) -> dict[str, float]:
+    """Every key of ``m`` but ``skip`` as a finite float, names and count checked."""
+    if len(m) > MAX_METRICS + len(skip):
+        raise MessageError(f"{where}: {len(m)} metrics, more than the {MAX_METRICS} a reply may carry")
+    out: dict[str, float] = {}
+    for key, v in m.items():
+        if key in skip:
+            continue
+        if not _METRIC_NAME.fullmatch(key):
+            raise MessageError(f"{where}: {what} name {key[:40]!r} is not 1-128 characters of letters, digits, _ . / -")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise MessageError(f"{where}: {what} {key!r} = {v!r} is not a finite number")
+        out[key] = float(v)
+    return out
 
 
 def _version(record: Mapping[str, object], where: str) -> None:
@@ -469,9 +514,7 @@ class SiteUpdate:
         site_cfg = _record(rd, SITE_CONFIG, ConfigRecord, sender)
         assert isinstance(site_cfg, ConfigRecord)
         _version(site_cfg, sender)
-        name = _get(site_cfg, "site-name", sender)
-        if not isinstance(name, str) or not name:
-            raise MessageError(f"{sender}: 'site-name' must be a non-empty string, got {name!r}")
+        name = _site_name(site_cfg, sender)
         where = f"{sender} (site {name})"
         names = _str_list(site_cfg, "organ-names", where)
         _check_organs(names, organ_names, where)
@@ -489,16 +532,10 @@ class SiteUpdate:
             raise MessageError(f"{where}: 'gate-mass-shape' must be [L, E] non-negative integers, got {shape!r}")
         gate = _floats(m, "gate-mass", where, shape[0] * shape[1])
         saliency = _floats(m, "saliency", where, len(names))
-        metrics: dict[str, float] = {}
-        for key, v in m.items():
-            if key in RESERVED_METRICS:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise MessageError(f"{where}: training metric {key!r} = {v!r} is not a finite number")
-            metrics[key] = float(v)
+        metrics = _scalar_metrics(m, RESERVED_METRICS, where, "training metric")
         return cls(
             site=name,
-            state=arrayrecord_to_state(arrays, where, reference),
+            state=arrayrecord_to_state(arrays, where, reference, expected=reference),
             num_examples=n,
             organ_subjects=torch.tensor(organ_subjects, dtype=torch.float64),
             gate_mass=torch.tensor(gate, dtype=torch.float64).reshape(shape),
@@ -507,6 +544,45 @@ class SiteUpdate:
             metrics=metrics,
             steps=_int(m, "steps", where),
         )
+
+
+@dataclass
+class SiteEvaluation:
+    """What a site replies to an evaluate message (sites/client_app.py ``evaluate_site``).
+
+    Args:
+        site: the site's name as the reply states it (the server compares it with the node's
+            authenticated site).
+        num_examples: held-out subjects evaluated.
+        metrics: ``val/<metric>`` -> finite float.
+    """
+
+    site: str
+    num_examples: int
+    metrics: dict[str, float]
+
+    @classmethod
+    def from_recorddict(cls, rd: RecordDict, sender: str = "site") -> "SiteEvaluation":
+        """Decode and check an evaluate reply (its bounds against the config:
+        ``fedpanfm.federation.validation.check_evaluation``).
+
+        Args:
+            rd: the reply content.
+            sender: how to name the sender in errors (e.g. "node 7").
+        """
+        site_cfg = _record(rd, SITE_CONFIG, ConfigRecord, sender)
+        assert isinstance(site_cfg, ConfigRecord)
+        _version(site_cfg, sender)
+        name = _site_name(site_cfg, sender)
+        where = f"{sender} (site {name})"
+        m = _record(rd, METRICS, MetricRecord, where)
+        assert isinstance(m, MetricRecord)
+        n = _int(m, NUM_EXAMPLES, where, lo=1)
+        metrics = _scalar_metrics(m, (NUM_EXAMPLES,), where, "validation metric")
+        stray = [k for k in metrics if not k.startswith("val/")]
+        if stray:
+            raise MessageError(f"{where}: validation metric {stray[0]!r} is not under 'val/'")
+        return cls(site=name, num_examples=n, metrics=metrics)
 
 
 __all__ = [
@@ -520,6 +596,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SERVER_CONFIG",
     "SITE_CONFIG",
+    "MAX_METRICS",
+    "SiteEvaluation",
     "SiteUpdate",
     "TEACHER_POLICIES",
     "TrainInstruction",

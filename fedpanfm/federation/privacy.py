@@ -1,28 +1,31 @@
-"""Central differential privacy for the exchanged updates, and its RDP accountant.
+"""Central differential privacy: the per-site clip, the fixed-denominator mean, the noise.
 
-Our reconstruction (no paper fixes it; docs/security.md):
+Our reconstruction (no paper fixes it; docs/security.md, "Differential privacy"):
 
-- **Which tensors**: the student weights the server averages (every floating "student" key but
-  the directors and accumulators, which the server derives itself). The statistics sent beside
-  them (subjects per organ, gate mass, saliency, metrics) are NOT privatised.
-- **Clipping at the server, per site**: the delta ``update - global`` over those keys is scaled
-  to L2 norm <= ``clip_norm`` (:func:`clip_delta`). Clipping at the server (not the site) keeps
-  the site code unchanged; it protects against the released model and whoever reads it, not
-  against the server itself (central DP: the server is trusted).
-- **Noise on the aggregate**: the aggregate is a weighted mean, so one site moves it by at most
-  ``clip_norm * max_i w_i / sum_i w_i`` (its largest weight share over every group); Gaussian
-  noise of std ``noise_multiplier`` times that is added to every privatised key of the mean
-  before the teacher and directors are derived from it (so nothing un-noised leaves the server).
-- **Accounting**: :func:`epsilon` composes the Renyi DP of the sampled Gaussian mechanism
-  (Mironov, Talwar & Zhang 2019, integer orders) over the rounds with sampling rate
-  ``fraction_train`` and converts to (epsilon, delta). Flower samples a fixed number of sites
-  without replacement, not Poisson sampling: the amplification by sampling is then a heuristic;
-  with fraction_train = 1 (the default) the bound is exact for the Gaussian mechanism.
+- **What is privatised**: every floating tensor the server averages (:func:`dp_keys`: student
+  weights but the directors and accumulators, the DINO / iBOT centres, the masker buffers) and
+  the site's organ saliency, as ONE joint vector per site. Everything else the server sends is
+  derived from the noised result only: the teacher (server EMA of the noised student), the
+  directors (group EMA of the noised experts with uniform expert weights and the planned step
+  count, never the sites' gate mass or steps), the reset accumulators.
+- **Clip per site**: the joint delta ``site - global`` is scaled to L2 norm <= ``clip_norm``
+  (:func:`clip_delta`). Clipping happens at the server (central DP: the server is trusted).
+- **Fixed denominator** (McMahan et al. 2018, "DP-FedAvg"; Flower's DP wrappers divide by the
+  number of sampled sites the same way): ``new = global + sum_i w_i * clipped_delta_i / D`` with
+  ``w_i`` = 1 for a site that trained the group (0 otherwise) and ``D`` = the sites SAMPLED this
+  round, fixed before any reply. Adding or removing one site moves the result by at most
+  ``clip_norm / D`` in L2, whatever the others sent (a data-dependent denominator, as the
+  weighted mean has, moves by up to twice that and more).
+- **Noise**: N(0, (noise_multiplier * clip_norm / D)^2) on every privatised element, drawn from
+  a generator seeded from the operating system's CSPRNG (``secrets``) for every release: it is
+  never derivable from the config, the checkpoints or the round number, and a resumed run draws
+  fresh noise.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -30,13 +33,19 @@ from torch import Tensor
 
 from fedpanfm.federation.param_groups import classify
 
-DEFAULT_ORDERS: tuple[int, ...] = tuple(range(2, 257))
+#: The joint vector's entry for a site's organ saliency (no state-dict key looks like it).
+SALIENCY = "fedpanfm:saliency"
 
 
 def dp_keys(state: Mapping[str, Tensor]) -> list[str]:
-    """The privatised keys of a state dict: floating student weights the server averages."""
-    return [k for k, t in state.items() if t.is_floating_point()
-            and classify(k).role == "student" and classify(k).kind not in ("director", "accumulator")]
+    """The privatised keys of a state dict: every floating tensor the server averages (all but
+    the teacher, the directors and the accumulators, which it derives itself)."""
+    out = []
+    for k, t in state.items():
+        g = classify(k)
+        if t.is_floating_point() and g.role != "teacher" and g.kind not in ("director", "accumulator"):
+            out.append(k)
+    return out
 
 
 def delta_norm(site: Mapping[str, Tensor], global_state: Mapping[str, Tensor], keys: Iterable[str]) -> float:
@@ -73,73 +82,48 @@ def clip_delta(site: Mapping[str, Tensor], global_state: Mapping[str, Tensor], k
     return out, norm
 
 
-def add_noise(state: Mapping[str, Tensor], keys: Iterable[str], std: float, generator: torch.Generator) -> dict[str, Tensor]:
+def secure_generator() -> torch.Generator:
+    """A CPU generator seeded with 63 bits from the OS CSPRNG: one per release, never stored."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def add_noise(state: Mapping[str, Tensor], keys: Iterable[str], std: float,
+              generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """``state`` with N(0, std^2) added to every element of ``keys`` (new tensors; input untouched).
 
     Args:
         state: the aggregated state.
         keys: the keys to noise.
         std: the noise standard deviation (>= 0).
-        generator: the CPU generator drawing the noise (seeded per round by the caller, so a
-            resumed run draws the same noise).
+        generator: where the noise comes from; None (every real release): a fresh
+            :func:`secure_generator`. Pass one only to reproduce noise in a test.
     """
     if std < 0 or not math.isfinite(std):
         raise ValueError(f"add_noise: std = {std} must be finite and >= 0")
+    gen = generator if generator is not None else secure_generator()
     out = dict(state)
     for k in keys:
         t = state[k]
-        noise = torch.randn(t.shape, generator=generator, dtype=torch.float64) * std
+        noise = torch.randn(t.shape, generator=gen, dtype=torch.float64) * std
         out[k] = (t.to(torch.float64) + noise).to(t.dtype)
     return out
 
 
-def _logsumexp(xs: Sequence[float]) -> float:
-    m = max(xs)
-    return m + math.log(sum(math.exp(x - m) for x in xs))
+def fixed_denominator(weights: Tensor, denominator: int) -> tuple[Tensor, float]:
+    """The weights of the fixed-denominator mean as a weighted mean with the previous global
+    tensor as one more term: (per-site weights, weight of the previous tensor).
 
-
-def rdp_sampled_gaussian(q: float, sigma: float, order: int) -> float:
-    """Renyi DP at integer ``order`` of one sampled Gaussian mechanism step.
-
-    ``log(sum_k C(a,k) (1-q)^(a-k) q^k exp((k^2 - k) / (2 sigma^2))) / (a - 1)`` (Mironov et al.
-    2019, integer alpha); q = 1 gives the plain Gaussian mechanism's ``a / (2 sigma^2)``.
+    ``global + sum_i w_i (x_i - global) / D`` = ``sum_i w_i x_i / D + (1 - sum_i w_i / D) global``
+    with ``w_i`` = 1 for a site with a positive weight, 0 otherwise.
 
     Args:
-        q: sampling rate in [0, 1].
-        sigma: noise multiplier (std / sensitivity), > 0.
-        order: Renyi order alpha >= 2.
+        weights: (n_sites,) the group's ordinary weights (only their sign is used).
+        denominator: D, the sites sampled this round (>= the number of replies).
     """
-    if not 0.0 <= q <= 1.0 or sigma <= 0 or order < 2:
-        raise ValueError(f"rdp_sampled_gaussian: need q in [0,1], sigma > 0, order >= 2 (got {q}, {sigma}, {order})")
-    if q == 0.0:
-        return 0.0
-    if q == 1.0:
-        return order / (2.0 * sigma ** 2)
-    terms = []
-    for k in range(order + 1):
-        log_binom = math.lgamma(order + 1) - math.lgamma(k + 1) - math.lgamma(order - k + 1)
-        terms.append(log_binom + (order - k) * math.log1p(-q) + k * math.log(q) + (k * k - k) / (2 * sigma ** 2))
-    return _logsumexp(terms) / (order - 1)
+    w = (weights > 0).to(torch.float64)
+    if denominator < w.numel() or denominator < 1:
+        raise ValueError(f"fixed_denominator: {w.numel()} replies for {denominator} sampled sites")
+    return w, float(denominator - w.sum())
 
 
-def epsilon(q: float, sigma: float, rounds: int, delta: float, orders: Sequence[int] = DEFAULT_ORDERS) -> float:
-    """(epsilon, delta)-DP after ``rounds`` compositions: min over orders of
-    ``rounds * RDP(a) + log(1/delta) / (a - 1)``; inf without noise.
-
-    Args:
-        q: per-round sampling rate of sites (``fraction_train``).
-        sigma: noise multiplier.
-        rounds: rounds released so far.
-        delta: the target delta in (0, 1).
-        orders: integer Renyi orders to minimise over.
-    """
-    if rounds <= 0:
-        return 0.0
-    if sigma <= 0:
-        return math.inf
-    if not 0 < delta < 1:
-        raise ValueError(f"epsilon: delta = {delta} must be in (0, 1)")
-    return min(rounds * rdp_sampled_gaussian(q, sigma, a) + math.log(1 / delta) / (a - 1) for a in orders)
-
-
-__all__ = ["add_noise", "clip_delta", "delta_norm", "dp_keys", "epsilon", "rdp_sampled_gaussian"]
+__all__ = ["SALIENCY", "add_noise", "clip_delta", "delta_norm", "dp_keys", "fixed_denominator", "secure_generator"]

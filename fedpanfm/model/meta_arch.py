@@ -122,8 +122,8 @@ class PanFMSSL(nn.Module):
         t_names = [n for n, _ in self.teacher.named_parameters()]
         if s_names != t_names:  # update_teacher pairs parameters by position
             raise RuntimeError("PanFMSSL: student and teacher parameter lists differ")
-        self.dino_loss = DINOClsLoss(m.head_out_dim, t.student_temp, t.center_momentum)
-        self.ibot_loss = IBOTPatchLoss(m.head_out_dim, t.student_temp, t.center_momentum)
+        self.dino_loss = DINOClsLoss(m.head_out_dim, t.student_temp, t.center_momentum, t.centering)
+        self.ibot_loss = IBOTPatchLoss(m.head_out_dim, t.student_temp, t.center_momentum, t.centering)
         self.organs = cfg.data.organ_set()
         self.masker = OrganMasker(self.organs, t.masking)
         self.num_patches = {o: cfg.data.organs[o].num_patches for o in self.organs}

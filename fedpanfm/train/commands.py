@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_args(p, required=True)
     p.add_argument("--cohort", required=True, help="existing cohort folder (site folders below it)")
-    p.add_argument("--out", default=None, help="run folder (default: <logging.run_dir>/<name>_pretrain_<time>)")
+    p.add_argument("--out", default=None, help="run folder (default: <logging.run_dir>/<name>-pretrain-<time>)")
     p.set_defaults(func=_run)
 
 
