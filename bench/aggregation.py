@@ -60,7 +60,7 @@ def measure(quick: bool, sites: int = 8, dim: int = 640, depth: int = 10) -> lis
     updates = site_updates(cfg, g, sites)
     nbytes = sum(state_nbytes(u.state) for u in updates)
     repeats = 3 if quick else 5
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     try:
         aggs = {"serial": SerialAggregator(), "ray": RayAggregator()}
         times: dict[str, list[float]] = {k: [] for k in aggs}

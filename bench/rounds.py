@@ -54,7 +54,7 @@ def bare_flower_rounds(sites: int, rounds: int, arrays: Any) -> list[float]:
 
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=rounds, evaluate_fn=after)
 
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
     try:
         run_simulation(server_app=server, client_app=client, num_supernodes=sites,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})

@@ -41,6 +41,7 @@ from fedpanfm.config import ExperimentConfig, load_config
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.data.collate import make_loader
 from fedpanfm.data.synthetic import generate_cohort
+from fedpanfm.train.distributed import autocast_dtype, pick_device
 from fedpanfm.train.engine import LocalTrainer, param_groups
 from fedpanfm.train.schedules import Schedules
 
@@ -188,8 +189,8 @@ def flops_row(cfg: ExperimentConfig, times: StepTimes, batch: SubjectBatch, labe
             matmul FLOPs per CPU-second, i.e. one core's efficiency.
     """
     flops = training_flops(cfg, batch)
-    dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
-    prec = "bf16" if cfg.deepspeed.bf16 else "fp32"
+    dtype = autocast_dtype(cfg.deepspeed.bf16, pick_device(cfg.device)) or torch.float32
+    prec = "bf16" if dtype == torch.bfloat16 else "fp32"
     core_peak = matmul_peak(dtype, threads=1, cpu_time=True)
     wall_peak = machine_peak(dtype)
     size = f"dim {cfg.model.dim}, depth {cfg.model.depth}, batch {cfg.data.batch_size}"

@@ -5,7 +5,9 @@ in one go for the whole stack and applied on the stack's device with no per-imag
 
 1. spatial: rotation (each plane in 3D), isotropic zoom and shift about the grid centre, resampled
    by MONAI's batched :class:`monai.networks.layers.AffineTransform` (bilinear, border padding);
-   optional flips along the configured axes (none by default: organs have a side);
+   optional flips along the configured axes (none by default: organs have a side) and optional
+   quarter turns in the image plane (MONAI ``RandRotate90``'s rule, batched; exact, so they keep
+   the fine structure that bilinear resampling blurs);
 2. contrast: gamma of the image min-max scaled to [0, 1], mapped back to its range
    (MONAI's ``AdjustContrast`` rule, batched);
 3. a smooth multiplicative bias field: ``exp`` of a random 3-per-axis control grid, interpolated;
@@ -71,6 +73,21 @@ def affine_thetas(n: int, grid: tuple[int, ...], ranges: AugmentRanges, generato
     return torch.cat([linear, shift[..., None]], dim=-1).float()
 
 
+def quarter_turn(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Each image of ``x`` (n, 1, *grid) turned by its own random k x 90 degrees in the last two axes.
+
+    A square plane takes k in {0, 1, 2, 3}; a non-square one k in {0, 2} (a quarter turn would
+    change the grid's shape).
+    """
+    n, (h, w) = x.shape[0], x.shape[-2:]
+    k = torch.randint(0, 4, (n,), generator=generator) if h == w else 2 * torch.randint(0, 2, (n,), generator=generator)
+    out = x.clone()
+    for turns in k.unique().tolist():
+        rows = (k == turns).nonzero().squeeze(1).to(x.device)
+        out[rows] = torch.rot90(x[rows], int(turns), dims=(-2, -1))
+    return out
+
+
 def augment_stack(images: Tensor, ranges: AugmentRanges, generator: torch.Generator | None = None) -> Tensor:
     """One random transform per image of ``images`` (n, 1, *grid), 2D or 3D; same shape and device.
 
@@ -96,6 +113,8 @@ def augment_stack(images: Tensor, ranges: AugmentRanges, generator: torch.Genera
     for axis in ranges.flip_axes:
         flip = (torch.rand(n, generator=generator) < 0.5).to(dev).view(n, *([1] * (ndim + 1)))
         x = torch.where(flip, x.flip(2 + axis), x)
+    if ranges.quarter_turns:
+        x = quarter_turn(x, generator)
     dims = tuple(range(1, ndim + 2))
     per_image = (n,) + (1,) * (ndim + 1)
     gamma = _uniform(n, ranges.gamma[0], ranges.gamma[1], generator).float().to(dev).view(per_image)
@@ -135,4 +154,4 @@ class OrganAugmenter:
         return augment_stack(images, self.ranges(organ), generator)
 
 
-__all__ = ["OrganAugmenter", "affine_thetas", "augment_stack"]
+__all__ = ["OrganAugmenter", "affine_thetas", "augment_stack", "quarter_turn"]

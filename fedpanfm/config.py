@@ -204,6 +204,10 @@ class AugmentRanges:
     translate: float = _f(0.1, lo=0.0, hi=0.5, doc="shift drawn in [-x, x] of each axis' length")
     scale: list[float] = _f([0.9, 1.1], lo=0.1, hi=10.0, doc="[low, high] isotropic zoom factor")
     flip_axes: list[int] = _f([], lo=0, hi=2, doc="grid axes flipped with probability 1/2; [] = none (anatomy has a side)")
+    quarter_turns: bool = _f(
+        False, doc="also turn each image by a random multiple of 90 degrees in its image plane (exact, no "
+        "resampling: keeps texture scale and lesion size; half turns only on non-square planes)"
+    )
     gain: list[float] = _f([0.9, 1.1], lo=0.0, doc="[low, high] intensity gain")
     shift: float = _f(0.1, lo=0.0, doc="intensity bias drawn in [-x, x] (normalised units)")
     gamma: list[float] = _f([0.8, 1.25], lo=0.05, hi=20.0, doc="[low, high] gamma of the min-max-scaled image (contrast)")
@@ -261,7 +265,9 @@ class DeepSpeedConfig:
     """Passed through to ``deepspeed.initialize``; ``extra`` is merged in verbatim."""
 
     zero_stage: int = _f(0, lo=0, hi=3)
-    bf16: bool = False
+    bf16: Literal["auto", True, False] = _f(
+        "auto", doc="bf16 autocast of the forward (weights, gradients and optimizer state stay fp32): true, false, "
+                    "or auto = on where the device computes bf16 natively (CUDA, Ampere or newer), off on CPU")
     gradient_clipping: float = _f(3.0, lo=0.0)
     gradient_accumulation_steps: int = _f(1, lo=1)
     extra: dict[str, Any] = _f({})
@@ -272,8 +278,19 @@ class DeepSpeedConfig:
 
 @dataclass
 class RayConfig:
+    """Which Ray the federation uses and what a site takes there (docs/scale-out.md)."""
+
     enabled: bool = True
-    address: str = _f("", doc="'' starts a local Ray; 'auto' or host:port joins a cluster")
+    address: str = _f("", doc="'' starts a private local Ray (even where a cluster is discoverable); 'auto', "
+                              "host:port or ray://host:port joins that cluster")
+    site_cpus: float = _f(1.0, lo=0.01, doc="CPUs each site's Ray actor reserves in simulation (a fraction shares a "
+                                            "CPU); sites training at once = the cluster's CPUs / this")
+    site_gpus: float = _f(-1.0, lo=-1.0, hi=1.0, doc="GPUs each site's actor reserves in simulation: 1, 1/k (k sites "
+                                                     "share a GPU: 0.5, 0.25), 0 (CPU only), or -1 = auto: 0 with "
+                                                     "device cpu or no GPU, else 1/ceil(sites / GPUs)")
+    serial_below_mib: float = _f(64.0, lo=0.0, doc="a round whose updates total fewer MiB aggregates in the server "
+                                                   "process, not as Ray tasks (same result): below ~64 MiB the "
+                                                   "averaging costs less than scheduling the tasks; 0 = always Ray")
 
 
 @dataclass
@@ -317,6 +334,9 @@ class FederationConfig:
     robust: Literal["mean", "median", "trimmed_mean"] = "mean"
     trim_fraction: float = _f(0.1, lo=0.0, hi=0.49, doc="share cut at each end per coordinate (trimmed_mean)")
     dp: DPConfig = field(default_factory=DPConfig)
+    server_device: Literal["cpu", "auto", "cuda"] = _f(
+        "cpu", doc="where the server aggregates (means, directors, teacher EMA): auto = CUDA when the server sees a "
+                   "GPU; cuda aggregates in-process even with Ray; rounds with dp stay on CPU (docs/scale-out.md)")
 
 
 @dataclass
@@ -420,7 +440,8 @@ def _convert(value: Any, tp: Any, key: str, src: str, meta: dict[str, Any]) -> A
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return _build(tp, value, key, src)
     if origin is Literal:
-        if value not in args:
+        # Same type too: 1 == True, but "bf16: 1" is not the boolean the key takes.
+        if not any(value == a and type(value) is type(a) for a in args):
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
     if origin in (typing.Union, types.UnionType):
@@ -661,6 +682,13 @@ def validate(cfg: ExperimentConfig, src: str) -> None:
     if cfg.federation.sparse_experts and cfg.federation.dp.enabled:
         # Central DP clips each site's whole student delta, which needs every expert it holds.
         raise ConfigError(f"{src}: federation.sparse_experts cannot be combined with federation.dp.enabled")
+    gpus = cfg.federation.ray.site_gpus
+    k = round(1 / gpus) if 0 < gpus < 1 else 0
+    if gpus not in (-1.0, 0.0, 1.0) and (k < 2 or abs(gpus * k - 1) > 1e-3):
+        # 1/k only: Flower counts GPUs / fraction actors per node, and only 1/k packs that many onto
+        # the devices (0.4 on 3 GPUs: Flower starts 7 actors, Ray fits 6, one waits forever).
+        raise ConfigError(f"{src}: federation.ray.site_gpus = {gpus:g}: use -1 (auto), 0, 1 or 1/k so that k sites "
+                          "share a GPU (0.5, 0.25, 0.3333); a site trains on one device")
 
 
 __all__ = [

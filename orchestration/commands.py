@@ -23,7 +23,10 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
     add_config_args(p, required=False)
     add_run_args(p, "simulate")
     p.add_argument("--cpus", type=int, default=None,
-                   help="CPUs for Ray: sites that train at once (default: all cores)")
+                   help="CPUs of the private local Ray: sites that train at once (default: all cores)")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="run on this Ray cluster (auto, host:port, ray://host:port) instead of "
+                        "federation.ray.address; '' = a private local Ray (docs/scale-out.md)")
     p.set_defaults(func=_run)
 
 
@@ -37,6 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume is not None and (args.config or args.out):
         raise SystemExit("fedpanfm simulate --resume RUN_DIR: the run keeps its folder and config; drop --config/--out")
     with live_rounds():
-        summary = simulate(args.config, args.overrides, run_folder=args.out, cpus=args.cpus, resume=args.resume)
+        summary = simulate(args.config, args.overrides, run_folder=args.out, cpus=args.cpus, resume=args.resume,
+                           ray_address=args.ray_address)
     print("\n" + summary_text(summary), flush=True)
     return 0

@@ -12,31 +12,36 @@ Ray specifics:
   their means packed the same way;
 - groups nobody weighted stay in this process, and the previous global tensors travel only
   for experts a site left out;
+- on a cluster the tasks run where their inputs live: the updates reach the server process
+  through Flower's message path, so they are put into the server node's object store, and
+  Ray's locality-aware scheduling runs the tasks beside them. Spreading them over other nodes
+  would first copy every update across the network for memory-bound work that reads each
+  byte once (docs/federation.md, "Execution");
 - tasks take ``num_cpus=0``: in simulation the ClientApp actors hold every CPU, and a 1-CPU task
   would wait for one forever;
 - the groups are packed into a few tasks (``max_tasks``, balanced by bytes) rather than one task
   per group: Ray may start a worker process per concurrent 0-CPU task, and each worker imports
   torch, which on a small machine costs more than the averaging itself.
 
-``submit_background`` runs side work (checkpoint writing, evaluation) without blocking the next
-round: a 0-CPU Ray task pinned to this node (the files land where the server runs), or a thread
-when Ray is not running; ``wait_background`` waits for all of them.
+``submit_background`` runs side work without blocking the next round: a 0-CPU Ray task pinned
+to this node (files it writes land where the server runs), or a thread when Ray is not running;
+``wait_background`` waits for all of them. The federation's own checkpoint writer and probe
+evaluation use threads instead (``orchestration/checkpoints.py``, ``server_eval.py`` say why).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import math
 import warnings
-from logging import INFO
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import ray
 import torch
-from flwr.supercore import log
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import Tensor
 
@@ -44,11 +49,8 @@ from fedpanfm.config import ExperimentConfig
 from fedpanfm.federation.aggregate import (MeanTask, RoundOutcome, RoundPlan, RunMeans, State, aggregate_round,
                                          run_means_serial)
 from fedpanfm.federation.message import SiteUpdate, state_nbytes
-
-
-#: Rounds with fewer update bytes than this aggregate serially even with Ray enabled: measured
-#: here, the serial path reduces ~2 GB/s, so 64 MiB costs ~30 ms, less than one Ray round trip.
-SERIAL_BELOW_BYTES = 64 * 2**20
+from orchestration.placement import note_aggregation
+from orchestration.ray_cluster import start_ray
 
 
 class Aggregator(Protocol):
@@ -84,7 +86,19 @@ def one_thread() -> Iterator[None]:
 
 
 class SerialAggregator:
-    """Every group in the calling process, one after the other."""
+    """Every group in the calling process, one after the other.
+
+    Args:
+        device: aggregate there (:func:`server_device`): the round's tensors are copied to it,
+            the round runs with it as torch's default device (the aggregation code allocates
+            without naming one), and the new state comes back to CPU. None: where they are (CPU).
+
+    ``task_nodes``: the Ray nodes that ran the last round's mean tasks (empty: this process).
+    """
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+        self.task_nodes: list[str] = []
 
     def receive(self, update: SiteUpdate, round_sites: int) -> None:
         """Called by the strategy with each checked update as it is decoded, before the
@@ -109,9 +123,38 @@ class SerialAggregator:
         plan: RoundPlan | None = None,
     ) -> tuple[State, RoundOutcome]:
         """See :func:`fedpanfm.federation.aggregate.aggregate_round` (same arguments)."""
-        with one_thread():
-            return aggregate_round(global_state, updates, cfg, server_round, previous_saliency,
-                                   self.means_runner(updates), plan)
+        self.task_nodes = []
+        runner = self.means_runner(updates)
+        dev = self.device
+        if dev is None:
+            with one_thread():
+                out = aggregate_round(global_state, updates, cfg, server_round, previous_saliency, runner, plan)
+            note_aggregation(server_round, "ray" if self.task_nodes else "serial", self.task_nodes)
+            return out
+        moved = [dataclasses.replace(u, state=_to(u.state, dev), organ_subjects=u.organ_subjects.to(dev),
+                                     gate_mass=u.gate_mass.to(dev), saliency=u.saliency.to(dev), reference=None)
+                 for u in updates]
+        prev = previous_saliency.to(dev) if previous_saliency is not None else None
+        with torch.device(dev):
+            state, outcome = aggregate_round(_to(global_state, dev), moved, cfg, server_round, prev, run_means_serial, plan)
+        outcome.saliency = outcome.saliency.cpu()
+        note_aggregation(server_round, "serial", device=str(dev))
+        return _to(state, torch.device("cpu")), outcome
+
+
+def _to(state: Mapping[str, Tensor], device: torch.device) -> State:
+    return {k: v.to(device) for k, v in state.items()}
+
+
+def server_device(cfg: ExperimentConfig) -> torch.device:
+    """Where the server aggregates: ``federation.server_device`` ("auto": CUDA when this process
+    sees a GPU). Rounds under ``federation.dp`` stay on CPU: their noise comes from a CPU
+    generator seeded from the OS (``fedpanfm/federation/privacy.py``)."""
+    from fedpanfm.train.distributed import pick_device
+
+    if cfg.federation.dp.enabled:
+        return torch.device("cpu")
+    return pick_device(cfg.federation.server_device)
 
 
 #: A state dict as the object store holds it: one flat array per dtype, and per key
@@ -157,13 +200,15 @@ def unpack_state(packed: Packed, keys: Collection[str] | None = None) -> dict[st
 
 
 @ray.remote(num_cpus=0)
-def _mean_tasks_remote(tasks: list[MeanTask], previous: Packed, *site_states: Packed) -> Packed:
-    """A batch of mean tasks on a Ray worker; inputs arrive zero-copy from the object store."""
+def _mean_tasks_remote(tasks: list[MeanTask], previous: Packed, *site_states: Packed) -> tuple[Packed, str]:
+    """A batch of mean tasks on a Ray worker; inputs arrive zero-copy from the object store.
+    Returns the packed means and the Ray node that computed them."""
     keys = {k for t in tasks for k in t.keys}
     # Sparse expert transfer: a site's state may lack experts it gave zero weight.
     sites = [unpack_state(s, keys) for s in site_states]
     torch.set_num_threads(1)  # a worker process of its own; see one_thread()
-    return pack_state(run_means_serial(tasks, sites, unpack_state(previous, keys)))
+    means = pack_state(run_means_serial(tasks, sites, unpack_state(previous, keys)))
+    return means, ray.get_runtime_context().get_node_id()
 
 
 def pack_tasks(tasks: Sequence[MeanTask], state: Mapping[str, Tensor], max_tasks: int) -> list[list[MeanTask]]:
@@ -192,6 +237,7 @@ class RayAggregator(SerialAggregator):
     """
 
     def __init__(self, max_tasks: int | None = None, serial_below_bytes: int = 0) -> None:
+        super().__init__()
         if not ray.is_initialized():
             raise RuntimeError("RayAggregator: Ray is not initialised; call connect_ray(address) first")
         if serial_below_bytes < 0:
@@ -229,9 +275,10 @@ class RayAggregator(SerialAggregator):
         absent = {k for t in remote for k in t.keys if any(k not in s for s in site_states)}
         prev_ref = ray.put(pack_state({k: previous[k] for k in absent}))
         futures = [_mean_tasks_remote.remote(batch, prev_ref, *site_refs) for batch in pack_tasks(remote, previous, self.max_tasks)]
-        for result in ray.get(futures):
+        for result, node in ray.get(futures):
             # One copy out of the object store: the new global state must own its memory.
             out.update({k: src.clone() for k, src in unpack_state(result).items()})
+            self.task_nodes.append(node)
         return out
 
     def means_runner(self, updates: Sequence[SiteUpdate]) -> RunMeans:
@@ -247,26 +294,27 @@ def connect_ray(address: str = "") -> None:
     """Make sure this process is connected to Ray.
 
     Args:
-        address: "" joins the Ray this process already runs (simulation) or starts a local one;
-            "auto" or "host:port" joins that cluster.
+        address: with Ray already running in this process (simulation: ``fedpanfm simulate``
+            started it from the same setting) that Ray; else "" starts a private local Ray and
+            "auto", "host:port" or "ray://..." joins that cluster (``orchestration/ray_cluster.py``).
     """
     if ray.is_initialized():
-        if address:
-            log(INFO, "Ray already initialised in this process; federation.ray.address %r not used", address)
         return
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False)
+    start_ray(address)
 
 
 def make_aggregator(cfg: ExperimentConfig) -> Aggregator:
-    """A :class:`RayAggregator` when ``cfg.federation.ray.enabled`` (connecting first), else a
+    """A :class:`SerialAggregator` on the GPU when :func:`server_device` is one; else a
+    :class:`RayAggregator` when ``cfg.federation.ray.enabled`` (connecting first), else a
     :class:`SerialAggregator`."""
+    device = server_device(cfg)
+    if device.type != "cpu":
+        # The Ray path is a CPU path (its tasks read host memory in the object store).
+        return SerialAggregator(device)
     if not cfg.federation.ray.enabled:
         return SerialAggregator()
     connect_ray(cfg.federation.ray.address)
-    return RayAggregator(serial_below_bytes=SERIAL_BELOW_BYTES)
+    return RayAggregator(serial_below_bytes=int(cfg.federation.ray.serial_below_mib * 2**20))
 
 
 # --------------------------------------------------------------------------- background work
@@ -332,6 +380,7 @@ __all__ = [
     "unpack_state",
     "pack_state",
     "pack_tasks",
+    "server_device",
     "submit_background",
     "wait_background",
 ]

@@ -11,10 +11,15 @@ leave a server behind. In-process, everything stops with the call. The Python en
 not pass a run config to the apps, so we build them with the run config they would read from
 ``pyproject.toml`` (``build_server_app`` / ``build_client_app``).
 
-Ray: we start it here, before Flower does, so that the client actors and the server's
-aggregation tasks share one Ray with known resources: one CPU per client actor (so at most
-``cpu_count`` sites train at once), aggregation and background tasks ask for ``num_cpus=0``
-(they would otherwise wait forever behind the actors).
+Ray: we start or join it here, before Flower does, so that the client actors and the server's
+aggregation tasks share one Ray (``orchestration/ray_cluster.py``): a private local Ray by
+default, or the cluster ``federation.ray.address`` / ``--ray-address`` names. Each site actor
+reserves ``federation.ray.site_cpus`` CPUs and ``site_gpus`` GPUs, so at most (cluster CPUs /
+site_cpus) sites train at once, across all the cluster's nodes; aggregation tasks ask for
+``num_cpus=0`` (they would otherwise wait forever behind the actors). On a cluster the cohort
+path is made absolute and checked (or generated, when synthetic) on every node first, and the
+run records which node and device hosted each site and aggregation (``orchestration/placement.py``:
+``summary.json`` ``placement``, TensorBoard ``placement``). docs/scale-out.md has the recipes.
 """
 
 from __future__ import annotations
@@ -29,11 +34,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from fedpanfm.config import ExperimentConfig, load_config
+from orchestration.ray_cluster import SYNTHETIC_MARK
 
 log = logging.getLogger(__name__)
-
-#: The file the synthetic generator writes at the top of a cohort it made.
-SYNTHETIC_MARK = "cohort_metadata.json"
 
 
 def ensure_cohort(cfg: ExperimentConfig) -> Path:
@@ -65,7 +68,8 @@ def ensure_cohort(cfg: ExperimentConfig) -> Path:
 
 def simulate(config: str | Path | None, overrides: list[str] | None = None, run_folder: Path | None = None,
              cpus: int | None = None, resume: Path | None = None,
-             client_app: Callable[[Mapping[str, Any]], Any] | None = None) -> dict[str, Any]:
+             client_app: Callable[[Mapping[str, Any]], Any] | None = None,
+             ray_address: str | None = None) -> dict[str, Any]:
     """Run the federation in simulation; returns the run summary the ServerApp wrote.
 
     Args:
@@ -73,10 +77,13 @@ def simulate(config: str | Path | None, overrides: list[str] | None = None, run_
         overrides: ``KEY=VALUE`` config overrides (as ``--set`` takes them; not with ``resume``).
         run_folder: where the run writes; a new ``<run_dir>/<name>-simulate-<timestamp>`` when None
             (fedpanfm/run_folder.py). It gets ``run.log``, ``command.txt``, ``environment.json``.
-        cpus: CPUs Ray may use (one per concurrently training site); ``os.cpu_count()`` when None.
+        cpus: CPUs of the private local Ray (sites training at once = cpus / site_cpus);
+            ``os.cpu_count()`` when None; not with a cluster address.
         resume: a run folder to continue after its last complete round (docs/reliability.md).
         client_app: builds the sites' ClientApp from the run config instead of
             ``sites.client_app.build_client_app`` (the malicious-site tests swap in an attacker).
+        ray_address: the Ray to run on instead of ``federation.ray.address`` ("" a private local
+            Ray; ``auto``, ``host:port``, ``ray://host:port`` a cluster); None: the config's.
 
     Raises:
         RuntimeError: the run stopped before its last round (the summary says why; resume it).
@@ -87,6 +94,8 @@ def simulate(config: str | Path | None, overrides: list[str] | None = None, run_
     from fedpanfm.run_folder import new_run_folder, record_provenance
     from fedpanfm.run_log import run_log_file
     from orchestration.log_routing import routed_logs
+    from orchestration.placement import PlacementLog, placed_client_app, write_tensorboard
+    from orchestration.ray_cluster import prepare_nodes, ray_session, site_resources
     from orchestration.server_app import build_server_app
     from sites.client_app import build_client_app
 
@@ -102,36 +111,47 @@ def simulate(config: str | Path | None, overrides: list[str] | None = None, run_
     if config is None:
         raise ValueError("simulate: name a config (or --resume a run folder)")
     cfg = load_config(config, overrides)
+    address = cfg.federation.ray.address if ray_address is None else ray_address
     run_folder = Path(run_folder) if run_folder is not None else new_run_folder(cfg.logging.run_dir, cfg.name, "simulate")
+    site_overrides = list(overrides)
+    if address and not Path(cfg.cohort).is_absolute():
+        # Sites on other nodes have working folders of their own: they get the path the server sees.
+        site_overrides.append(f"cohort={Path(cfg.cohort).resolve()}")
+        cfg = load_config(config, site_overrides)
     run_config = {
         "config": str(Path(config).resolve()),
-        "overrides": shlex.join(overrides),
+        "overrides": shlex.join(site_overrides),
         "run-folder": str(run_folder.resolve()),
         "resume": str(run_folder.resolve()) if resume is not None else "",
     }
+    placement = PlacementLog()
     # Everything from here, Flower's, Ray's and the sites' lines included, goes to run.log once.
     with run_log_file(run_folder):
         record_provenance(run_folder, cfg.device)
         ensure_cohort(cfg)
-        started_ray = False
-        if not ray.is_initialized():
-            ray.init(num_cpus=cpus or os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
-            started_ray = True
-        try:
-            with routed_logs():
+        with ray_session(address, cpus):
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            resources = site_resources(cfg, nodes)
+            if address:
+                prepare_nodes(cfg)
+            log.info("Ray: %d node(s); each site actor reserves %g CPU(s) and %g GPU(s)", len(nodes),
+                     resources["num_cpus"], resources["num_gpus"])
+            with routed_logs(), placement.recording():
                 run_simulation(
                     server_app=build_server_app(run_config),
-                    client_app=(client_app or build_client_app)(run_config),
+                    client_app=placed_client_app((client_app or build_client_app)(run_config), placement.name, cfg.device),
                     num_supernodes=cfg.synth.sites,
-                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+                    backend_config={"client_resources": resources},
                 )
-        finally:
-            if started_ray:
-                ray.shutdown()
     summary_path = run_folder / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError(f"simulation ended without a summary: {summary_path} is missing (see {run_folder / 'run.log'})")
     summary = json.loads(summary_path.read_text())
+    # Where each site and aggregation ran, beside what the ServerApp wrote (docs/scale-out.md).
+    summary["placement"] = placement.summary()
+    summary_path.write_text(json.dumps(summary, indent=2))
+    if summary.get("tensorboard"):
+        write_tensorboard(Path(summary["tensorboard"]), summary["placement"])
     if summary.get("stopped"):
         raise RuntimeError(f"simulation stopped: {summary['stopped']}\n  resume with: fedpanfm simulate --resume {run_folder}")
     return summary

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedpanfm.augment import OrganAugmenter, affine_thetas, augment_stack
+from fedpanfm.augment import OrganAugmenter, affine_thetas, augment_stack, quarter_turn
 from fedpanfm.config import AugmentConfig, AugmentRanges
 
 IDENTITY = dict(rotate_deg=0.0, translate=0.0, scale=[1.0, 1.0], gain=[1.0, 1.0], shift=0.0,
@@ -74,3 +74,26 @@ def test_per_organ_ranges() -> None:
     assert torch.allclose(aug("brain", x, torch.Generator().manual_seed(0)), x, atol=1e-5)
     assert not torch.allclose(aug("liver", x, torch.Generator().manual_seed(0)), x, atol=1e-2)
     assert aug.ranges("liver") is cfg.ranges
+
+
+def test_quarter_turns_are_exact_and_each_image_draws_its_own() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 5, 5, generator=gen)
+    out = quarter_turn(x, torch.Generator().manual_seed(1))
+    turns = []
+    for a, b in zip(x, out):
+        # Exactly one of the four turns (no resampling: the voxel values are only permuted).
+        match = [k for k in range(4) if torch.equal(torch.rot90(a, k, dims=(-2, -1)), b)]
+        assert len(match) == 1
+        turns.append(match[0])
+    assert set(turns) == {0, 1, 2, 3}
+    # A non-square plane only takes half turns, and the 3D depth axis is never touched.
+    y = torch.randn(32, 1, 3, 4, 6, generator=gen)
+    out3 = quarter_turn(y, torch.Generator().manual_seed(2))
+    assert out3.shape == y.shape
+    assert all(torch.equal(b, a) or torch.equal(b, a.flip(-1, -2)) for a, b in zip(y, out3))
+    # Through augment_stack with every other transform at identity: only turns, values kept.
+    ranges = AugmentRanges(rotate_deg=0.0, translate=0.0, scale=[1.0, 1.0], gain=[1.0, 1.0], shift=0.0,
+                           gamma=[1.0, 1.0], noise_std=0.0, bias_field=0.0, quarter_turns=True)
+    got = augment_stack(x, ranges, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got.flatten(1).sort(dim=1).values, x.flatten(1).sort(dim=1).values)

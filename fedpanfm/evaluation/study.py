@@ -592,8 +592,9 @@ class Study:
 
         if ray.is_initialized():
             return False
-        ray.init(num_cpus=self.cfg.evaluation.study.cpus or os.cpu_count() or 1, include_dashboard=False,
-                 logging_level=logging.WARNING)
+        # address="local": a private Ray even where a cluster is discoverable (issue 17).
+        ray.init(address="local", num_cpus=self.cfg.evaluation.study.cpus or os.cpu_count() or 1,
+                 include_dashboard=False, logging_level=logging.WARNING)
         return True
 
 

@@ -31,6 +31,30 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
+def autocast_dtype(bf16: bool | str, device: torch.device) -> torch.dtype | None:
+    """The forward's autocast dtype for ``deepspeed.bf16`` on ``device``; None = fp32.
+
+    Our choice for ``"auto"``: bf16 on a CUDA device that computes it natively (Ampere or newer,
+    ``torch.cuda.is_bf16_supported``), fp32 elsewhere: CPU bf16 autocast is faster than fp32 only
+    on CPUs with bf16 matrix units, and pre-Ampere GPUs emulate it.
+
+    Args:
+        bf16: ``True``, ``False`` or ``"auto"``.
+        device: the training device (:func:`pick_device`).
+
+    Raises:
+        ValueError: ``True`` on a CUDA device without bf16.
+    """
+    if bf16 == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if bf16 is not True:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"deepspeed.bf16: true, but {torch.cuda.get_device_name(device)} has no native bf16; "
+                         "set it to auto (fp32 there) or false")
+    return torch.bfloat16
+
+
 def _set_accelerator(device: torch.device) -> None:
     # DeepSpeed picks its accelerator once, on first use, by probing for CUDA; a CPU-only actor on
     # a GPU host would otherwise get the CUDA accelerator. An explicit, conflicting value is an
@@ -61,4 +85,4 @@ def init_single_process(device: torch.device) -> None:
     dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-__all__ = ["init_single_process", "pick_device"]
+__all__ = ["autocast_dtype", "init_single_process", "pick_device"]

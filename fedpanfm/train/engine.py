@@ -7,7 +7,8 @@ model-defining config, and the trainer keeps NO site state between calls: each c
 loads the site's weights (:meth:`LocalTrainer.load_state`, masker state included), step counter
 (:meth:`LocalTrainer.set_schedule_state`) and resets the optimizer.
 
-Mixed precision (our design): ``cfg.deepspeed.bf16`` runs the forward under bf16 autocast while
+Mixed precision (our design): ``cfg.deepspeed.bf16`` (default ``auto``: on CUDA devices with native
+bf16, :func:`~fedpanfm.train.distributed.autocast_dtype`) runs the forward under bf16 autocast while
 weights, gradients and optimizer state stay fp32. DeepSpeed's own bf16 mode would cast the whole
 module to bf16, teacher included, and the teacher's EMA step (1 - momentum = 0.004 to 0) falls
 below bf16 resolution (2^-8 relative), so the teacher would stop moving.
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.batch import SubjectBatch
-from fedpanfm.train.distributed import init_single_process, pick_device
+from fedpanfm.train.distributed import autocast_dtype, init_single_process, pick_device
 from fedpanfm.train.schedules import Schedules
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class LocalTrainer:
         )
         self.step = 0
         self.total_steps = 0
-        self._autocast_dtype = torch.bfloat16 if cfg.deepspeed.bf16 else None
+        self._autocast_dtype = autocast_dtype(cfg.deepspeed.bf16, self.device)
         self._clip = cfg.deepspeed.gradient_clipping if cfg.deepspeed.zero_stage == 0 else 0.0
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         # DINO freezes the head's prototypes during the first epoch(s) (``freeze_last_layer``):
