@@ -138,6 +138,7 @@ def test_one_attacking_site_cannot_stop_or_take_over_the_federation(tmp_path: Pa
     assert "val/loss" not in read_scalars(run / "tensorboard" / site_run_name(attacker))
     assert min(v for _, v in server["val/loss"]) > 0  # -1e6 never reached the mean
     # No path-like name reached the disk.
-    assert sorted(p.name for p in (run / "tensorboard").iterdir()) == sorted(["server", *(site_run_name(s) for s in sites)])
+    assert sorted(p.name for p in (run / "tensorboard").iterdir()) == sorted(
+        ["server", "placement", *(site_run_name(s) for s in sites)])
     state = strategies[0].global_state
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
