@@ -19,6 +19,7 @@ from typing import Any, Literal, Mapping, TypeVar
 
 import yaml
 
+from fedpanfm.data.manifest import MODALITY_CODE
 from fedpanfm.organs import DEFAULT_ORGANS, OrganSet
 
 
@@ -74,7 +75,7 @@ class OrganSpec:
             raise ConfigError(f"{where}.clip_percentiles: need [low, high] with low < high")
         if len(self.window) != 2 or self.window[0] >= self.window[1]:
             raise ConfigError(f"{where}.window: need [low, high] HU with low < high, got {self.window}")
-        if self.modality and not re.fullmatch(r"[A-Z0-9]{1,16}", self.modality):
+        if self.modality and not MODALITY_CODE.fullmatch(self.modality):
             raise ConfigError(f"{where}.modality: {self.modality!r} is not a DICOM modality code such as CT or MR")
 
     @property

@@ -25,7 +25,8 @@ MANIFEST_NAME = "manifest.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = ("subject_id", "organ", "path")
 SPACING_COLUMN = "spacing"
 MODALITY_COLUMN = "modality"
-_MODALITY = re.compile(r"[A-Z0-9]{1,16}")
+#: A DICOM modality code (CT, MR, PT, ...): the manifest column and ``data.organs.<organ>.modality``.
+MODALITY_CODE = re.compile(r"[A-Z0-9]{1,16}")
 
 
 class CohortError(ValueError):
@@ -253,7 +254,7 @@ def read_manifest(
                 fail(subject, f"{here}: {exc}")
                 continue
         modality = cells[col[MODALITY_COLUMN]].strip().upper() if MODALITY_COLUMN in col else ""
-        if modality and not _MODALITY.fullmatch(modality):
+        if modality and not MODALITY_CODE.fullmatch(modality):
             fail(subject, f"{here}: modality {modality!r} is not a DICOM modality code such as CT or MR")
             continue
         rows.append(ManifestRow(subject, organ, cells[col["path"]].strip(), labels, spacing, modality))
