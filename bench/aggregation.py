@@ -19,7 +19,8 @@ import torch
 from bench.machine import machine_copy
 from bench.table import Row, check
 from fedpanfm.config import ExperimentConfig, load_config
-from fedpanfm.federation.message import SiteUpdate, state_nbytes
+from fedpanfm.federation.protocol import SiteUpdate
+from fedpanfm.federation.tensor_codec import state_nbytes
 from fedpanfm.federation.transfer import select_transfer
 
 TARGET = 0.40

@@ -108,7 +108,7 @@ def overhead_row(quick: bool, sites: int = 4) -> list:
     """Item 4 as a table row."""
     from bench.table import Row, check
     from fedpanfm.config import load_config
-    from fedpanfm.federation.message import state_to_arrayrecord
+    from fedpanfm.federation.tensor_codec import state_to_arrayrecord
     from orchestration.server_app import initial_state
 
     rounds, pairs = (3, 2) if quick else (5, 3)

@@ -27,7 +27,7 @@ def measure(quick: bool) -> list[Row]:
 
     from bench.step_time import make_batches
     from fedpanfm.config import load_config
-    from fedpanfm.federation.message import arrayrecord_to_state, state_to_arrayrecord
+    from fedpanfm.federation.tensor_codec import arrayrecord_to_state, state_to_arrayrecord
     from fedpanfm.federation.transfer import select_transfer
     from fedpanfm.train.engine import LocalTrainer
     from orchestration.server_app import initial_state

@@ -9,10 +9,16 @@ Layout of a checkpoint folder::
 
 A checkpoint is written into a temporary folder beside its destination, every file is fsynced,
 and the folder is then renamed into place, so a reader never sees a half-written checkpoint.
+Replacing an existing folder has no crash window: on Linux the two folders are swapped in one
+atomic ``renameat2(RENAME_EXCHANGE)``; elsewhere the old folder is first moved aside into
+``.<name>.old-*/ckpt`` and :func:`recover_checkpoint` (run before every write and read) moves it
+back if a crash came between the two renames.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -64,6 +70,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _swap_folders(a: Path, b: Path) -> bool:
+    """Atomically exchange two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the platform or file system does not offer it."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+def recover_checkpoint(path_dir: Path) -> bool:
+    """Undo a replace interrupted between its two renames (the fallback of :func:`save_checkpoint`):
+    when ``path_dir`` is missing and ``.<name>.old-*/ckpt`` holds the previous checkpoint, move it
+    back. Returns True when something was recovered.
+
+    Args:
+        path_dir: a checkpoint folder path.
+    """
+    path_dir = Path(path_dir)
+    if path_dir.exists() or not path_dir.parent.is_dir():
+        return False
+    for old in sorted(path_dir.parent.glob(f".{path_dir.name}.old-*")):
+        if (old / "ckpt").is_dir():
+            os.replace(old / "ckpt", path_dir)
+            shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(path_dir.parent)
+            return True
+    return False
+
+
 def _exchange_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, t in state.items():
@@ -91,6 +133,9 @@ def save_checkpoint(path_dir: Path, state: dict[str, torch.Tensor], cfg: Experim
     """
     path_dir = Path(path_dir)
     path_dir.parent.mkdir(parents=True, exist_ok=True)
+    recover_checkpoint(path_dir)
+    for stale in path_dir.parent.glob(f".{path_dir.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a crashed write (or the old half of a swap)
     try:
         meta_text = json.dumps(meta, indent=2, sort_keys=True)
     except TypeError as exc:
@@ -106,12 +151,16 @@ def save_checkpoint(path_dir: Path, state: dict[str, torch.Tensor], cfg: Experim
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
         if path_dir.exists():
-            # os.replace cannot replace a non-empty folder: move the old one aside first so the
-            # destination is never missing a complete checkpoint for longer than two renames.
-            old = Path(tempfile.mkdtemp(prefix=f".{path_dir.name}.old-", dir=path_dir.parent))
-            os.replace(path_dir, old / "ckpt")
-            os.replace(tmp, path_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            # os.replace cannot replace a non-empty folder. Swapped atomically, path_dir always
+            # holds a complete checkpoint; tmp then holds the old one (removed below).
+            if _swap_folders(tmp, path_dir):
+                _fsync_dir(path_dir.parent)
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                old = Path(tempfile.mkdtemp(prefix=f".{path_dir.name}.old-", dir=path_dir.parent))
+                os.replace(path_dir, old / "ckpt")  # a crash here: recover_checkpoint moves it back
+                os.replace(tmp, path_dir)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path_dir)
         _fsync_dir(path_dir.parent)
@@ -151,6 +200,7 @@ def load_checkpoint(path_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         CheckpointError: naming the file that is missing, fails its checksum, or cannot be parsed.
     """
     path_dir = Path(path_dir)
+    recover_checkpoint(path_dir)
     if not path_dir.is_dir():
         raise CheckpointError(f"{path_dir}: checkpoint folder not found")
     sums = _read_sums(path_dir)
@@ -195,4 +245,4 @@ def point_latest(link: Path, target: Path) -> Path:
     return link
 
 
-__all__ = ["CheckpointError", "load_checkpoint", "point_latest", "save_checkpoint"]
+__all__ = ["CheckpointError", "load_checkpoint", "point_latest", "recover_checkpoint", "save_checkpoint"]

@@ -16,6 +16,9 @@ Our choices, so that the command answers at once and reads the same everywhere:
   (repeatable override), --out DIR (the run folder, default
   <logging.run_dir>/<name>-<command>-<time>, fedpanfm/run_folder.py) and --resume RUN_DIR (continue
   that run folder after its last complete step).
+- --config is always an experiment YAML. The deployment commands read other files under their
+  own names: --coordinator-config (server, federation) and --site-config (site). Their old
+  spelling --config still works there, with a deprecation warning (:func:`add_file_option`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 from collections.abc import Collection
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import Any
 
 from fedpanfm import __version__
 
@@ -156,6 +160,29 @@ def add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     )
 
 
+class _DeprecatedAlias(argparse.Action):
+    """Stores the value; warns when the option was given by its deprecated spelling."""
+
+    def __init__(self, *args: Any, deprecated: str = "", **kwargs: Any) -> None:
+        self.deprecated = deprecated
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if option_string == self.deprecated:
+            print(f"{parser.prog}: {self.deprecated} is deprecated here, use {self.option_strings[0]} "
+                  f"(--config names an experiment YAML everywhere else)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_file_option(p: argparse.ArgumentParser, name: str, help: str, deprecated: str = "--config") -> None:
+    """A required file option ``name`` (e.g. ``--site-config``), stored as ``args.config``, with
+    ``deprecated`` kept as an alias that still works and warns (module docstring)."""
+    p.add_argument(name, deprecated, dest="config", required=True, type=Path, metavar="FILE",
+                   action=_DeprecatedAlias, deprecated=deprecated,
+                   help=f"{help} ({deprecated} is a deprecated alias)")
+
+
 def add_run_args(p: argparse.ArgumentParser, command: str, resume: bool = True) -> None:
     """``--out DIR`` (and ``--resume RUN_DIR``) with the one meaning every job gives them.
 
@@ -208,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-__all__ = ["Parser", "add_config_args", "add_run_args", "build_parser", "main", "output_folder", "plain", "static_help"]
+__all__ = ["Parser", "add_config_args", "add_file_option", "add_run_args", "build_parser", "main", "output_folder", "plain", "static_help"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,33 +9,26 @@ applied on top of the file and checked the same way.
 from __future__ import annotations
 
 import dataclasses
-import re
 import shlex
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar
+from typing import Any, Literal, Mapping
 
 import yaml
 
 from fedpanfm.data.manifest import MODALITY_CODE
+from fedpanfm.typed_yaml import (
+    ConfigError,
+    apply_override,
+    build_dataclass,
+    option,
+    parse_override,
+    read_yaml_mapping,
+    to_plain,
+)
 from fedpanfm.organs import DEFAULT_ORGANS, OrganSet
 
 
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the file and the dotted key."""
-
-
-def _f(default: Any, *, lo: float | None = None, hi: float | None = None, doc: str = "") -> Any:
-    """A dataclass field with an inclusive range check and a description."""
-    meta = {"min": lo, "max": hi, "doc": doc}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: typing.cast(Any, type(d)(d)), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 # --------------------------------------------------------------------------- data
@@ -45,21 +38,21 @@ def _f(default: Any, *, lo: float | None = None, hi: float | None = None, doc: s
 class OrganSpec:
     """How one organ's images are preprocessed into the grid the model sees."""
 
-    grid: list[int] = _f([16, 16, 16], lo=1, doc="target grid, 2 or 3 sizes (H, W) or (D, H, W)")
-    patch: list[int] = _f([8, 8, 8], lo=1, doc="patch size per axis; must divide grid")
-    spacing: list[float] = _f([], lo=0.0, doc="target voxel spacing in mm; [] keeps the file's")
-    normalize: Literal["auto", "zscore", "foreground_zscore", "window", "minmax", "percentile", "none"] = _f(
+    grid: list[int] = option([16, 16, 16], lo=1, doc="target grid, 2 or 3 sizes (H, W) or (D, H, W)")
+    patch: list[int] = option([8, 8, 8], lo=1, doc="patch size per axis; must divide grid")
+    spacing: list[float] = option([], lo=0.0, doc="target voxel spacing in mm; [] keeps the file's")
+    normalize: Literal["auto", "zscore", "foreground_zscore", "window", "minmax", "percentile", "none"] = option(
         "auto", doc="auto: CT -> window, MR -> foreground_zscore, other or unknown modality -> zscore over the "
                     "whole image (docs/data.md)")
-    clip_percentiles: list[float] = _f([0.5, 99.5], lo=0.0, hi=100.0)
-    modality: str = _f("", doc="modality (CT, MR, ...) of this organ's images where manifest.csv has no modality "
+    clip_percentiles: list[float] = option([0.5, 99.5], lo=0.0, hi=100.0)
+    modality: str = option("", doc="modality (CT, MR, ...) of this organ's images where manifest.csv has no modality "
                                "cell and the file does not say (DICOM Modality); '' = unknown")
-    window: list[float] = _f([-160.0, 240.0], doc="[low, high] CT window in HU (normalize = window): clip, then "
+    window: list[float] = option([-160.0, 240.0], doc="[low, high] CT window in HU (normalize = window): clip, then "
                                                   "scale to [0, 1]")
-    foreground_crop: bool = _f(False, doc="crop to the foreground (body) box plus foreground_margin before resampling")
-    foreground_margin: float = _f(10.0, lo=0.0, doc="mm kept around the foreground box")
-    antialias: bool = _f(True, doc="Gaussian pre-filter (sigma = (factor - 1) / 2 voxels) on downsampled axes")
-    frame: int = _f(-1, lo=-1, doc="index along the 4th axis (time point, echo, channel) of 4D images; -1 = 4D "
+    foreground_crop: bool = option(False, doc="crop to the foreground (body) box plus foreground_margin before resampling")
+    foreground_margin: float = option(10.0, lo=0.0, doc="mm kept around the foreground box")
+    antialias: bool = option(True, doc="Gaussian pre-filter (sigma = (factor - 1) / 2 voxels) on downsampled axes")
+    frame: int = option(-1, lo=-1, doc="index along the 4th axis (time point, echo, channel) of 4D images; -1 = 4D "
                                    "images are refused")
 
     def check(self, where: str) -> None:
@@ -107,15 +100,15 @@ def _default_organ_specs() -> dict[str, OrganSpec]:
 class DataConfig:
     """Where and how site cohorts are read."""
 
-    extra_organs: list[str] = _f([], doc="organs beyond the built-in seven")
+    extra_organs: list[str] = option([], doc="organs beyond the built-in seven")
     organs: dict[str, OrganSpec] = field(default_factory=_default_organ_specs)
     on_bad: Literal["error", "skip"] = "error"
     cache: bool = True
-    cache_dir: str = _f("", doc="preprocessed-array cache; '' means <site>/.fedpanfm_cache")
+    cache_dir: str = option("", doc="preprocessed-array cache; '' means <site>/.fedpanfm_cache")
     memory_cache: bool = False  # also keep preprocessed subjects in RAM (per DataLoader worker)
-    batch_size: int = _f(16, lo=1)
-    num_workers: int = _f(0, lo=0)
-    val_fraction: float = _f(0.2, lo=0.0, hi=0.9, doc="held-out share of each site's subjects")
+    batch_size: int = option(16, lo=1)
+    num_workers: int = option(0, lo=0)
+    val_fraction: float = option(0.2, lo=0.0, hi=0.9, doc="held-out share of each site's subjects")
 
     def organ_set(self) -> OrganSet:
         return OrganSet.with_extra(self.extra_organs)
@@ -125,20 +118,20 @@ class DataConfig:
 class SynthConfig:
     """The built-in synthetic cohort (see docs/synthetic-cohort.md)."""
 
-    sites: int = _f(4, lo=1, hi=256)
-    subjects: int = _f(64, lo=1, doc="subjects per site")
+    sites: int = option(4, lo=1, hi=256)
+    subjects: int = option(64, lo=1, doc="subjects per site")
     seed: int = 0
-    site_organs: list[list[str]] = _f([], doc="organ set per site; [] uses the built-in mix")
-    disease_signal: float = _f(
+    site_organs: list[list[str]] = option([], doc="organ set per site; [] uses the built-in mix")
+    disease_signal: float = option(
         1.0, lo=0.0, hi=10.0, doc="scale of the disease factors' visible effect on the images (0 = invisible)"
     )
-    organ_disease_signal: dict[str, float] = _f(
+    organ_disease_signal: dict[str, float] = option(
         {}, lo=0.0, hi=10.0, doc="organ -> its own disease_signal (e.g. {heart: 1.0}); others use disease_signal"
     )
-    presence: Literal["mnar", "independent"] = _f(
+    presence: Literal["mnar", "independent"] = option(
         "mnar", doc="mnar: sicker subjects miss sessions (training cohorts); independent: each organ present "
                     "with presence_rate whatever the factors (evaluation cohorts)")
-    presence_rate: float = _f(0.8, lo=0.01, hi=1.0, doc="P(organ present) per protocol organ when presence = independent")
+    presence_rate: float = option(0.8, lo=0.01, hi=1.0, doc="P(organ present) per protocol organ when presence = independent")
 
 
 # --------------------------------------------------------------------------- model
@@ -149,26 +142,26 @@ class DexConfig:
     """Director-experts MLP layers (REFERENCES.md, DEX)."""
 
     enabled: bool = True
-    experts: int = _f(4, lo=1, hi=64)
-    top_k: int = _f(2, lo=1, hi=64)
-    temperature: float = _f(0.5, lo=1e-3)
-    noise_std: float = _f(1.0, lo=0.0, doc="initial router noise std; cosine-decays to 0")
-    usage_momentum: float = _f(0.99, lo=0.0, hi=1.0)
-    gema_momentum_start: float = _f(0.99, lo=0.0, hi=1.0)
-    gema_momentum_end: float = _f(0.999, lo=0.0, hi=1.0)
-    distill_temperature: float = _f(0.5, lo=1e-3)
+    experts: int = option(4, lo=1, hi=64)
+    top_k: int = option(2, lo=1, hi=64)
+    temperature: float = option(0.5, lo=1e-3)
+    noise_std: float = option(1.0, lo=0.0, doc="initial router noise std; cosine-decays to 0")
+    usage_momentum: float = option(0.99, lo=0.0, hi=1.0)
+    gema_momentum_start: float = option(0.99, lo=0.0, hi=1.0)
+    gema_momentum_end: float = option(0.999, lo=0.0, hi=1.0)
+    distill_temperature: float = option(0.5, lo=1e-3)
 
 
 @dataclass
 class ModelConfig:
-    dim: int = _f(64, lo=8)
-    depth: int = _f(4, lo=1, hi=64)
-    heads: int = _f(4, lo=1)
-    mlp_ratio: float = _f(2.0, lo=0.25)
-    head_hidden_dim: int = _f(128, lo=8)
-    head_bottleneck_dim: int = _f(64, lo=8)
-    head_out_dim: int = _f(256, lo=8, doc="number of DINO prototypes")
-    stem_channels: int = _f(0, lo=0, doc="channels of the two 3x3 convolutions before each organ's patch embedding; 0 = linear patch embedding")
+    dim: int = option(64, lo=8)
+    depth: int = option(4, lo=1, hi=64)
+    heads: int = option(4, lo=1)
+    mlp_ratio: float = option(2.0, lo=0.25)
+    head_hidden_dim: int = option(128, lo=8)
+    head_bottleneck_dim: int = option(64, lo=8)
+    head_out_dim: int = option(256, lo=8, doc="number of DINO prototypes")
+    stem_channels: int = option(0, lo=0, doc="channels of the two 3x3 convolutions before each organ's patch embedding; 0 = linear patch embedding")
     dex: DexConfig = field(default_factory=DexConfig)
 
 
@@ -180,40 +173,40 @@ class MaskingConfig:
     """Whole-organ masking policy and in-organ patch masking (docs/method.md)."""
 
     policy: Literal["none", "random", "sgm"] = "sgm"
-    organ_mask_ratio: float = _f(0.3, lo=0.0, hi=0.95, doc="expected share of a subject's organs masked")
-    temperature: float = _f(1.0, lo=1e-3, doc="SGM softmax temperature over saliency")
-    saliency_momentum: float = _f(0.9, lo=0.0, hi=1.0)
-    global_weight: float = _f(0.5, lo=0.0, hi=1.0, doc="weight of the federation's saliency")
-    patch_mask_ratio: float = _f(0.3, lo=0.0, hi=0.95)
+    organ_mask_ratio: float = option(0.3, lo=0.0, hi=0.95, doc="expected share of a subject's organs masked")
+    temperature: float = option(1.0, lo=1e-3, doc="SGM softmax temperature over saliency")
+    saliency_momentum: float = option(0.9, lo=0.0, hi=1.0)
+    global_weight: float = option(0.5, lo=0.0, hi=1.0, doc="weight of the federation's saliency")
+    patch_mask_ratio: float = option(0.3, lo=0.0, hi=0.95)
 
 
 @dataclass
 class LossWeights:
-    dino: float = _f(1.0, lo=0.0)
-    ibot: float = _f(1.0, lo=0.0)
-    dex: float = _f(0.1, lo=0.0)
-    balance: float = _f(0.01, lo=0.0)
-    koleo: float = _f(0.0, lo=0.0, doc="KoLeo spread of the student CLS (DINOv2); 0 = off")
-    mae: float = _f(0.0, lo=0.0, doc="masked-patch pixel reconstruction (MAE-style) from the student's masked tokens; 0 = off")
+    dino: float = option(1.0, lo=0.0)
+    ibot: float = option(1.0, lo=0.0)
+    dex: float = option(0.1, lo=0.0)
+    balance: float = option(0.01, lo=0.0)
+    koleo: float = option(0.0, lo=0.0, doc="KoLeo spread of the student CLS (DINOv2); 0 = off")
+    mae: float = option(0.0, lo=0.0, doc="masked-patch pixel reconstruction (MAE-style) from the student's masked tokens; 0 = off")
 
 
 @dataclass
 class AugmentRanges:
     """Random per-image transforms of one organ's stack (docs/method.md, "Views and augmentations")."""
 
-    rotate_deg: float = _f(15.0, lo=0.0, hi=180.0, doc="rotation angle drawn in [-x, x] degrees (each plane in 3D)")
-    translate: float = _f(0.1, lo=0.0, hi=0.5, doc="shift drawn in [-x, x] of each axis' length")
-    scale: list[float] = _f([0.9, 1.1], lo=0.1, hi=10.0, doc="[low, high] isotropic zoom factor")
-    flip_axes: list[int] = _f([], lo=0, hi=2, doc="grid axes flipped with probability 1/2; [] = none (anatomy has a side)")
-    quarter_turns: bool = _f(
+    rotate_deg: float = option(15.0, lo=0.0, hi=180.0, doc="rotation angle drawn in [-x, x] degrees (each plane in 3D)")
+    translate: float = option(0.1, lo=0.0, hi=0.5, doc="shift drawn in [-x, x] of each axis' length")
+    scale: list[float] = option([0.9, 1.1], lo=0.1, hi=10.0, doc="[low, high] isotropic zoom factor")
+    flip_axes: list[int] = option([], lo=0, hi=2, doc="grid axes flipped with probability 1/2; [] = none (anatomy has a side)")
+    quarter_turns: bool = option(
         False, doc="also turn each image by a random multiple of 90 degrees in its image plane (exact, no "
         "resampling: keeps texture scale and lesion size; half turns only on non-square planes)"
     )
-    gain: list[float] = _f([0.9, 1.1], lo=0.0, doc="[low, high] intensity gain")
-    shift: float = _f(0.1, lo=0.0, doc="intensity bias drawn in [-x, x] (normalised units)")
-    gamma: list[float] = _f([0.8, 1.25], lo=0.05, hi=20.0, doc="[low, high] gamma of the min-max-scaled image (contrast)")
-    noise_std: float = _f(0.05, lo=0.0, doc="Gaussian noise std drawn in [0, x] per image")
-    bias_field: float = _f(0.1, lo=0.0, hi=2.0, doc="std of a smooth multiplicative log-field (3 control points per axis); 0 = off")
+    gain: list[float] = option([0.9, 1.1], lo=0.0, doc="[low, high] intensity gain")
+    shift: float = option(0.1, lo=0.0, doc="intensity bias drawn in [-x, x] (normalised units)")
+    gamma: list[float] = option([0.8, 1.25], lo=0.05, hi=20.0, doc="[low, high] gamma of the min-max-scaled image (contrast)")
+    noise_std: float = option(0.05, lo=0.0, doc="Gaussian noise std drawn in [0, x] per image")
+    bias_field: float = option(0.1, lo=0.0, hi=2.0, doc="std of a smooth multiplicative log-field (3 control points per axis); 0 = off")
 
     def check(self, where: str) -> None:
         for name in ("scale", "gain", "gamma"):
@@ -228,50 +221,53 @@ class AugmentConfig:
 
     enabled: bool = True
     ranges: AugmentRanges = field(default_factory=AugmentRanges)
-    organs: dict[str, AugmentRanges] = _f({}, doc="organ -> its own ranges (unset keys take the built-in defaults)")
+    organs: dict[str, AugmentRanges] = option({}, doc="organ -> its own ranges (unset keys take the built-in defaults)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(2, lo=1, doc="local epochs (per round in a federation)")
-    lr: float = _f(5e-4, lo=0.0, doc="peak lr at lr_reference_batch; scaled by sqrt(effective batch / reference)")
-    lr_reference_batch: int = _f(16, lo=1, doc="batch at which train.lr holds (square-root rule, DINOv2)")
-    min_lr: float = _f(1e-5, lo=0.0)
-    weight_decay: float = _f(0.04, lo=0.0, doc="weight decay at step 0")
-    weight_decay_end: float = _f(0.4, lo=0.0, doc="weight decay at the last step (cosine, DINO)")
-    warmup_fraction: float = _f(0.1, lo=0.0, hi=1.0)
-    freeze_last_layer_epochs: int = _f(1, lo=0, doc="epochs of the run with the head's prototypes frozen (DINO)")
-    local_views: int = _f(2, lo=0, hi=16, doc="organ-subset (local) views per subject; 0 = two global views only")
-    local_keep_ratio: list[float] = _f([0.3, 0.6], lo=0.0, hi=1.0, doc="[low, high] share of its organs a local view keeps")
+    epochs: int = option(2, lo=1, doc="local epochs (per round in a federation)")
+    lr: float = option(5e-4, lo=0.0, doc="peak lr at lr_reference_batch; scaled by sqrt(effective batch / reference)")
+    lr_reference_batch: int = option(16, lo=1, doc="batch at which train.lr holds (square-root rule, DINOv2)")
+    min_lr: float = option(1e-5, lo=0.0)
+    weight_decay: float = option(0.04, lo=0.0, doc="weight decay at step 0")
+    weight_decay_end: float = option(0.4, lo=0.0, doc="weight decay at the last step (cosine, DINO)")
+    warmup_fraction: float = option(0.1, lo=0.0, hi=1.0)
+    freeze_last_layer_epochs: int = option(1, lo=0, doc="epochs of the run with the head's prototypes frozen (DINO)")
+    local_views: int = option(2, lo=0, hi=16, doc="organ-subset (local) views per subject; 0 = two global views only")
+    local_keep_ratio: list[float] = option([0.3, 0.6], lo=0.0, hi=1.0, doc="[low, high] share of its organs a local view keeps")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    teacher_momentum_start: float = _f(0.996, lo=0.0, hi=1.0)
-    teacher_momentum_end: float = _f(1.0, lo=0.0, hi=1.0)
-    teacher_temp_start: float = _f(0.04, lo=1e-3)
-    teacher_temp_end: float = _f(0.07, lo=1e-3)
-    teacher_temp_warmup_fraction: float = _f(0.3, lo=0.0, hi=1.0)
-    student_temp: float = _f(0.1, lo=1e-3)
-    center_momentum: float = _f(0.9, lo=0.0, hi=1.0)
-    centering: Literal["centre", "sinkhorn_knopp"] = _f(
+    teacher_momentum_start: float = option(0.996, lo=0.0, hi=1.0)
+    teacher_momentum_end: float = option(1.0, lo=0.0, hi=1.0)
+    teacher_temp_start: float = option(0.04, lo=1e-3)
+    teacher_temp_end: float = option(0.07, lo=1e-3)
+    teacher_temp_warmup_fraction: float = option(0.3, lo=0.0, hi=1.0)
+    student_temp: float = option(0.1, lo=1e-3)
+    center_momentum: float = option(0.9, lo=0.0, hi=1.0)
+    centering: Literal["centre", "sinkhorn_knopp"] = option(
         "centre", doc="teacher normalisation of the DINO and iBOT targets: DINO's running centre, or DINOv2's "
         "Sinkhorn-Knopp batch equipartition (3 iterations)"
     )
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     progress: bool = True
-    cpu_threads: int = _f(0, lo=0, doc="torch intra-op threads of a CPU trainer (process-wide); 0 keeps torch's default")
+    cpu_threads: int = option(0, lo=0, doc="torch intra-op threads of a CPU trainer (process-wide); 0 keeps torch's default")
+    devices_per_site: int = option(1, lo=1, doc="devices each site trains on, one DeepSpeed data-parallel process per device "
+                                                "(data.batch_size is split across them); a site's node config key "
+                                                "train-devices overrides it (docs/scale-out.md)")
 
 
 @dataclass
 class DeepSpeedConfig:
     """Passed through to ``deepspeed.initialize``; ``extra`` is merged in verbatim."""
 
-    zero_stage: int = _f(0, lo=0, hi=3)
-    bf16: Literal["auto", True, False] = _f(
+    zero_stage: int = option(0, lo=0, hi=3)
+    bf16: Literal["auto", True, False] = option(
         "auto", doc="bf16 autocast of the forward (weights, gradients and optimizer state stay fp32): true, false, "
                     "or auto = on where the device computes bf16 natively (CUDA, Ampere or newer), off on CPU")
-    gradient_clipping: float = _f(3.0, lo=0.0)
-    gradient_accumulation_steps: int = _f(1, lo=1)
-    extra: dict[str, Any] = _f({})
+    gradient_clipping: float = option(3.0, lo=0.0)
+    gradient_accumulation_steps: int = option(1, lo=1)
+    extra: dict[str, Any] = option({})
 
 
 # --------------------------------------------------------------------------- federation
@@ -282,14 +278,14 @@ class RayConfig:
     """Which Ray the federation uses and what a site takes there (docs/scale-out.md)."""
 
     enabled: bool = True
-    address: str = _f("", doc="'' starts a private local Ray (even where a cluster is discoverable); 'auto', "
+    address: str = option("", doc="'' starts a private local Ray (even where a cluster is discoverable); 'auto', "
                               "host:port or ray://host:port joins that cluster")
-    site_cpus: float = _f(1.0, lo=0.01, doc="CPUs each site's Ray actor reserves in simulation (a fraction shares a "
+    site_cpus: float = option(1.0, lo=0.01, doc="CPUs each site's Ray actor reserves in simulation (a fraction shares a "
                                             "CPU); sites training at once = the cluster's CPUs / this")
-    site_gpus: float = _f(-1.0, lo=-1.0, hi=1.0, doc="GPUs each site's actor reserves in simulation: 1, 1/k (k sites "
+    site_gpus: float = option(-1.0, lo=-1.0, hi=1.0, doc="GPUs each site's actor reserves in simulation: 1, 1/k (k sites "
                                                      "share a GPU: 0.5, 0.25), 0 (CPU only), or -1 = auto: 0 with "
                                                      "device cpu or no GPU, else 1/ceil(sites / GPUs)")
-    serial_below_mib: float = _f(64.0, lo=0.0, doc="a round whose updates total fewer MiB aggregates in the server "
+    serial_below_mib: float = option(64.0, lo=0.0, doc="a round whose updates total fewer MiB aggregates in the server "
                                                    "process, not as Ray tasks (same result): below ~64 MiB the "
                                                    "averaging costs less than scheduling the tasks; 0 = always Ray")
 
@@ -299,50 +295,60 @@ class DPConfig:
     """Central differential privacy on the exchanged updates (docs/security.md)."""
 
     enabled: bool = False
-    clip_norm: float = _f(1.0, lo=1e-12, doc="L2 bound on each site's joint delta (every averaged float tensor "
+    clip_norm: float = option(1.0, lo=1e-12, doc="L2 bound on each site's joint delta (every averaged float tensor "
                                              "and its organ saliency)")
-    noise_multiplier: float = _f(1.0, lo=0.0, doc="Gaussian noise std / sensitivity, added at the server")
-    delta: float = _f(1e-5, lo=1e-12, hi=0.5, doc="delta of the reported (epsilon, delta)")
-    max_epsilon: float = _f(0.0, lo=0.0, doc="privacy budget: the run ends (its last round checkpointed) before "
+    noise_multiplier: float = option(1.0, lo=0.0, doc="Gaussian noise std / sensitivity, added at the server")
+    delta: float = option(1e-5, lo=1e-12, hi=0.5, doc="delta of the reported (epsilon, delta)")
+    max_epsilon: float = option(0.0, lo=0.0, doc="privacy budget: the run ends (its last round checkpointed) before "
                                              "a round that would take epsilon above it; 0 = no budget")
+
+
+#: Who holds the teacher between rounds (fedpanfm/federation/teacher_policy.py, docs/federation.md).
+TeacherPolicy = Literal["server_ema", "aggregate", "local"]
+#: Float precision of the weights on the wire (fedpanfm/federation/tensor_codec.py).
+TransferDtype = Literal["fp32", "bf16"]
 
 
 @dataclass
 class FederationConfig:
-    rounds: int = _f(3, lo=1)
-    min_sites: int = _f(2, lo=1)
-    fraction_train: float = _f(1.0, lo=0.0, hi=1.0)
-    round_timeout_s: float = _f(3600.0, lo=1.0)
-    teacher_policy: Literal["server_ema", "aggregate", "local"] = "server_ema"
-    server_teacher_momentum: float = _f(0.5, lo=0.0, hi=1.0)
-    transfer_dtype: Literal["fp32", "bf16"] = _f(
+    rounds: int = option(3, lo=1)
+    min_sites: int = option(2, lo=1)
+    fraction_train: float = option(1.0, lo=0.0, hi=1.0)
+    round_timeout_s: float = option(3600.0, lo=1.0)
+    teacher_policy: TeacherPolicy = "server_ema"
+    server_teacher_momentum: float = option(0.5, lo=0.0, hi=1.0)
+    transfer_dtype: TransferDtype = option(
         "fp32", doc="float precision of the weights on the wire, both ways (bf16: sites reply deltas); "
                     "bf16 halves the bytes (docs/performance.md)")
-    sparse_experts: bool = _f(False, doc="a site leaves out the experts it routed (almost) no gate mass to")
-    sparse_expert_min_share: float = _f(
+    sparse_experts: bool = option(False, doc="a site leaves out the experts it routed (almost) no gate mass to")
+    sparse_expert_min_share: float = option(
         0.0, lo=0.0, hi=1.0, doc="with sparse_experts: experts below this share of a block's gate mass count as unused")
     ray: RayConfig = field(default_factory=RayConfig)
-    retries: int = _f(1, lo=0, doc="re-sends of a round that got fewer than min_sites usable replies")
-    max_update_norm: float = _f(0.0, lo=0.0, doc="reject a reply with ||update - global|| above this; 0 = off")
-    max_site_subjects: int = _f(100_000, lo=1, doc="reject a reply claiming more training subjects")
-    site_subjects: dict[str, int] = _f({}, lo=1, doc="site name -> subjects it registered; its replies may claim "
+    retries: int = option(1, lo=0, doc="re-sends of a round that got fewer than min_sites usable replies")
+    max_update_norm: float = option(0.0, lo=0.0, doc="reject a reply with ||update - global|| above this; 0 = off")
+    max_site_subjects: int = option(100_000, lo=1, doc="reject a reply claiming more training subjects")
+    site_subjects: dict[str, int] = option({}, lo=1, doc="site name -> subjects it registered; its replies may claim "
                                                    "no more (a site not listed: max_site_subjects)")
-    subject_cap: float = _f(3.0, lo=0.0, doc="a site's subject count weighs at most this x the round's (lower) "
+    subject_cap: float = option(3.0, lo=0.0, doc="a site's subject count weighs at most this x the round's (lower) "
                                             "median; its organ and gate-mass weights scale alike; 0 = off")
-    update_norm_cap: float = _f(5.0, lo=0.0, doc="clip each site's ||update - global|| to this x the round's (lower) "
+    update_norm_cap: float = option(5.0, lo=0.0, doc="clip each site's ||update - global|| to this x the round's (lower) "
                                                 "median (ignored under dp, which clips to clip_norm); 0 = off")
-    max_metric: float = _f(1e4, lo=1.0, doc="a reply carrying a training or validation metric beyond +-this is dropped")
+    max_metric: float = option(1e4, lo=1.0, doc="a reply carrying a training or validation metric beyond +-this is dropped")
     robust: Literal["mean", "median", "trimmed_mean"] = "mean"
-    trim_fraction: float = _f(0.1, lo=0.0, hi=0.49, doc="share cut at each end per coordinate (trimmed_mean)")
+    trim_fraction: float = option(0.1, lo=0.0, hi=0.49, doc="share cut at each end per coordinate (trimmed_mean)")
     dp: DPConfig = field(default_factory=DPConfig)
-    server_device: Literal["cpu", "auto", "cuda"] = _f(
+    server_device: Literal["cpu", "auto", "cuda"] = option(
         "cpu", doc="where the server aggregates (means, directors, teacher EMA): auto = CUDA when the server sees a "
                    "GPU; cuda aggregates in-process even with Ray; rounds with dp stay on CPU (docs/scale-out.md)")
+    cohort_statistics: bool = option(True, doc="before round 1 the server asks every site for its cohort statistics "
+                                           "(aggregates only) -> <run>/cohort_statistics.csv/.json, TensorBoard")
+    statistics_min_cell: int = option(5, lo=5, doc="no released statistic rests on fewer subjects (a site may ask for "
+                                               "more in its node config, statistics-min-cell; docs/data.md)")
 
 
 @dataclass
 class LoggingConfig:
-    run_dir: str = _f("runs", doc="experiment runs are written under this folder")
+    run_dir: str = option("runs", doc="experiment runs are written under this folder")
     tensorboard: bool = True
 
 
@@ -359,18 +365,18 @@ STUDY_ARMS: tuple[str, ...] = (
 class StudyConfig:
     """The SGM study (``fedpanfm study``, docs/results.md): arms, seeds and the evaluation cohort."""
 
-    seeds: list[int] = _f([0, 1, 2], doc="one run of every arm per seed (init, shuffling, masks, probe split)")
-    arms: list[str] = _f(list(STUDY_ARMS), doc="arms to run, a subset of STUDY_ARMS")
-    eval_sites: int = _f(2, lo=1, hi=256, doc="full-body sites of the labelled evaluation cohort")
-    eval_subjects: int = _f(150, lo=4, doc="subjects per evaluation site")
-    eval_seed: int = _f(1000, doc="synth seed of the evaluation cohort (differs from synth.seed)")
-    cpus: int = _f(0, lo=0, doc="CPUs for the federated arms' Ray; 0 = all cores")
-    quick: list[str] = _f([], doc="KEY=VALUE overrides applied by --quick")
-    primary_readout: Literal["cls", "organ_mean", "both"] = _f(
+    seeds: list[int] = option([0, 1, 2], doc="one run of every arm per seed (init, shuffling, masks, probe split)")
+    arms: list[str] = option(list(STUDY_ARMS), doc="arms to run, a subset of STUDY_ARMS")
+    eval_sites: int = option(2, lo=1, hi=256, doc="full-body sites of the labelled evaluation cohort")
+    eval_subjects: int = option(150, lo=4, doc="subjects per evaluation site")
+    eval_seed: int = option(1000, doc="synth seed of the evaluation cohort (differs from synth.seed)")
+    cpus: int = option(0, lo=0, doc="CPUs for the federated arms' Ray; 0 = all cores")
+    quick: list[str] = option([], doc="KEY=VALUE overrides applied by --quick")
+    primary_readout: Literal["cls", "organ_mean", "both"] = option(
         "cls", doc="encoder readout that decides macro_auroc, the same for every arm (docs/evaluation.md)")
-    supervised_epochs: int = _f(10, lo=1, doc="epochs at least of the supervised_factors reference over the "
+    supervised_epochs: int = option(10, lo=1, doc="epochs at least of the supervised_factors reference over the "
                                               "training cohort (more steps than the arms' budget when needed)")
-    supervised_min_subjects: int = _f(768, lo=1, doc="training subjects the supervised reference needs to count as "
+    supervised_min_subjects: int = option(768, lo=1, doc="training subjects the supervised reference needs to count as "
                                                      "the upper reference; fewer is flagged in its note")
 
 
@@ -378,24 +384,24 @@ class StudyConfig:
 class EvalConfig:
     """Linear-probe evaluation and missing-organ robustness (docs/evaluation.md)."""
 
-    test_fraction: float = _f(0.3, lo=0.05, hi=0.8, doc="share of subjects held out to score the probes")
-    val_fraction: float = _f(0.2, lo=0.05, hi=0.8, doc="share of subjects used to choose the L2 strength")
-    l2_grid: list[float] = _f([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3, 1e4], lo=0.0,
+    test_fraction: float = option(0.3, lo=0.05, hi=0.8, doc="share of subjects held out to score the probes")
+    val_fraction: float = option(0.2, lo=0.05, hi=0.8, doc="share of subjects used to choose the L2 strength")
+    l2_grid: list[float] = option([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3, 1e4], lo=0.0,
                               doc="L2 strengths tried per label (extended upwards when its largest wins)")
-    l2_extend: int = _f(4, lo=0, doc="decades the L2 grid is extended by at most, one at a time, while its "
+    l2_extend: int = option(4, lo=0, doc="decades the L2 grid is extended by at most, one at a time, while its "
                                      "largest value is the strict best on validation")
-    max_iter: int = _f(50, lo=1, doc="Newton iterations per probe fit at most")
-    probe_seed: int = _f(7919, doc="offset of the probe split seed: split = probe_seed + run seed, so the split "
+    max_iter: int = option(50, lo=1, doc="Newton iterations per probe fit at most")
+    probe_seed: int = option(7919, doc="offset of the probe split seed: split = probe_seed + run seed, so the split "
                                    "never shares a seed with model initialisation")
-    baselines: bool = _f(True, doc="score the baseline rows (presence, pixel_stats, pca_pixels, oracle, "
+    baselines: bool = option(True, doc="score the baseline rows (presence, pixel_stats, pca_pixels, oracle, "
                                    "random_init) beside the encoder")
-    pca_components: int = _f(32, lo=1, doc="components of the pca_pixels baseline")
-    bootstrap: int = _f(1000, lo=0, doc="bootstrap resamples of the test set for CIs; 0 = none")
-    ci_level: float = _f(0.95, lo=0.5, hi=0.999)
-    random_draws: int = _f(3, lo=1, doc="random organ-removal draws per subject and k")
-    batch_size: int = _f(64, lo=1, doc="subjects per encoder forward when embedding")
-    server_cohort: str = _f("", doc="labelled cohort the server probes each round's global teacher on; '' = off")
-    server_probe_every_round: bool = _f(False, doc="probe every round even when rounds outpace the probe (they "
+    pca_components: int = option(32, lo=1, doc="components of the pca_pixels baseline")
+    bootstrap: int = option(1000, lo=0, doc="bootstrap resamples of the test set for CIs; 0 = none")
+    ci_level: float = option(0.95, lo=0.5, hi=0.999)
+    random_draws: int = option(3, lo=1, doc="random organ-removal draws per subject and k")
+    batch_size: int = option(64, lo=1, doc="subjects per encoder forward when embedding")
+    server_cohort: str = option("", doc="labelled cohort the server probes each round's global teacher on; '' = off")
+    server_probe_every_round: bool = option(False, doc="probe every round even when rounds outpace the probe (they "
                                                    "queue); false: a waiting round is skipped for a newer one")
     study: "StudyConfig" = field(default_factory=lambda: StudyConfig())
 
@@ -405,7 +411,7 @@ class ExperimentConfig:
     name: str = "fedpanfm"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cohort: str = _f("data/synthetic", doc="cohort folder (site folders below it)")
+    cohort: str = option("data/synthetic", doc="cohort folder (site folders below it)")
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -425,155 +431,16 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str, src: str, meta: dict[str, Any]) -> Any:
-    """Check ``value`` against the annotation ``tp``; returns the typed value."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    where = f"{src}: {key}"
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, key, src)
-    if origin is Literal:
-        # Same type too: 1 == True, but "bf16: 1" is not the boolean the key takes.
-        if not any(value == a and type(value) is type(a) for a in args):
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for a in args:
-            if a is type(None) and value is None:
-                return None
-        non_none = [a for a in args if a is not type(None)]
-        return _convert(value, non_none[0], key, src, meta)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        return [_convert(v, args[0], f"{key}[{i}]", src, meta) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return {str(k): _convert(v, args[1], f"{key}.{k}", src, meta) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        _range(value, key, src, meta)
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        _range(float(value), key, src, meta)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
-
-
-def _range(value: float, key: str, src: str, meta: dict[str, Any]) -> None:
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and value < lo:
-        raise ConfigError(f"{src}: {key} = {value} is below the minimum {lo}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{src}: {key} = {value} is above the maximum {hi}")
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str, src: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in raw if k not in fields]
-    if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(f"{src}: unknown key {key!r} (known: {', '.join(fields)})")
-    base = cls()
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name in raw:
-            kwargs[name] = _merge_default(getattr(base, name), raw[name], hints[name], key, src, dict(f.metadata))
-        else:
-            kwargs[name] = getattr(base, name)
-    return cls(**kwargs)
-
-
-def _merge_default(default: Any, value: Any, tp: Any, key: str, src: str, meta: dict[str, Any]) -> Any:
-    """Nested dataclasses and dicts of dataclasses merge into their defaults, key by key."""
-    if dataclasses.is_dataclass(default) and isinstance(value, dict):
-        merged = {**_shallow(default), **value}
-        return _convert(merged, tp, key, src, meta)
-    if typing.get_origin(tp) is dict and isinstance(value, dict) and isinstance(default, dict):
-        val_tp = typing.get_args(tp)[1]
-        out = dict(default)
-        for k, v in value.items():
-            sub = f"{key}.{k}"
-            if dataclasses.is_dataclass(val_tp) and k in default and isinstance(v, dict):
-                out[str(k)] = _convert({**_shallow(default[k]), **v}, val_tp, sub, src, meta)
-            else:
-                out[str(k)] = _convert(v, val_tp, sub, src, meta)
-        return out
-    return _convert(value, tp, key, src, meta)
-
-
-def _shallow(obj: Any) -> dict[str, Any]:
-    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-
-
-def _plain(v: Any) -> Any:
-    if dataclasses.is_dataclass(v):
-        return _shallow(v)
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"model.depth=4"`` -> (["model", "depth"], 4); the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set model.depth=4")
-    key, raw = text.split("=", 1)
-    parts = [p for p in key.strip().split(".")]
-    if not all(parts):
-        raise ConfigError(f"--set {text}: empty part in key {key!r}")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str) and _YAML11_FLOAT_GAP.fullmatch(value.strip()):
-        # YAML 1.1 reads 1e-4 (no dot) as a string; every user means the number.
-        value = float(value)
-    return parts, value
-
-
-_YAML11_FLOAT_GAP = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
-
-
-def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
-    node = raw
-    for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {text}: {p!r} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
 def config_from_dict(raw: dict[str, Any], src: str = "<dict>", overrides: list[str] | None = None) -> ExperimentConfig:
     """Build and check an :class:`ExperimentConfig` from a plain mapping plus ``--set`` overrides."""
-    raw = _plain(dict(raw or {}))
+    raw = to_plain(dict(raw or {}))
     if not isinstance(raw, dict):
         raise ConfigError(f"{src}: the top level must be a mapping")
     for text in overrides or []:
         parts, value = parse_override(text)
-        _apply_override(raw, parts, value, text)
+        apply_override(raw, parts, value, text)
     label = src if not overrides else f"{src} (with --set {' '.join(overrides)})"
-    cfg = _build(ExperimentConfig, raw, "", label)
+    cfg = build_dataclass(ExperimentConfig, raw, "", label)
     validate(cfg, label)
     return cfg
 
@@ -583,34 +450,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is None:
         return config_from_dict({}, "<defaults>", overrides)
     return config_from_dict(read_yaml_mapping(path), str(path), overrides)
-
-
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML file; a missing file, bad YAML or a non-mapping is a
-    :class:`ConfigError` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
-    return raw
-
-
-def load_yaml_dataclass(cls: type[T], path: str | Path) -> T:
-    """Load a YAML file into the dataclass ``cls`` with the checks experiment configs get.
-
-    Used for the deployment configs (coordinator, site kit): unknown keys, wrong types and
-    out-of-range values raise :class:`ConfigError` naming the file and the dotted key.
-
-    Args:
-        cls: a dataclass whose fields all have defaults (declared with ranges like the above).
-        path: the YAML file.
-    """
-    return typing.cast(T, _build(cls, read_yaml_mapping(path), "", str(path)))
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
@@ -712,10 +551,10 @@ __all__ = [
     "RayConfig",
     "StudyConfig",
     "SynthConfig",
+    "TeacherPolicy",
     "TrainConfig",
+    "TransferDtype",
     "config_from_dict",
     "config_from_run_config",
     "load_config",
-    "load_yaml_dataclass",
-    "parse_override",
 ]

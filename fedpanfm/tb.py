@@ -79,6 +79,10 @@ class RunLogger:
                              f"got {image.shape} {image.dtype}")
         self._writer.add_image(tag, image, global_step=step, dataformats="HWC")
 
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        """Text at ``step`` (TensorBoard's TEXT tab renders markdown, tables included)."""
+        self._writer.add_text(tag, markdown, global_step=step)
+
     def histogram(self, tag: str, values: Sequence[float] | np.ndarray, step: int) -> None:
         """The distribution of ``values`` (finite, at least one) at ``step``."""
         a = np.asarray(values, dtype=np.float64)

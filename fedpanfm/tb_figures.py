@@ -149,4 +149,84 @@ def masked_subjects(
     return _to_array(fig)
 
 
-__all__ = ["expert_heatmap", "expert_usage_matrix", "masked_subjects", "mid_slice", "organ_bars", "patch_grid"]
+def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], title: str = "") -> np.ndarray:
+    """ROC curves, one per label, AUROC in the legend, the chance diagonal dashed.
+
+    Args:
+        curves: label -> (false-positive rates, true-positive rates, AUROC).
+        title: the figure title.
+    """
+    fig = _figure(4.8, 4.2)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=0.8)
+    for label, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, lw=1.2, label=f"{label} ({auc:.3f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate", ylabel="true-positive rate")
+    ax.set_title(title or "ROC (test set)", fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    return _to_array(fig)
+
+
+def png_image(path) -> np.ndarray:  # noqa: ANN001 - a path
+    """A PNG file as (H, W, 3) uint8 (alpha dropped), for :meth:`fedpanfm.tb.RunLogger.image`."""
+    from matplotlib.image import imread
+
+    a = imread(str(path))
+    if a.dtype != np.uint8:
+        a = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    return np.ascontiguousarray(a[..., :3])
+
+
+#: The continuous values the heterogeneity picture draws, with their axis labels.
+_HETEROGENEITY = (("spacing_mm_0", "spacing, first axis (mm)"), ("p50_before", "median intensity before"),
+                  ("p50_after", "median intensity after"))
+
+
+def cohort_heterogeneity(by_site: Mapping[str, Mapping]) -> np.ndarray:
+    """Sites side by side: organ coverage (share of the site's subjects; withheld cells hatched
+    grey) and, per organ, each site's q10..q90 range with its q50 for a few values
+    (fedpanfm/data/site_statistics.py; nothing below the release threshold is drawn)."""
+    sites = sorted(by_site)
+    organs = sorted({o for s in by_site.values() for o in s.get("organs", {})})
+    fig = _figure(3.0 + 0.7 * len(organs) * (1 + len(_HETEROGENEITY)) / 2, 1.2 + 0.35 * len(sites) + 2.4)
+    axes = fig.subplots(1, 1 + len(_HETEROGENEITY), squeeze=False)[0]
+    cover = np.full((len(sites), len(organs)), np.nan)
+    for i, site in enumerate(sites):
+        n = by_site[site].get("subjects")
+        for j, organ in enumerate(organs):
+            c = by_site[site].get("organs", {}).get(organ, {}).get("subjects")
+            if n and c is not None:
+                cover[i, j] = c / n
+    ax = axes[0]
+    ax.imshow(np.isnan(cover), cmap="Greys", vmin=0, vmax=4, aspect="auto")
+    im = ax.imshow(np.ma.masked_invalid(cover), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(organs)), organs, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(sites)), sites, fontsize=7)
+    ax.set_title("organ coverage (grey: withheld)", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    width = 0.8 / max(1, len(sites))
+    for ax, (key, label) in zip(axes[1:], _HETEROGENEITY):
+        for i, site in enumerate(sites):
+            xs, mid, lo, hi = [], [], [], []
+            for j, organ in enumerate(organs):
+                q = by_site[site].get("organs", {}).get(organ, {}).get("numeric", {}).get(key)
+                if q:
+                    xs.append(j - 0.4 + width * (i + 0.5))
+                    mid.append(q["q50"])
+                    lo.append(q["q50"] - q["q10"])
+                    hi.append(q["q90"] - q["q50"])
+            if xs:
+                ax.errorbar(xs, mid, yerr=[lo, hi], fmt="o", markersize=3, capsize=2, label=site)
+        ax.set_xticks(range(len(organs)), organs, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"{label}: q10-q50-q90", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    axes[1].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    return _to_array(fig)
+
+
+__all__ = ["cohort_heterogeneity", "expert_heatmap", "expert_usage_matrix", "masked_subjects", "mid_slice", "organ_bars",
+           "patch_grid", "png_image", "roc_curves"]

@@ -9,10 +9,13 @@ Layout under a run's ``checkpoints/`` folder::
 ``best`` and ``latest`` are relative symbolic links, swapped atomically (``os.replace``), so a
 reader never sees a half-written checkpoint through them and no weights are stored twice.
 
-Writing runs in the background so the next round is not held up. Our design: one writer
-thread of its own rather than ``ray_aggregation.submit_background`` (concurrent Ray tasks):
-a single writer keeps the writes in round order, so ``latest`` and ``best`` only move forward,
-and the weights are not copied through Ray's object store once more.
+Writing runs on a thread of its own, beside the rest of the round's bookkeeping (TensorBoard,
+the probe). Our design: one writer thread rather than concurrent Ray tasks: a single writer
+keeps the writes in round order, so ``latest`` and ``best`` only move forward, and the weights
+are not copied through Ray's object store once more. The round's write must have succeeded
+before the next round starts (:meth:`CheckpointPolicy.wait_round`): a write that fails (disk
+full, permissions) stops the run at that round with :class:`CheckpointWriteFailed`, naming the
+last complete checkpoint (left as it was) and how to resume, instead of training on unsaved.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from fedpanfm.config import ExperimentConfig
 log = logging.getLogger(__name__)
 
 
+class CheckpointWriteFailed(RuntimeError):
+    """A round's checkpoint could not be written; the run stops at that round."""
+
+
 class CheckpointPolicy:
     """Writes the global model after each round (in the background) and keeps ``best``/``latest``.
 
@@ -46,8 +53,10 @@ class CheckpointPolicy:
         self.best_loss = math.inf
         self.best_round: int | None = None
         self.latest_round: int | None = None
+        #: the last round whose checkpoint is complete on disk.
+        self.last_written: int | None = None
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        self._pending: list[Future[Path]] = []
+        self._pending: dict[int, Future[Path]] = {}
 
     def submit(self, server_round: int, state: dict[str, torch.Tensor], val_loss: float | None,
                meta: dict[str, Any]) -> Future[Path]:
@@ -62,12 +71,12 @@ class CheckpointPolicy:
             meta: extra JSON-able facts stored in ``meta.json`` (losses, sites ...).
         """
         is_best = val_loss is not None and math.isfinite(val_loss) and val_loss < self.best_loss
-        if is_best:
+        if is_best and val_loss is not None:
             self.best_loss, self.best_round = float(val_loss), server_round
         self.latest_round = server_round
         meta = {**meta, "round": server_round, "val_loss": val_loss, "best": is_best}
         fut = self._writer.submit(self._write, server_round, state, meta, is_best)
-        self._pending.append(fut)
+        self._pending[server_round] = fut
         return fut
 
     def restore(self, latest_round: int, best_round: int | None, best_loss: float | None) -> None:
@@ -78,7 +87,7 @@ class CheckpointPolicy:
             best_round: the round ``best`` points at (None: none yet).
             best_loss: its validation loss.
         """
-        self.latest_round = latest_round
+        self.latest_round = self.last_written = latest_round
         self.best_round = best_round
         self.best_loss = float(best_loss) if best_round is not None and best_loss is not None else math.inf
 
@@ -89,13 +98,47 @@ class CheckpointPolicy:
         point_latest(self.dir / "latest", path)
         if is_best:
             point_latest(self.dir / "best", path)
+        self.last_written = server_round
         log.info("checkpoint round %d written to %s%s", server_round, path, " (best)" if is_best else "")
         return path
 
+    def _failed(self, server_round: int, exc: BaseException, resume_hint: str) -> CheckpointWriteFailed:
+        last = (f"the last complete checkpoint is {self.dir / f'round_{self.last_written}'} (round "
+                f"{self.last_written}; `latest` still points at it)" if self.last_written is not None
+                else "no round's checkpoint is complete yet")
+        hint = f"; free space or fix {self.dir}, then resume with: {resume_hint}" if resume_hint else ""
+        return CheckpointWriteFailed(f"checkpoint of round {server_round} could not be written to "
+                                     f"{self.dir / f'round_{server_round}'} ({type(exc).__name__}: {exc}); the run "
+                                     f"stops after round {server_round}: {last}{hint}")
+
+    def wait_round(self, server_round: int, resume_hint: str = "") -> Path:
+        """Block until the checkpoint of ``server_round`` is on disk.
+
+        Args:
+            server_round: a round passed to :meth:`submit`.
+            resume_hint: the command that continues the run, for the error message.
+
+        Raises:
+            CheckpointWriteFailed: the write failed; the previous checkpoint is untouched.
+        """
+        fut = self._pending.pop(server_round)
+        try:
+            return fut.result()
+        except Exception as exc:
+            raise self._failed(server_round, exc, resume_hint) from exc
+
     def wait(self) -> list[Path]:
-        """Block until every queued write is done; re-raises the first write error."""
-        done = [f.result() for f in self._pending]
-        self._pending.clear()
+        """Block until every queued write is done; raises :class:`CheckpointWriteFailed` for the
+        first that failed (a failure already raised by :meth:`wait_round` is not raised again)."""
+        pending, self._pending = self._pending, {}
+        done, failure = [], None
+        for k, fut in sorted(pending.items()):
+            try:
+                done.append(fut.result())
+            except Exception as exc:
+                failure = failure or (k, exc)
+        if failure is not None:
+            raise self._failed(failure[0], failure[1], "") from failure[1]
         return done
 
     def close(self) -> None:

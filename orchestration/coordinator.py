@@ -25,7 +25,9 @@ The coordinator's files live under ``state_dir`` (config ``configs/deployment.ya
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 from fedpanfm.certs import check_site_name, check_tls, load_auth_public_key, load_certificate
-from fedpanfm.config import ConfigError, _f, load_yaml_dataclass
+from fedpanfm.typed_yaml import ConfigError, load_yaml_dataclass, option
 from fedpanfm.supervision import PidFile, ProcessRecord, clean_stale, keeper_command
 
 
@@ -44,17 +46,17 @@ from fedpanfm.supervision import PidFile, ProcessRecord, clean_stale, keeper_com
 class CoordinatorConfig:
     """The coordinator's deployment config; relative paths are from the YAML file's folder."""
 
-    server_host: str = _f("127.0.0.1", doc="the name sites and the flwr CLI dial (in the server certificate)")
-    bind_host: str = _f("0.0.0.0", doc="interface the SuperLink listens on")
-    port: int = _f(9092, lo=1, hi=65535, doc="the SuperLink's HTTPS port (Fleet, Control and Runtime APIs)")
-    certs_dir: str = _f("certs", doc="the folder `fedpanfm certs init` wrote")
-    sites: dict[str, str] = _f({}, doc="site name -> its public key file; '' = <certs_dir>/sites/<name>/auth.pub")
-    state_dir: str = _f("deploy", doc="state database, logs and the coordinator's Flower CLI config")
-    experiment: str = _f("configs/quickstart.yaml", doc="the experiment YAML `federation run` submits")
-    overrides: list[str] = _f([], doc="KEY=VALUE overrides of the experiment config")
-    run_dir: str = _f("runs", doc="run folders (checkpoints, TensorBoard) are made under this folder")
-    connection: str = _f("fedpanfm", doc="the Flower CLI connection name `federation run` writes")
-    app_dir: str = _f(".", doc="the Flower app (the project folder holding pyproject.toml)")
+    server_host: str = option("127.0.0.1", doc="the name sites and the flwr CLI dial (in the server certificate)")
+    bind_host: str = option("0.0.0.0", doc="interface the SuperLink listens on")
+    port: int = option(9092, lo=1, hi=65535, doc="the SuperLink's HTTPS port (Fleet, Control and Runtime APIs)")
+    certs_dir: str = option("certs", doc="the folder `fedpanfm certs init` wrote")
+    sites: dict[str, str] = option({}, doc="site name -> its public key file; '' = <certs_dir>/sites/<name>/auth.pub")
+    state_dir: str = option("deploy", doc="state database, logs and the coordinator's Flower CLI config")
+    experiment: str = option("configs/quickstart.yaml", doc="the experiment YAML `federation run` submits")
+    overrides: list[str] = option([], doc="KEY=VALUE overrides of the experiment config")
+    run_dir: str = option("runs", doc="run folders (checkpoints, TensorBoard) are made under this folder")
+    connection: str = option("fedpanfm", doc="the Flower CLI connection name `federation run` writes")
+    app_dir: str = option(".", doc="the Flower app (the project folder holding pyproject.toml)")
 
     source: str = ""
 
@@ -91,6 +93,11 @@ class CoordinatorConfig:
     @property
     def flwr_home(self) -> Path:
         return Path(self.state_dir) / "flwr_home"
+
+    @property
+    def registry(self) -> Path:
+        """Site name -> the node id its key was registered under (``flwr supernode ls`` shows no names)."""
+        return Path(self.state_dir) / "sites.json"
 
     def site_keys(self) -> dict[str, Path]:
         """Site name -> public key file, every name and file checked."""
@@ -214,18 +221,70 @@ def register_sites(cfg: CoordinatorConfig, timeout_s: float = 60.0) -> dict[str,
     """
     write_flower_connection(cfg.flwr_home, cfg.connection, cfg.address, cfg.ca_cert)
     out = {}
+    registry = read_registry(cfg)
     for name, key in cfg.site_keys().items():
         load_auth_public_key(key)
         res = _flwr(["supernode", "register", str(key), cfg.connection, "--name", name, "--format", "json"],
                     cfg.flwr_home, timeout_s)
         text = res.stdout + res.stderr
+        node = re.search(r'"node-id":\s*(\d+)', text)
         if res.returncode == 0 and '"success": true' in text:
-            out[name] = "registered"
+            out[name] = "registered" + (f" as node {node.group(1)}" if node else "")
+            if node:
+                registry[name] = {"node_id": int(node.group(1)), "public_key": str(key)}
+                _write_registry(cfg, registry)
         elif "already" in text.lower():
             out[name] = "already registered"
         else:
             raise RuntimeError(f"site {name}: registering {key} failed ({res.returncode}): {text[-2000:]}")
     return out
+
+
+def read_registry(cfg: CoordinatorConfig) -> dict[str, dict[str, object]]:
+    """``<state_dir>/sites.json``: site name -> ``{"node_id", "public_key"}`` as registered here."""
+    if not cfg.registry.is_file():
+        return {}
+    try:
+        data = json.loads(cfg.registry.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{cfg.registry}: not valid JSON ({exc}); remove it and register again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cfg.registry}: expected an object of sites")
+    return data
+
+
+def _write_registry(cfg: CoordinatorConfig, registry: dict[str, dict[str, object]]) -> None:
+    tmp = cfg.registry.with_suffix(".tmp")
+    tmp.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, cfg.registry)
+
+
+def unregister_site(cfg: CoordinatorConfig, name: str, timeout_s: float = 60.0) -> int:
+    """Unregister ``name``'s node from the running SuperLink; its key is refused from then on.
+
+    Returns the node id. The site stays in ``sites`` until the operator drops it (a restart
+    would register it again).
+
+    Args:
+        cfg: the coordinator config.
+        name: the site name.
+        timeout_s: for the ``flwr`` call.
+    """
+    check_site_name(name, "server unregister --site")
+    registry = read_registry(cfg)
+    if name not in registry:
+        raise ValueError(f"site {name}: no node id recorded in {cfg.registry} (registered before this record was "
+                         f"kept?): find it with `FLWR_HOME={cfg.flwr_home} flwr supernode ls {cfg.connection}` and run "
+                         f"`flwr supernode unregister <node-id> {cfg.connection}`")
+    node_id = int(str(registry[name]["node_id"]))
+    write_flower_connection(cfg.flwr_home, cfg.connection, cfg.address, cfg.ca_cert)
+    res = _flwr(["supernode", "unregister", str(node_id), cfg.connection, "--format", "json"], cfg.flwr_home, timeout_s)
+    text = res.stdout + res.stderr
+    if res.returncode != 0 or '"success": true' not in text:
+        raise RuntimeError(f"site {name}: unregistering node {node_id} failed ({res.returncode}): {text[-2000:]}")
+    del registry[name]
+    _write_registry(cfg, registry)
+    return node_id
 
 
 def ensure_port_free(host: str, port: int) -> None:

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedpanfm.config import ConfigError, load_config
+from fedpanfm.cli import add_file_option
+from fedpanfm.config import ConfigError, config_from_dict, load_config
 from fedpanfm.supervision import AlreadyRunning
 from orchestration.coordinator import (
     CoordinatorConfig,
@@ -31,6 +32,7 @@ from orchestration.coordinator import (
     load_coordinator_config,
     register_sites,
     start_superlink,
+    unregister_site,
     write_flower_connection,
 )
 
@@ -44,14 +46,18 @@ def register_server(subparsers: argparse._SubParsersAction) -> None:
     server = subparsers.add_parser("server", help="the coordinator of a deployed federation")
     sub = server.add_subparsers(dest="server_command", metavar="ACTION", required=True)
     start = sub.add_parser("start", help="run the SuperLink (TLS, site authentication, state database)")
-    start.add_argument("--config", required=True, type=Path, help="coordinator YAML (configs/deployment.yaml)")
+    add_file_option(start, "--coordinator-config", "coordinator YAML (configs/deployment.yaml)")
     start.add_argument("--insecure", action="store_true",
                        help="no TLS and no site authentication: any machine that reaches the port may join. "
                        "Testing on one machine only")
     start.set_defaults(func=_run_server_start)
     reg = sub.add_parser("register", help="register the sites' public keys with the running SuperLink")
-    reg.add_argument("--config", required=True, type=Path, help="coordinator YAML")
+    add_file_option(reg, "--coordinator-config", "coordinator YAML")
     reg.set_defaults(func=_run_server_register)
+    unreg = sub.add_parser("unregister", help="unregister a site's node (remove a site, or before rotating its key)")
+    add_file_option(unreg, "--coordinator-config", "coordinator YAML")
+    unreg.add_argument("--site", required=True, help="the site name")
+    unreg.set_defaults(func=_run_server_unregister)
 
 
 def register_federation(subparsers: argparse._SubParsersAction) -> None:
@@ -63,7 +69,7 @@ def register_federation(subparsers: argparse._SubParsersAction) -> None:
     fed = subparsers.add_parser("federation", help="submit runs to a deployed federation")
     sub = fed.add_subparsers(dest="federation_command", metavar="ACTION", required=True)
     run = sub.add_parser("run", help="write the Flower CLI connection and submit a run (flwr run)")
-    run.add_argument("--config", required=True, type=Path, help="coordinator YAML (configs/deployment.yaml)")
+    add_file_option(run, "--coordinator-config", "coordinator YAML (configs/deployment.yaml)")
     run.add_argument("--experiment", type=Path, default=None,
                      help="experiment YAML (default: the coordinator config's `experiment`)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -115,7 +121,7 @@ def _run_server_start(args: argparse.Namespace) -> int:
     print(f"  state database: {cfg.database}; processes: {cfg.pid_file}")
     for name, status in link.registered.items():
         print(f"  site {name}: {status}")
-    print(f"  runs write under {cfg.run_dir} (submit with: fedpanfm federation run --config {args.config})",
+    print(f"  runs write under {cfg.run_dir} (submit with: fedpanfm federation run --coordinator-config {args.config})",
           flush=True)
     try:
         code = link.proc.wait()
@@ -136,6 +142,19 @@ def _run_server_register(args: argparse.Namespace) -> int:
     cfg = load_coordinator_config(args.config)
     for name, status in register_sites(cfg).items():
         print(f"site {name}: {status}")
+    return 0
+
+
+def _run_server_unregister(args: argparse.Namespace) -> int:
+    cfg = load_coordinator_config(args.config)
+    try:
+        node_id = unregister_site(cfg, args.site)
+    except (ValueError, RuntimeError) as exc:
+        print(f"fedpanfm server unregister: {exc}", file=sys.stderr)
+        return 1
+    print(f"site {args.site}: node {node_id} unregistered; its key is refused from now on"
+          + (f" (still listed in {args.config} `sites`: a restart or `server register` registers it again)"
+             if args.site in cfg.sites else ""))
     return 0
 
 
@@ -176,16 +195,17 @@ def check_resumable(run_folder: Path) -> str:
         run_folder: a run folder on the coordinator.
     """
     from fedpanfm.checkpoint import CheckpointError  # torch: not at CLI start-up
-    from orchestration.resume import find_resume_point
+    from orchestration.resume import find_resume_point, resume_config
 
     config = run_folder / "config.yaml"
     if not config.is_file():
         raise ValueError(f"--resume {run_folder}: no config.yaml there (not a run folder)")
     try:
         point = find_resume_point(run_folder)
+        # What is sent to the sites is config.yaml: it must be the checkpoint's checksummed config.
+        rounds = config_from_dict(resume_config(run_folder, point), str(config)).federation.rounds
     except CheckpointError as exc:
         raise ValueError(f"--resume {run_folder}: {exc}") from None
-    rounds = load_config(config).federation.rounds
     summary = run_folder / "summary.json"
     if point.round >= rounds:
         raise ValueError(f"--resume {run_folder}: round {point.round} of {rounds} is its last checkpoint: "
@@ -195,8 +215,10 @@ def check_resumable(run_folder: Path) -> str:
 
 
 def default_run_folder(cfg: CoordinatorConfig, name: str) -> Path:
-    """``<run_dir>/<name>-<YYYYmmdd-HHMMSS>`` on the coordinator."""
-    return Path(cfg.run_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``<run_dir>/<name>-federation-<YYYYmmdd-HHMMSS>`` on the coordinator (fedpanfm/run_folder.py)."""
+    from fedpanfm.run_folder import new_run_folder
+
+    return new_run_folder(cfg.run_dir, name, "federation")
 
 
 def _flwr_command(cfg: CoordinatorConfig, run_cfg: Path, stream: bool) -> list[str]:

@@ -101,7 +101,8 @@ def placed_client_app(inner: Any, sink: str, device: str) -> Any:
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
 
-    from fedpanfm.federation.message import SERVER_CONFIG, SITE_CONFIG
+    from fedpanfm.federation.protocol import SERVER_CONFIG, SITE_CONFIG
+    from fedpanfm.data.site_statistics import ACTION as STATISTICS_ACTION
 
     app = ClientApp()
 
@@ -120,6 +121,10 @@ def placed_client_app(inner: Any, sink: str, device: str) -> Any:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        return inner(msg, context)
+
+    @app.query(STATISTICS_ACTION)  # the cohort-statistics query (orchestration/cohort_statistics.py)
+    def statistics(msg: Message, context: Context) -> Message:
         return inner(msg, context)
 
     return app

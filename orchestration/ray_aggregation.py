@@ -23,32 +23,33 @@ Ray specifics:
   per group: Ray may start a worker process per concurrent 0-CPU task, and each worker imports
   torch, which on a small machine costs more than the averaging itself.
 
-``submit_background`` runs side work without blocking the next round: a 0-CPU Ray task pinned
-to this node (files it writes land where the server runs), or a thread when Ray is not running;
-``wait_background`` waits for all of them. The federation's own checkpoint writer and probe
-evaluation use threads instead (``orchestration/checkpoints.py``, ``server_eval.py`` say why).
+Side work off the round's critical path (checkpoint writing, the server's probe, TensorBoard)
+runs on threads of the server process, not as Ray tasks (``orchestration/checkpoints.py`` and
+``server_eval.py`` say why).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch import Tensor
 
 from fedpanfm.config import ExperimentConfig
-from fedpanfm.federation.aggregate import (MeanTask, RoundOutcome, RoundPlan, RunMeans, State, aggregate_round,
-                                         run_means_serial)
-from fedpanfm.federation.message import SiteUpdate, state_nbytes
+from fedpanfm.federation.aggregate import aggregate_round
+from fedpanfm.federation.directors import State
+from fedpanfm.federation.means import MeanTask, RunMeans, run_means_serial
+from fedpanfm.federation.outcome import RoundOutcome
+from fedpanfm.federation.planning import RoundPlan
+from fedpanfm.federation.protocol import SiteUpdate
+from fedpanfm.federation.tensor_codec import state_nbytes
 from orchestration.placement import note_aggregation
 from orchestration.ray_cluster import start_ray
 
@@ -132,7 +133,7 @@ class SerialAggregator:
             note_aggregation(server_round, "ray" if self.task_nodes else "serial", self.task_nodes)
             return out
         moved = [dataclasses.replace(u, state=_to(u.state, dev), organ_subjects=u.organ_subjects.to(dev),
-                                     gate_mass=u.gate_mass.to(dev), saliency=u.saliency.to(dev), reference=None)
+                                     gate_mass=u.gate_mass.to(dev), saliency=u.saliency.to(dev))
                  for u in updates]
         prev = previous_saliency.to(dev) if previous_saliency is not None else None
         with torch.device(dev):
@@ -257,7 +258,7 @@ class RayAggregator(SerialAggregator):
 
     def run_means(self, tasks: Sequence[MeanTask], site_states: Sequence[Mapping[str, Tensor]], previous: Mapping[str, Tensor],
                   staged: Sequence[tuple[Mapping[str, Tensor], ray.ObjectRef]] = ()) -> State:
-        """Same contract as :func:`~fedpanfm.federation.aggregate.run_means_serial`; ``staged``:
+        """Same contract as :func:`~fedpanfm.federation.means.run_means_serial`; ``staged``:
         (state, object ref) of states already in the object store (:meth:`receive`)."""
         out: State = {}
         # A group nobody weighted keeps the previous tensor (as mean_group does): no task.
@@ -317,59 +318,6 @@ def make_aggregator(cfg: ExperimentConfig) -> Aggregator:
     return RayAggregator(serial_below_bytes=int(cfg.federation.ray.serial_below_mib * 2**20))
 
 
-# --------------------------------------------------------------------------- background work
-
-_pending: list[tuple[str, Any]] = []
-_threads: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-@ray.remote(num_cpus=0)
-def _call_remote(fn: Callable[..., Any], *args: Any) -> Any:
-    """Any callable as a Ray task (``ray.remote`` itself rejects builtins and bound methods)."""
-    return fn(*args)
-
-
-def submit_background(fn: Callable[..., Any], *args: Any) -> None:
-    """Run ``fn(*args)`` without waiting for it (checkpoint writing, evaluation).
-
-    With Ray running: a 0-CPU task pinned to this node, so files it writes land beside the
-    server. Without Ray: a thread of a small pool. Errors surface in :func:`wait_background`.
-    """
-    global _threads
-    name = getattr(fn, "__qualname__", repr(fn))
-    if ray.is_initialized():
-        node = ray.get_runtime_context().get_node_id()
-        pinned = _call_remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-        _pending.append((name, pinned.remote(fn, *args)))
-        return
-    if _threads is None:
-        _threads = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="fedpanfm-bg")
-    _pending.append((name, _threads.submit(fn, *args)))
-
-
-def wait_background() -> list[Any]:
-    """Wait for every submitted background job; returns their results in submission order.
-
-    Raises RuntimeError naming the first job that failed (after waiting for all of them).
-    """
-    jobs = list(_pending)
-    _pending.clear()
-    results: list[Any] = []
-    failed: list[tuple[str, BaseException]] = []
-    for name, job in jobs:
-        try:
-            results.append(job.result() if isinstance(job, concurrent.futures.Future) else ray.get(job))
-        except Exception as exc:  # noqa: BLE001 - collected and re-raised below with the job's name
-            # A RayTaskError wraps the job's own exception in a traceback dump; report the original.
-            cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
-            failed.append((name, cause))
-            results.append(None)
-    if failed:
-        name, exc = failed[0]
-        raise RuntimeError(f"background job {name} failed ({len(failed)} of {len(jobs)} failed): {exc}") from exc
-    return results
-
-
 __all__ = [
     "Aggregator",
     "RayAggregator",
@@ -381,6 +329,4 @@ __all__ = [
     "pack_state",
     "pack_tasks",
     "server_device",
-    "submit_background",
-    "wait_background",
 ]

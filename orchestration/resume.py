@@ -11,13 +11,13 @@ round: the sites' schedule position (``FedPanFM.start_step``), the director mome
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedpanfm.checkpoint import CheckpointError, load_checkpoint
+from fedpanfm.checkpoint import CheckpointError, load_checkpoint, recover_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class ResumePoint:
         state: the global state dict after it.
         server: the server state stored with it (:func:`server_state`).
         skipped: one line per newer checkpoint that failed verification.
+        config: the experiment config stored with it (checksummed, as a plain mapping).
     """
 
     round: int
@@ -42,6 +43,7 @@ class ResumePoint:
     state: dict[str, torch.Tensor]
     server: dict[str, Any]
     skipped: list[str]
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def saliency(self) -> torch.Tensor:
@@ -67,7 +69,10 @@ def server_state(server_round: int, saliency: torch.Tensor, best_round: int | No
 
 
 def round_folders(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """``(k, checkpoints/round_<k>)``, newest first (temporary and link folders ignored)."""
+    """``(k, checkpoints/round_<k>)``, newest first (temporary and link folders ignored; a round a
+    crash left moved aside mid-replace is moved back first, fedpanfm/checkpoint.py)."""
+    for aside in Path(ckpt_dir).glob(".round_*.old-*"):
+        recover_checkpoint(Path(ckpt_dir) / aside.name[1:].split(".old-")[0])
     out = []
     for p in Path(ckpt_dir).glob("round_*"):
         suffix = p.name[len("round_"):]
@@ -94,7 +99,7 @@ def find_resume_point(run_folder: Path) -> ResumePoint:
     skipped: list[str] = []
     for k, path in round_folders(ckpt_dir):
         try:
-            state, _, meta = load_checkpoint(path)
+            state, config, meta = load_checkpoint(path)
             server = meta.get(SERVER)
             if not isinstance(server, dict) or server.get("round") != k:
                 raise CheckpointError(f"{path / 'meta.json'}: no server state for round {k}")
@@ -102,9 +107,54 @@ def find_resume_point(run_folder: Path) -> ResumePoint:
             skipped.append(str(exc))
             log.warning("resume: skipping checkpoint round %d: %s; trying the previous round", k, exc)
             continue
-        return ResumePoint(k, path, state, server, skipped)
+        return ResumePoint(k, path, state, server, skipped, config)
     raise CheckpointError(f"{ckpt_dir}: no usable checkpoint to resume from"
                           + (f" ({len(skipped)} failed verification: {skipped[0]})" if skipped else ""))
+
+
+def resume_config(run_folder: Path, point: ResumePoint) -> dict[str, Any]:
+    """The experiment config a resumed run continues with: the checkpoint's, which its
+    ``SHA256SUMS`` cover, never the run folder's unchecked ``config.yaml`` alone.
+
+    The folder's ``config.yaml`` (what ``federation run --resume`` sends the sites) must say the
+    same; a copy edited after the run started is refused.
+
+    Args:
+        run_folder: the run folder.
+        point: its resume point (:func:`find_resume_point`).
+
+    Raises:
+        CheckpointError: the folder's ``config.yaml`` differs from the checksummed config (the
+            message names the first key that differs), or is not valid YAML.
+    """
+    import yaml
+
+    stored = Path(run_folder) / "config.yaml"
+    if stored.is_file():
+        try:
+            text = yaml.safe_load(stored.read_text())
+        except yaml.YAMLError as exc:
+            raise CheckpointError(f"{stored}: not valid YAML: {exc}") from None
+        differs = _first_difference(text, point.config)
+        if differs is not None:
+            raise CheckpointError(
+                f"{stored} differs from the checksummed config of {point.path} at {differs}: it was changed after "
+                f"the run started; refusing to resume (restore it from {point.path / 'config.yaml'})")
+    return point.config
+
+
+def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
+    """The first dotted key where two YAML trees differ (None when equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            where = f"{key}.{k}" if key else str(k)
+            if k not in a or k not in b:
+                return where
+            found = _first_difference(a[k], b[k], where)
+            if found is not None:
+                return found
+        return None
+    return None if a == b else (key or "<top level>")
 
 
 def resume_command(run_folder: Path | str, coordinator_config: Path | str | None = None) -> str:
@@ -121,4 +171,5 @@ def resume_command(run_folder: Path | str, coordinator_config: Path | str | None
     return f"fedpanfm federation run --config {coordinator_config or '<coordinator YAML>'} --resume {run_folder}"
 
 
-__all__ = ["ResumePoint", "SERVER", "find_resume_point", "resume_command", "round_folders", "server_state"]
+__all__ = ["ResumePoint", "SERVER", "find_resume_point", "resume_command", "resume_config", "round_folders",
+           "server_state"]

@@ -13,6 +13,7 @@ The run folder (``<logging.run_dir>/<name>-federation-<time>`` unless the run co
     tensorboard/site_<n>/  one sub-run per site, the same tags for every site
     checkpoints/           round_<k>/, best, latest (orchestration/checkpoints.py)
     summary.json
+    cohort_statistics.csv/.json  the sites' cohort statistics before round 1 (aggregates only)
 
 (``fedpanfm simulate`` adds run.log, command.txt, environment.json: fedpanfm/run_folder.py.)
 Each round also goes to the :data:`fedpanfm.console.ROUNDS` logger as one line
@@ -21,7 +22,7 @@ Each round also goes to the :data:`fedpanfm.console.ROUNDS` logger as one line
 Sites' metrics arrive in their replies; the server writes the site sub-runs, so no shared
 filesystem is assumed. The server observes the traffic at the Grid (:class:`MeteredGrid`):
 that is where bytes exchanged are counted. The sites' validation metrics are the strategy's
-checked evaluate replies (``FedPanFM.last_evaluation``), named by authenticated site.
+checked evaluate replies, handed over by ``FedPanFM.aggregate_evaluate`` (``on_evaluate``).
 
 Each round's checkpoint carries the server state (orchestration/resume.py); run config
 ``resume`` = a run folder continues that run after its last complete round
@@ -47,21 +48,23 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedpanfm.certs import check_site_name
-from fedpanfm.config import ExperimentConfig, config_from_run_config, load_config
+from fedpanfm.config import ExperimentConfig, config_from_dict, config_from_run_config
 from fedpanfm.federation.accounting import GaussianAccountant
-from fedpanfm.federation.message import SiteEvaluation, arrayrecord_to_state, state_to_arrayrecord
+from fedpanfm.federation.protocol import SiteEvaluation
+from fedpanfm.federation.tensor_codec import arrayrecord_to_state, state_to_arrayrecord
 from fedpanfm.model.meta_arch import PanFMSSL
 from fedpanfm.console import ROUNDS
 from fedpanfm.run_folder import new_run_folder as named_run_folder
 from fedpanfm.tb import RunLogger, federation_layout, site_run_name
 from fedpanfm.spans import SpanTimer
 from orchestration.checkpoints import CheckpointPolicy
+from orchestration.cohort_statistics import statistics_round
 from orchestration.ray_aggregation import make_aggregator
-from orchestration.resume import SERVER, ResumePoint, find_resume_point, resume_command, server_state
+from orchestration.resume import SERVER, ResumePoint, find_resume_point, resume_command, resume_config, server_state
 from orchestration.round_images import RoundPictures
 from orchestration.round_lines import RoundLines, round_status
 from orchestration.server_eval import ServerProbe
-from orchestration.strategy import FedPanFM, RoundReport, evaluation_means
+from orchestration.strategy import EvaluationReport, FedPanFM, RoundReport
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +141,13 @@ class RunRecorder:
         saliency: returns the strategy's current global saliency (stored with checkpoints).
         global_state: returns the strategy's current global weights as tensors (what
             ``after_round`` gets encoded), so they are not decoded again; None decodes them.
-        evaluations: returns the round's checked evaluate replies by authenticated site and the
-            evaluate failures by site (``FedPanFM.last_evaluation`` / ``evaluation_failures``);
-            None: no validation metrics.
+
+    The sites' validation arrives through :meth:`on_evaluate` (the strategy's
+    ``aggregate_evaluate`` result), the training round through :meth:`on_round`.
     """
 
     def __init__(self, run_folder: Path, cfg: ExperimentConfig, grid: MeteredGrid,
-                 resume: ResumePoint | None = None, saliency: Any = None, global_state: Any = None,
-                 evaluations: Any = None) -> None:
+                 resume: ResumePoint | None = None, saliency: Any = None, global_state: Any = None) -> None:
         self.folder = Path(run_folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         if resume is None:
@@ -178,7 +180,7 @@ class RunRecorder:
         self.resumed_from = resume.round if resume else None
         self._saliency = saliency
         self._global_state = global_state
-        self._evaluations = evaluations
+        self.evaluation: EvaluationReport | None = None
         self.accountant = accountant(cfg)
         #: Why the run ended before ``federation.rounds`` without failing (the privacy budget).
         self.budget_stop: str | None = None
@@ -222,6 +224,10 @@ class RunRecorder:
         for name, norms in report.update_norms.items():
             self._write(RoundPictures.update_norms, self._site(name), norms, report.server_round)
 
+    def on_evaluate(self, report: EvaluationReport) -> None:
+        """Strategy hook after ``aggregate_evaluate``: keep the round's checked validation."""
+        self.evaluation = report
+
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """``evaluate_fn`` of ``strategy.start``: called after each round's evaluation (and
         once before round 1, where only the start time is taken)."""
@@ -232,14 +238,11 @@ class RunRecorder:
             self._t_round = time.perf_counter()
             return None
         spans = SpanTimer()
-        evaluated: dict[str, SiteEvaluation] = {}
-        val: dict[str, float] = {}
-        if self._evaluations is not None:
-            evaluated, failed = self._evaluations()
-            for site, n in failed.items():
-                self.failures[site] = self.failures.get(site, 0) + n
-            means = evaluation_means(evaluated.values(), self.cfg.federation.subject_cap)
-            val = dict(means) if means is not None else {}
+        ev_report = self.evaluation if self.evaluation and self.evaluation.server_round == server_round else None
+        evaluated: dict[str, SiteEvaluation] = ev_report.evaluations if ev_report else {}
+        val: dict[str, float] = dict(ev_report.metrics) if ev_report else {}
+        for site, n in (ev_report.failures if ev_report else {}).items():
+            self.failures[site] = self.failures.get(site, 0) + n
         for name, ev in evaluated.items():
             self._write(self._site(name).scalars, ev.metrics, server_round)
         now = time.perf_counter()
@@ -294,6 +297,8 @@ class RunRecorder:
         # This hook's own spans (seconds), in the round's step.
         self._write(self.server.scalars, spans.tagged("time/server/"), server_round)
         self._write(self.server.flush)
+        # The round's checkpoint is on disk before the next round starts; a failed write stops here.
+        self.checkpoints.wait_round(server_round, self.resume_command)
         return MetricRecord(dict(val)) if val else None
 
     def finish(self) -> dict[str, Any]:
@@ -433,8 +438,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     resume: ResumePoint | None = None
     if run_config.get("resume"):
         folder = Path(str(run_config["resume"]))
-        cfg = load_config(folder / "config.yaml")
         resume = find_resume_point(folder)
+        cfg = config_from_dict(resume_config(folder, resume), f"{resume.path / 'config.yaml'} (checksummed)")
         log.info("resuming %s after round %d (%s)", folder, resume.round, resume.path)
     else:
         cfg = config_from_run_config(run_config)
@@ -450,9 +455,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         fraction_evaluate=1.0 if cfg.data.val_fraction > 0 else 0.0,
     )
     recorder = RunRecorder(folder, cfg, metered, resume, saliency=lambda: strategy.global_saliency,
-                           global_state=lambda: strategy.global_state,
-                           evaluations=lambda: (strategy.last_evaluation, strategy.evaluation_failures))
-    strategy.on_round = recorder.on_round
+                           global_state=lambda: strategy.global_state)
+    strategy.on_round, strategy.on_evaluate = recorder.on_round, recorder.on_evaluate
     if not _in_simulation(grid):
         recorder.resume_command = resume_command(folder, "")
     start = initial_state(cfg)
@@ -475,6 +479,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                 f"{recorder.accountant.epsilon(last + 1):.4g} at delta {cfg.federation.dp.delta:g})")
             log.warning("%s", recorder.budget_stop)
     recorder.lines.last = last
+    # Before round 1: every site's cohort statistics, aggregates only (orchestration/cohort_statistics.py).
+    statistics_round(metered, cfg, folder, recorder.server)
     ROUNDS.info("fedpanfm run %s: rounds %d..%d, writing to %s", cfg.name, offset + 1, last, folder,
                 extra={"round_plan": (offset, last)})
     try:

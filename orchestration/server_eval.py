@@ -10,7 +10,7 @@ single background thread rebuilds the encoder, runs
 
 Our design choices:
 
-- A thread in the server process, not a Ray task (``ray_aggregation.submit_background``): the
+- A thread in the server process, not a Ray task: the
   results go to the server's own TensorBoard writer, which lives in this process, and the cohort
   is collated once and kept here rather than shipped to a worker every round.
 - If rounds finish faster than the probe, the newest round wins: a round still *waiting* when a

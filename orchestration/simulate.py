@@ -8,8 +8,9 @@ Why in-process (``flwr.simulation.run_simulation``) rather than spawning ``flwr 
 ``flwr run`` against ``:local:`` starts a detached SuperLink on fixed ports that outlives the
 command; on a shared machine parallel runs would collide on those ports, and a crash would
 leave a server behind. In-process, everything stops with the call. The Python entry point does
-not pass a run config to the apps, so we build them with the run config they would read from
-``pyproject.toml`` (``build_server_app`` / ``build_client_app``).
+not pass a run config to the apps, so we load the apps ``pyproject.toml``
+``[tool.flwr.app.components]`` names (as ``flwr run`` does) and wrap them to see the run config
+they would read there (``orchestration/app_components.py``); this module never imports ``sites``.
 
 Ray: we start or join it here, before Flower does, so that the client actors and the server's
 aggregation tasks share one Ray (``orchestration/ray_cluster.py``): a private local Ray by
@@ -31,10 +32,13 @@ import shlex
 import time
 from pathlib import Path
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedpanfm.config import ExperimentConfig, load_config
 from orchestration.ray_cluster import SYNTHETIC_MARK
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ def ensure_cohort(cfg: ExperimentConfig) -> Path:
 
 def simulate(config: str | Path | None, overrides: list[str] | None = None, run_folder: Path | None = None,
              cpus: int | None = None, resume: Path | None = None,
-             client_app: Callable[[Mapping[str, Any]], Any] | None = None,
+             client_app: Callable[[Mapping[str, Any]], ClientApp] | None = None,
              ray_address: str | None = None) -> dict[str, Any]:
     """Run the federation in simulation; returns the run summary the ServerApp wrote.
 
@@ -80,8 +84,9 @@ def simulate(config: str | Path | None, overrides: list[str] | None = None, run_
         cpus: CPUs of the private local Ray (sites training at once = cpus / site_cpus);
             ``os.cpu_count()`` when None; not with a cluster address.
         resume: a run folder to continue after its last complete round (docs/reliability.md).
-        client_app: builds the sites' ClientApp from the run config instead of
-            ``sites.client_app.build_client_app`` (the malicious-site tests swap in an attacker).
+        client_app: builds the sites' ClientApp from the run config instead of the
+            ``clientapp`` component of ``pyproject.toml`` (the malicious-site tests swap in an
+            attacker).
         ray_address: the Ray to run on instead of ``federation.ray.address`` ("" a private local
             Ray; ``auto``, ``host:port``, ``ray://host:port`` a cluster); None: the config's.
 
@@ -96,8 +101,7 @@ def simulate(config: str | Path | None, overrides: list[str] | None = None, run_
     from orchestration.log_routing import routed_logs
     from orchestration.placement import PlacementLog, placed_client_app, write_tensorboard
     from orchestration.ray_cluster import prepare_nodes, ray_session, site_resources
-    from orchestration.server_app import build_server_app
-    from sites.client_app import build_client_app
+    from orchestration.app_components import client_with_run_config, load_component, server_with_run_config
 
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     overrides = list(overrides or [])
@@ -137,11 +141,13 @@ def simulate(config: str | Path | None, overrides: list[str] | None = None, run_
             log.info("Ray: %d node(s); each site actor reserves %g CPU(s) and %g GPU(s)", len(nodes),
                      resources["num_cpus"], resources["num_gpus"])
             with routed_logs(), placement.recording():
+                sites_app = (client_app(run_config) if client_app is not None
+                             else client_with_run_config(load_component("clientapp"), run_config))
                 run_simulation(
-                    server_app=build_server_app(run_config),
-                    client_app=placed_client_app((client_app or build_client_app)(run_config), placement.name, cfg.device),
+                    server_app=server_with_run_config(load_component("serverapp"), run_config),
+                    client_app=placed_client_app(sites_app, placement.name, cfg.device),
                     num_supernodes=cfg.synth.sites,
-                    backend_config={"client_resources": resources},
+                    backend_config={"client_resources": {**resources}},
                 )
     summary_path = run_folder / "summary.json"
     if not summary_path.is_file():

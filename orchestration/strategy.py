@@ -5,16 +5,16 @@ parameters that only some sites train (organ tokenizers, experts a site never ro
 director that is no average at all (group EMA), and a teacher with its own policy, so the
 strategy keeps FedAvg's node sampling and evaluation and replaces the training round:
 
-- ``configure_train`` sends a :class:`~fedpanfm.federation.message.TrainInstruction` (global
+- ``configure_train`` sends a :class:`~fedpanfm.federation.protocol.TrainInstruction` (global
   weights, round, schedule position, global organ saliency, teacher policy);
   under ``federation.transfer_dtype: bf16`` the weights travel as bf16 and the sites reply bf16
   deltas, which are decoded against the fp32 master ``global_state`` (never against the bf16
   arrays Flower hands back: those are only what was sent);
-- ``aggregate_train`` decodes every reply as a :class:`~fedpanfm.federation.message.SiteUpdate`,
+- ``aggregate_train`` decodes every reply as a :class:`~fedpanfm.federation.protocol.SiteUpdate`,
   drops malformed ones with one log line naming the node and the reason, and hands the rest to
   an aggregator (serial or Ray, ``orchestration.ray_aggregation``);
 - ``aggregate_evaluate`` does the same for evaluate replies
-  (:class:`~fedpanfm.federation.message.SiteEvaluation`, ``check_evaluation``) before the
+  (:class:`~fedpanfm.federation.protocol.SiteEvaluation`, ``check_evaluation``) before the
   validation metrics are averaged (held-out counts capped like training subjects).
 
 Identity (docs/security.md): which site a reply comes from is the node's authenticated site
@@ -26,7 +26,7 @@ strategy; ``on_round`` receives a :class:`RoundReport` after every aggregation s
 can log it (TensorBoard) without the strategy knowing about files.
 
 Reliability (docs/reliability.md): a reply that is an error, never arrives (timeout, vanished
-node) or fails :func:`~fedpanfm.federation.aggregate.check_update` counts as a failure of its
+node) or fails :func:`~fedpanfm.federation.validation.check_update` counts as a failure of its
 site. A round with fewer than ``min_sites`` usable updates is re-sent to the failed sites up to
 ``federation.retries`` times; then :class:`RoundFailed` stops the run (the previous round's
 checkpoint is the resume point). ``round_offset`` lets a resumed run continue its round numbers
@@ -36,6 +36,7 @@ while Flower's ``Strategy.start`` counts from 1.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -45,26 +46,22 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 from torch import Tensor
 
 from fedpanfm.config import ExperimentConfig
-from fedpanfm.federation.aggregate import RoundPlan
+from fedpanfm.federation.deltas import delta_norm
 from fedpanfm.federation.influence import lower_median, norm_keys
-from fedpanfm.federation.message import (
+from fedpanfm.federation.planning import RoundPlan
+from fedpanfm.federation.protocol import SiteEvaluation, SiteUpdate, TrainInstruction
+from fedpanfm.federation.tensor_codec import (
     BF16_STYPE,
     MessageError,
-    SiteEvaluation,
-    SiteUpdate,
-    TrainInstruction,
     arrayrecord_to_state,
     state_to_arrayrecord,
 )
-from fedpanfm.federation.privacy import delta_norm
 from fedpanfm.federation.validation import check_evaluation, check_update
 from fedpanfm.spans import SpanTimer
-
 from orchestration.identity import node_sites
 from orchestration.ray_aggregation import Aggregator, SerialAggregator
 
@@ -100,6 +97,23 @@ class RoundReport:
     update_norms: dict[str, list[float]] = field(default_factory=dict)
 
 
+@dataclass
+class EvaluationReport:
+    """One round's evaluate replies, checked, for the server app's logging and checkpoint choice.
+
+    Args:
+        server_round: the round, from 1.
+        evaluations: authenticated site -> its checked evaluate reply.
+        failures: site (or ``node_<id>``) -> evaluate replies dropped this round.
+        metrics: ``val/*`` means over the sites (:func:`evaluation_means`); empty without replies.
+    """
+
+    server_round: int
+    evaluations: dict[str, SiteEvaluation] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 class RoundFailed(RuntimeError):
     """Fewer than ``federation.min_sites`` usable updates after every retry; the run stops."""
 
@@ -114,6 +128,7 @@ class FedPanFM(FedAvg):
             round r starts the sites' schedules at step (r - 1) * total_steps // rounds.
         aggregator: runs the aggregation (default: serial in this process).
         on_round: called with a :class:`RoundReport` after each aggregated round.
+        on_evaluate: called with an :class:`EvaluationReport` after each round's evaluation.
         **fedavg_kwargs: passed to FedAvg (e.g. fraction_evaluate, min_evaluate_nodes).
     """
 
@@ -123,6 +138,7 @@ class FedPanFM(FedAvg):
         total_steps: int,
         aggregator: Aggregator | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
+        on_evaluate: Callable[[EvaluationReport], None] | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         fed = cfg.federation
@@ -141,6 +157,7 @@ class FedPanFM(FedAvg):
         self.total_steps = total_steps
         self.aggregator: Aggregator = aggregator or SerialAggregator()
         self.on_round = on_round
+        self.on_evaluate = on_evaluate
         self.global_state: dict[str, Tensor] | None = None
         n = len(self.organs)
         self.global_saliency: Tensor = torch.full((n,), 1.0 / n, dtype=torch.float64)
@@ -149,9 +166,8 @@ class FedPanFM(FedAvg):
         self.round_offset = 0
         #: node id -> authenticated site name (orchestration/identity.py), never from a reply.
         self.node_sites: dict[int, str] = {}
-        #: The last round's checked evaluate replies by site, and the failures among them.
-        self.last_evaluation: dict[str, SiteEvaluation] = {}
-        self.evaluation_failures: dict[str, int] = {}
+        #: The last round's checked evaluate replies, failures and means.
+        self.last_evaluation: EvaluationReport | None = None
         self._plan: RoundPlan | None = None
         self._sent: tuple[RecordDict, list[int]] | None = None
         self._grid: Grid | None = None
@@ -204,7 +220,7 @@ class FedPanFM(FedAvg):
         server_round += self.round_offset
         if self._grid is not None:
             self.identify(self._grid)
-        self.last_evaluation, self.evaluation_failures = {}, {}
+        report = EvaluationReport(server_round)
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             try:
@@ -213,15 +229,20 @@ class FedPanFM(FedAvg):
                 ev = SiteEvaluation.from_recorddict(msg.content, sender=f"node {node}")
                 self._check_identity(node, ev.site)
                 check_evaluation(ev, self.cfg)
-                if ev.site in self.last_evaluation:
+                if ev.site in report.evaluations:
                     raise MessageError(f"node {node} (site {ev.site}): a second evaluate reply this round")
             except MessageError as exc:
                 site = self.site_of(node)
-                self.evaluation_failures[site] = self.evaluation_failures.get(site, 0) + 1
+                report.failures[site] = report.failures.get(site, 0) + 1
                 log(WARNING, "aggregate_evaluate: round %d: dropping reply from %s: %s", server_round, site, exc.reason)
                 continue
-            self.last_evaluation[ev.site] = ev
-        return evaluation_means(self.last_evaluation.values(), self.cfg.federation.subject_cap)
+            report.evaluations[ev.site] = ev
+        means = evaluation_means(report.evaluations.values(), self.cfg.federation.subject_cap)
+        report.metrics = {k: float(v) for k, v in means.items() if isinstance(v, (int, float))} if means is not None else {}
+        self.last_evaluation = report
+        if self.on_evaluate is not None:
+            self.on_evaluate(report)
+        return means
 
     def _configure_train(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> Iterable[Message]:
         """Sample sites and send each the round's :class:`TrainInstruction`.
@@ -245,11 +266,11 @@ class FedPanFM(FedAvg):
             # Round 1's initial arrays and a resumed run's arrive fp32: the downlink is bf16 too.
             # Encoded from the fp32 master, which stays the server's copy (never read back).
             arrays = state_to_arrayrecord(self.global_state, "bf16")
-        # Node sampling draws from Python's random: seeded by (seed, round) so a resumed run
-        # samples the rounds it replays as the uninterrupted run did.
-        random.seed(self.cfg.seed * 1_000_003 + server_round)
+        # Node sampling draws from a generator of its own, seeded by (seed, round), so a resumed
+        # run samples the rounds it replays as the uninterrupted run did (and no global RNG moves).
+        rng = random.Random(self.cfg.seed * 1_000_003 + server_round)
         num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
-        node_ids, all_nodes = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
+        node_ids, all_nodes = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes), rng)
         log(INFO, "configure_train: round %d, sampled %d sites (out of %d)", server_round, len(node_ids), len(all_nodes))
         self.identify(grid)
         # Fixed before any reply: the DP mean's denominator and the planned steps per round.
@@ -365,7 +386,8 @@ class FedPanFM(FedAvg):
         spans.mark("encode")
         # Where the server's part of the round goes (docs/performance.md, item 4); seconds.
         report.metrics.update(spans.tagged("time/server/"))
-        return arrays, MetricRecord(report.metrics)
+        values: dict[str, int | float | list[int] | list[float]] = {**report.metrics}
+        return arrays, MetricRecord(values)
 
 
     def _collect(self, server_round: int, replies: list[Message]) -> tuple[list[SiteUpdate], list[str], dict[str, int], int]:
@@ -423,9 +445,23 @@ def evaluation_means(evaluations: Iterable[SiteEvaluation], subject_cap: float) 
     return MetricRecord({k: sums[k] / weights[k] for k in sorted(sums)})
 
 
+def sample_nodes(grid: Grid, min_available_nodes: int, sample_size: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    """Flower's ``strategy_utils.sample_nodes`` with a generator of our own instead of the global one:
+    wait until ``max(min_available_nodes, sample_size)`` nodes are connected, then sample.
+
+    Returns:
+        (the sampled node ids, every connected node id).
+    """
+    needed = max(min_available_nodes, sample_size)
+    while len(all_nodes := list(grid.get_node_ids())) < needed:
+        log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(all_nodes), needed)
+        time.sleep(1)
+    return rng.sample(all_nodes, sample_size), all_nodes
+
+
 def _all_floats_bf16(arrays: ArrayRecord) -> bool:
     """True when no floating array of ``arrays`` travels as fp32 numpy (all are ``BF16_STYPE``)."""
     return not any(a.stype != BF16_STYPE and a.dtype.startswith("float") for a in arrays.values())
 
 
-__all__ = ["FedPanFM", "RoundFailed", "RoundReport", "evaluation_means"]
+__all__ = ["EvaluationReport", "FedPanFM", "RoundFailed", "RoundReport", "evaluation_means", "sample_nodes"]

@@ -1,37 +1,40 @@
-"""The site's Flower ClientApp: local SSL training and validation on the site's own subjects.
-
-``train``: decode the server's :class:`TrainInstruction`, load the global weights plus what
-this site keeps for itself (``sites/runtime.py``), train ``cfg.train.epochs`` local epochs
-with the federation's organ saliency blended into SGM, and reply a :class:`SiteUpdate`.
-``evaluate``: the SSL losses of the global weights on the site's held-out subjects.
+"""The site's Flower ClientApp: routes ``train`` / ``evaluate`` to the site handlers
+(``sites/handlers.py``: local SSL training and validation on the site's own subjects).
 
 The experiment config comes from the run config (keys ``config`` and ``overrides``, from
 ``pyproject.toml`` ``[tool.flwr.app.config]`` or ``flwr run --run-config``). Flower's in-process
 simulation gives apps an empty run config, so ``build_client_app(run_config)`` makes an app
 that carries its own; the module-level ``app`` reads the context's.
 
-Errors are not caught: Flower turns them into a failed reply, which the strategy tolerates.
-We log one line naming the site first, so the failure can be traced to its site.
+Errors become a failed reply (Flower sends the exception's text), which the strategy tolerates:
+the text is redacted first (sites/public_errors.py), the full error logged at the site. At a
+deployed site the run config passes the site's allowlist first (sites/run_config_allowlist.py).
 
 Deployment: a node config naming a ``trainer-socket`` makes this process thin: it forwards the
-message to the site's long-lived trainer worker (``sites/worker.py``), which keeps the DeepSpeed
-engine across rounds. torch, DeepSpeed and the training modules are therefore imported inside
-the functions that train, so the thin path never loads them.
+message to the site's long-lived trainer worker (``sites/worker/``), which keeps the DeepSpeed
+engine across rounds. torch, DeepSpeed and the training modules are imported inside the site
+handlers, so the thin path never loads them.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedpanfm.config import ExperimentConfig, config_from_run_config
-from sites.worker import WorkerTarget, WorkerUnavailable, call_worker
+from fedpanfm.config import ExperimentConfig
+from fedpanfm.data.site_statistics import ACTION as STATISTICS_ACTION
+from sites.cohort_statistics import statistics_handler
+from sites.handlers import evaluate_site, train_site
+from sites.public_errors import redacted
+from sites.run_config_allowlist import is_deployed, site_experiment_config
+from sites.step_curves import with_run_folder
+from sites.worker.client import WorkerTarget, call_worker
+from sites.worker.wire import WorkerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +51,22 @@ def _site_label(context: Context) -> str:
 _CONFIGS: dict[tuple[Any, ...], ExperimentConfig] = {}
 
 
-def _config(run_config: Mapping[str, Any]) -> ExperimentConfig:
-    """``config_from_run_config(run_config)``, parsed once per process while the run config and
-    the config file's modification time stay the same: parsing the YAML and overrides took
-    ~10 ms of every site call (docs/performance.md, item 4). Configs are never modified."""
+def _config(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> ExperimentConfig:
+    """``site_experiment_config(run_config, node_config)`` (the site's allowlist applied,
+    sites/run_config_allowlist.py), parsed once per process while the run config and the config
+    file's modification time stay the same: parsing the YAML and overrides took ~10 ms of every
+    site call (docs/performance.md, item 4). Configs are never modified."""
     path = Path(str(run_config.get("config", "")))
     try:
-        mtime = path.stat().st_mtime_ns if not run_config.get("config-yaml") else None
+        # A deployed site never touches a path the coordinator names, not even to stat it.
+        mtime = path.stat().st_mtime_ns if not (run_config.get("config-yaml") or is_deployed(node_config)) else None
     except OSError:
         mtime = None  # no such file: config_from_run_config raises the clear error below
-    key = (tuple(sorted((str(k), str(v)) for k, v in run_config.items())), mtime)
+    key = (tuple(sorted((str(k), str(v)) for k, v in run_config.items())), mtime,
+           tuple(sorted((str(k), str(v)) for k, v in node_config.items())))
     cfg = _CONFIGS.get(key)
     if cfg is None:
-        cfg = config_from_run_config(run_config)
+        cfg = site_experiment_config(run_config, node_config)
         if len(_CONFIGS) >= 8:
             _CONFIGS.clear()
         _CONFIGS[key] = cfg
@@ -69,11 +75,13 @@ def _config(run_config: Mapping[str, Any]) -> ExperimentConfig:
 
 def _logged(what: str, fn: Callable[[Message, Context, ExperimentConfig], Message],
             run_config: Mapping[str, Any] | None) -> Handler:
-    """Wrap a handler: resolve the config, and log a line naming the site before re-raising."""
+    """Wrap a handler: resolve the config (the site's allowlist), and on failure log the error in
+    full at the site and raise its redacted form (what Flower sends the coordinator)."""
 
     def handler(msg: Message, context: Context) -> Message:
         try:
             resolved = run_config if run_config is not None else context.run_config
+            cfg = _config(resolved, context.node_config)  # refused here, before the worker sees it
             target = WorkerTarget.from_node_config(context.node_config)
             if target is not None:
                 try:
@@ -89,135 +97,13 @@ def _logged(what: str, fn: Callable[[Message, Context, ExperimentConfig], Messag
             elif "site-name" in context.node_config:
                 log.info("%s: no trainer-socket in the node config: %s runs in this ClientApp process",
                          _site_label(context), what)
-            return fn(msg, context, _config(resolved))
+            return fn(msg, context, cfg)
         except Exception as exc:
-            log.error("%s: %s failed: %s: %s", _site_label(context), what, type(exc).__name__, exc)
-            raise
+            # What Flower sends the coordinator is this exception's text: redacted (no paths,
+            # file names or subject ids); the full error is logged here (sites/public_errors.py).
+            raise redacted(what, exc, _site_label(context), log) from exc
 
     return handler
-
-
-def train_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
-    """One round of local training; the reply content is a :class:`SiteUpdate`.
-
-    Args:
-        msg: the server's message; its content is a :class:`TrainInstruction`.
-        context: this node's context (``node_config`` names the site, ``state`` keeps the
-            site's local state between rounds).
-        cfg: the experiment config.
-    """
-    import torch
-
-    from fedpanfm.federation.message import METRICS, SiteUpdate, TrainInstruction
-    from fedpanfm.federation.transfer import select_transfer
-    from fedpanfm.spans import SpanTimer
-    from fedpanfm.train.engine import get_trainer
-    from sites.faults import apply_fault
-    from sites.runtime import SiteRuntime, site_seed
-
-    spans = SpanTimer()
-    organs = cfg.data.organ_set()
-    instr = TrainInstruction.from_recorddict(msg.content, organs.names)
-    state = instr.state()
-    # What the server sent, before the site's own tensors are laid over it: with bf16 transfer
-    # the reply carries bf16(new - received), which the server adds to its fp32 master.
-    received = dict(state)
-    spans.mark("decode")
-    site = SiteRuntime.from_context(context, cfg)
-    apply_fault(site.name, instr.server_round)  # test-only, FEDPANFM_FAULT (sites/faults.py); no-op unset
-    kept, schedule = site.load_kept(context)
-    spans.mark("site")
-
-    trainer = get_trainer(cfg)
-    # The global weights, then the site's own tensors over them (local saliency; the teacher
-    # under teacher_policy "local").
-    state.update(kept)
-    trainer.load_state(state)
-    trainer.reset_optimizer()
-    position = site.schedule_position(schedule, instr.start_step, instr.total_steps, instr.num_rounds)
-    trainer.set_schedule_state(position)
-    spans.mark("load")
-
-    # Masking and router noise draw from torch's global RNG; seed it per (site, round) so a
-    # site's round does not depend on which sites this process served before.
-    torch.manual_seed(site_seed(site.name, cfg.seed) + instr.server_round)
-    loader = site.loader("train", round_seed=instr.server_round)
-    saliency = torch.tensor(instr.global_saliency, dtype=torch.float32)
-    result = trainer.fit(loader, cfg.train.epochs, position["total_steps"], global_saliency=saliency)
-    spans.mark("fit_call")
-
-    new_state = trainer.export_state()
-    spans.mark("export")
-    site.keep(context, new_state, trainer.schedule_state())
-    spans.mark("keep")
-    # Only what the server reads goes back (no teacher unless the policy aggregates it; with
-    # federation.sparse_experts no unused expert), in federation.transfer_dtype (bf16: as
-    # deltas against ``received`` where the server sent the key).
-    sent, gate_mass = select_transfer(new_state, result.gate_mass, cfg)
-    spans.mark("select")
-    # NaN marks a per-organ value for an organ this site never saw: left out, not invented.
-    metrics = {k: float(v) for k, v in result.metrics.items() if math.isfinite(float(v))}
-    metrics["time/fit_s"] = result.seconds
-    update = SiteUpdate(
-        site=site.name,
-        state=sent,
-        num_examples=result.subjects,
-        organ_subjects=result.organ_subjects,
-        gate_mass=gate_mass,
-        # Organs the site lacks carry no weight in the server's saliency blend (weighted by
-        # organ_subjects, 0 for them), so their NaN travels as 0.
-        saliency=result.saliency.nan_to_num(0.0),
-        organ_names=list(organs.names),
-        metrics=metrics,
-        steps=result.steps,
-        transfer_dtype=cfg.federation.transfer_dtype,
-        reference=received,
-    )
-    content = update.to_recorddict()
-    spans.mark("encode")
-    # Where the site's call went (seconds): travels with the training metrics, so the server
-    # logs it per site and as the federation mean (docs/performance.md, item 4).
-    for tag, sec in spans.tagged("time/").items():
-        content[METRICS][tag] = sec
-    log.info("site %s: round %d trained %d steps on %d subjects in %.1f s",
-             site.name, instr.server_round, result.steps, result.subjects, result.seconds)
-    return Message(content, reply_to=msg)
-
-
-def evaluate_site(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
-    """SSL losses of the global weights on the site's held-out subjects.
-
-    The reply holds a MetricRecord ``metrics`` (``num-examples`` = held-out subjects, and
-    ``val/<metric>`` per model metric) and a ConfigRecord ``site`` naming the site.
-
-    Args:
-        msg: the server's message; content ``arrays`` holds the global weights.
-        context: this node's context.
-        cfg: the experiment config.
-    """
-    from fedpanfm.federation.message import ARRAYS, METRICS, NUM_EXAMPLES, PROTOCOL_VERSION, SITE_CONFIG, arrayrecord_to_state
-    from fedpanfm.train.engine import get_trainer
-    from sites.runtime import SiteRuntime
-
-    site = SiteRuntime.from_context(context, cfg)
-    if not site.val_ids:
-        raise ValueError(f"site {site.name}: no held-out subjects to evaluate on (data.val_fraction = "
-                         f"{cfg.data.val_fraction}, {len(site.train_ids)} subjects)")
-    if ARRAYS not in msg.content:
-        raise ValueError(f"site {site.name}: evaluate message has no ArrayRecord {ARRAYS!r}")
-    kept, schedule = site.load_kept(context)
-    trainer = get_trainer(cfg)
-    state = arrayrecord_to_state(msg.content[ARRAYS], "server evaluate message")
-    state.update(kept)
-    trainer.load_state(state)
-    # The site's own schedule position (teacher temperature): the process may last have served
-    # another site. A site that has not trained yet evaluates at the start of its schedule.
-    trainer.set_schedule_state(schedule or {"step": 0, "total_steps": cfg.federation.rounds * site.steps_per_round()})
-    values = trainer.evaluate(site.loader("val"))
-    metrics = MetricRecord({NUM_EXAMPLES: len(site.val_ids),
-                            **{f"val/{k}": float(v) for k, v in values.items() if math.isfinite(float(v))}})
-    site_rec = ConfigRecord({"protocol-version": PROTOCOL_VERSION, "site-name": site.name})
-    return Message(RecordDict({METRICS: metrics, SITE_CONFIG: site_rec}), reply_to=msg)
 
 
 def build_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
@@ -229,8 +115,10 @@ def build_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
             ``context.run_config``.
     """
     client = ClientApp()
-    client.train()(_logged("train", train_site, run_config))
+    client.train()(_logged("train", with_run_folder(train_site, run_config), run_config))
     client.evaluate()(_logged("evaluate", evaluate_site, run_config))
+    # The server's cohort-statistics query (aggregates only; sites/cohort_statistics.py).
+    client.query(STATISTICS_ACTION)(statistics_handler(run_config, _config))
     return client
 
 

@@ -20,10 +20,10 @@ from typing import Any, Mapping
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
+from fedpanfm.certs import check_site_name
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.collate import make_loader
 from fedpanfm.data.dataset import SiteDataset, list_sites, open_site_dataset, split_subjects
-
 
 #: ``context.state`` record names (``RecordDict`` keys) a site keeps between rounds.
 STATE_ARRAYS = "fedpanfm.local"
@@ -48,6 +48,15 @@ def site_seed(name: str, seed: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def _checked_name(name: str, where: str) -> str:
+    # One validator for every name that enters (fedpanfm.certs.check_site_name): it names files,
+    # TensorBoard runs and log lines here and on the server.
+    try:
+        return check_site_name(name, where)
+    except ValueError as exc:
+        raise SiteConfigError(str(exc)) from None
+
+
 def resolve_site(node_config: Mapping[str, Any], cfg: ExperimentConfig) -> tuple[str, Path]:
     """The site name and folder a node serves.
 
@@ -66,14 +75,15 @@ def resolve_site(node_config: Mapping[str, Any], cfg: ExperimentConfig) -> tuple
                 f"(0..{len(sites) - 1}); run as many supernodes as sites"
             )
         site_dir = Path(sites[k])
-        return site_dir.name, site_dir
+        return _checked_name(site_dir.name, f"cohort {cfg.cohort}: site folder"), site_dir
     missing = [key for key in ("site-name", "data-dir") if key not in node_config]
     if missing:
         raise SiteConfigError(
             f"node config lacks {', '.join(missing)} (have: {', '.join(map(str, node_config)) or 'none'}); "
             "start the supernode with --node-config \"site-name='NAME' data-dir='/path/to/site'\""
         )
-    name, site_dir = str(node_config["site-name"]), Path(str(node_config["data-dir"]))
+    name = _checked_name(str(node_config["site-name"]), "node config site-name")
+    site_dir = Path(str(node_config["data-dir"]))
     if not (site_dir / "manifest.csv").is_file():
         raise SiteConfigError(f"site {name}: data-dir {site_dir} holds no manifest.csv")
     return name, site_dir
@@ -91,10 +101,9 @@ def local_only_keys(keys: list[str], cfg: ExperimentConfig) -> list[str]:
         keys: all state-dict keys of the model.
         cfg: the experiment config.
     """
-    local = [k for k in keys if k.startswith("masker.")]
-    if cfg.federation.teacher_policy == "local":
-        local += [k for k in keys if k.startswith("teacher.") or k.endswith("_loss.center")]
-    return local
+    from fedpanfm.federation.teacher_policy import site_keeps
+
+    return site_keeps(keys, cfg.federation.teacher_policy)
 
 
 @dataclass

@@ -7,7 +7,7 @@ the CA (short timeout), and that the coordinator registered the site's key (a si
 sites/registration.py). ``start`` runs ``flower-supernode`` with TLS, the site's auth key and the
 node config naming the site and its data, in the foreground, logging to ``log_dir``; beside it,
 unless ``worker.enabled: false`` or ``--no-worker``, the site's trainer worker
-(``sites/worker.py``), which keeps the DeepSpeed engine across rounds. ``start`` is the child
+(``sites/worker/``), which keeps the DeepSpeed engine across rounds. ``start`` is the child
 subreaper of everything below it: the ClientApp processes the SuperNode starts end with it
 (fedpanfm/supervision.py), and when it stops it says why on the console.
 """
@@ -27,7 +27,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from fedpanfm.certs import CertError, check_tls, load_auth_private_key, load_certificate
+from fedpanfm.cli import add_file_option
 from fedpanfm.supervision import end_descendants, set_child_subreaper
+from sites.approved_app import (
+    APPROVED_ENV,
+    app_hash,
+    approve_in_site_yaml,
+    check_app_hash,
+    project_root,
+    write_clientapp_shim,
+)
 from sites.registration import probe_registration
 from sites.site_config import SiteConfig, load_site_config
 
@@ -41,12 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     site = subparsers.add_parser("site", help="a hospital's side of a deployed federation")
     sub = site.add_subparsers(dest="site_command", metavar="ACTION", required=True)
     check = sub.add_parser("check", help="validate data, keys and the coordinator connection")
-    check.add_argument("--config", required=True, type=Path, help="the site YAML (site.yaml)")
+    add_file_option(check, "--site-config", "the site YAML (site.yaml)")
     check.add_argument("--timeout", type=float, default=5.0, help="TLS connection timeout in seconds")
     check.add_argument("--offline", action="store_true", help="skip the connection and registration checks")
     check.set_defaults(func=_run_check)
     start = sub.add_parser("start", help="join the federation (runs flower-supernode in the foreground)")
-    start.add_argument("--config", required=True, type=Path, help="the site YAML (site.yaml)")
+    add_file_option(start, "--site-config", "the site YAML (site.yaml)")
     start.add_argument("--insecure", action="store_true",
                        help="no TLS and no site authentication (testing only; the coordinator must be insecure too)")
     start.add_argument("--max-wait", type=float, default=None,
@@ -56,6 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--no-worker", action="store_true",
                        help="no trainer worker: every ClientApp process builds its own DeepSpeed engine")
     start.set_defaults(func=_run_start)
+    approve = sub.add_parser("approve-app", help="pin the app bundle (FAB) this site runs: the hash of a reviewed checkout")
+    add_file_option(approve, "--site-config", "the site YAML (site.yaml)")
+    approve.add_argument("--app-dir", type=Path, default=None,
+                         help="the reviewed project checkout (default: the installed project)")
+    approve.add_argument("--hash", default=None, help="approve this FAB SHA-256 instead of computing one")
+    approve.add_argument("--write", action="store_true", help="add it to approved_apps in the site YAML")
+    approve.set_defaults(func=_run_approve)
 
 
 # --------------------------------------------------------------------------- check
@@ -123,6 +139,11 @@ def run_check(site: SiteConfig, timeout_s: float = 5.0, offline: bool = False) -
 
     step("data", lambda: check_data(site))
     step("keys", lambda: check_keys(site))
+    if site.approved_apps:
+        step("app approval", lambda: check_approval(site))
+    else:
+        print("[warn] app approval: approved_apps is empty: any app the coordinator sends would run here; pin the "
+              "reviewed release with `fedpanfm site approve-app --config <site.yaml> --write`")
     if not offline:
         step("coordinator", lambda: f"{site.coordinator} presents a certificate for "
              f"{check_tls(site.coordinator, site.ca_cert, timeout_s)} trusted by the CA")
@@ -139,6 +160,23 @@ def _run_check(args: argparse.Namespace) -> int:
         print(f"site {site.site_name}: {len(failures)} check(s) failed", file=sys.stderr)
         return 1
     print(f"site {site.site_name}: ready to join {site.coordinator}")
+    return 0
+
+
+def check_approval(site: SiteConfig) -> str:
+    """Which app bundles this site runs (``approved_apps``, checked when the config loaded)."""
+    return f"only app bundles with SHA-256 {', '.join(h[:12] + '...' for h in site.approved_apps)} run here"
+
+
+def _run_approve(args: argparse.Namespace) -> int:
+    site = load_site_config(args.config)
+    app_dir = args.app_dir or project_root()
+    digest = check_app_hash(args.hash, "--hash") if args.hash else app_hash(app_dir)
+    print(f"app bundle sha256 {digest}" + ("" if args.hash else f" (built from {app_dir})"))
+    if args.write:
+        approved = approve_in_site_yaml(args.config, digest, site.approved_apps)
+        load_site_config(args.config)  # still a valid site config
+        print(f"site {site.site_name}: {args.config} approves {len(approved)} app bundle(s)")
     return 0
 
 
@@ -173,8 +211,16 @@ def supernode_command(site: SiteConfig, insecure: bool = False, max_wait_s: floa
 
 
 def supernode_env(site: SiteConfig) -> dict[str, str]:
-    """The environment for the SuperNode (inherited by its ClientApp processes)."""
+    """The environment for the SuperNode (inherited by its ClientApp processes).
+
+    With ``approved_apps``, our ``flwr-clientapp`` (sites/approved_app.py) comes first on ``PATH``
+    and the approved hashes are in its environment: every ClientApp checks its FAB first.
+    """
     env = dict(os.environ)
+    if site.approved_apps:
+        shim = write_clientapp_shim(Path(site.worker.state_dir) / "bin")
+        env["PATH"] = os.pathsep.join([str(shim.parent), env.get("PATH", "")])
+        env[APPROVED_ENV] = ",".join(site.approved_apps)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     if site.resources.cpus:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -195,6 +241,9 @@ def _run_start(args: argparse.Namespace) -> int:
     else:
         print("WARNING: --insecure: no TLS, no site authentication; never use across institutions",
               file=sys.stderr)
+    if not site.approved_apps:
+        print(f"WARNING: {site.source}: approved_apps is empty: this site runs any app the coordinator sends "
+              "(`fedpanfm site approve-app --config ... --write` pins a reviewed release)", file=sys.stderr)
     # ClientApp processes whose SuperNode died are re-parented here, so they are ended below.
     set_child_subreaper()
     log_dir = Path(site.log_dir)
@@ -205,7 +254,7 @@ def _run_start(args: argparse.Namespace) -> int:
     env = supernode_env(site)
     worker = None
     if use_worker:
-        from sites.worker import WorkerProcess
+        from sites.worker.supervisor import WorkerProcess
 
         worker = WorkerProcess(site.worker.socket_path(), site.worker.key_path(), env,
                                log_dir / "trainer_worker.log", args.restarts)
@@ -296,7 +345,7 @@ def supervise(cmd: list[str], env: dict[str, str], log_path: Path, restarts: int
     the site from the rest of the run; after a coordinator restart it may exit as well (its node
     was marked offline). A SuperNode that fails within ``MIN_UPTIME_S`` (key refused, CA wrong,
     coordinator unreachable) is not restarted: that needs a person. A restarted node loses what
-    the site kept in ``context.state`` unless the trainer worker holds it (sites/worker.py).
+    the site kept in ``context.state`` unless the trainer worker holds it (sites/worker/).
     After each exit the ClientApp processes it left are ended (this process is their subreaper).
 
     Args:

@@ -12,25 +12,27 @@ from pathlib import Path
 from typing import Literal
 
 from fedpanfm.certs import check_site_name, split_address
-from fedpanfm.config import ConfigError, ExperimentConfig, _f, load_config, load_yaml_dataclass
-from sites.worker import check_socket_path
+from fedpanfm.config import ExperimentConfig, load_config
+from fedpanfm.typed_yaml import ConfigError, load_yaml_dataclass, option
+from sites.approved_app import check_app_hash
+from sites.worker.wire import check_socket_path
 
 
 @dataclass
 class SiteResources:
     """What the site's training may use on its machine."""
 
-    cpus: int = _f(0, lo=0, doc="CPU threads for training (OMP/torch threads); 0 = all")
-    gpus: str = _f("", doc="CUDA_VISIBLE_DEVICES for the ClientApp ('' = leave as is, 'none' = no GPU)")
+    cpus: int = option(0, lo=0, doc="CPU threads for training (OMP/torch threads); 0 = all")
+    gpus: str = option("", doc="CUDA_VISIBLE_DEVICES for the ClientApp ('' = leave as is, 'none' = no GPU)")
 
 
 @dataclass
 class SiteWorker:
-    """The long-lived trainer worker ``site start`` runs beside the SuperNode (sites/worker.py)."""
+    """The long-lived trainer worker ``site start`` runs beside the SuperNode (sites/worker/)."""
 
-    enabled: bool = _f(True, doc="run the worker (keeps the DeepSpeed engine across rounds); site start --no-worker overrides")
-    state_dir: str = _f("state", doc="folder (mode 0700) for the worker's socket and auth key; keep the path short")
-    fallback: Literal["local", "fail"] = _f("local", doc="when the worker does not answer: train in the ClientApp, or fail")
+    enabled: bool = option(True, doc="run the worker (keeps the DeepSpeed engine across rounds); site start --no-worker overrides")
+    state_dir: str = option("state", doc="folder (mode 0700) for the worker's socket and auth key; keep the path short")
+    fallback: Literal["local", "fail"] = option("local", doc="when the worker does not answer: train in the ClientApp, or fail")
 
     def socket_path(self) -> Path:
         return Path(self.state_dir) / "trainer.sock"
@@ -47,15 +49,19 @@ class SiteConfig:
     the YAML file's folder unless absolute; :func:`load_site_config` resolves them.
     """
 
-    site_name: str = _f("", doc="the site's name: as registered on the coordinator (certs init --sites)")
-    data_dir: str = _f("data", doc="the site folder: manifest.csv and the images it names")
-    organs: list[str] = _f([], doc="organs this site holds; site check compares them with the data")
-    experiment: str = _f("", doc="the federation's experiment YAML (organ preprocessing); '' = defaults")
-    coordinator: str = _f("", doc="HOST:PORT of the coordinator's SuperLink")
-    ca_cert: str = _f("ca.crt", doc="the federation's CA certificate (PEM)")
-    auth_key: str = _f("auth.key", doc="this site's private auth key (OpenSSH EC), mode 0600")
-    clientapp_port: int = _f(9094, lo=1, hi=65535, doc="local port of the SuperNode's ClientApp API")
-    log_dir: str = _f("logs", doc="where site start writes the SuperNode log")
+    site_name: str = option("", doc="the site's name: as registered on the coordinator (certs init --sites)")
+    data_dir: str = option("data", doc="the site folder: manifest.csv and the images it names")
+    cache_dir: str = option("", doc="preprocessed-array cache ('' = <data_dir>/.fedpanfm_cache); the coordinator "
+                                   "cannot set it (sites/run_config_allowlist.py)")
+    organs: list[str] = option([], doc="organs this site holds; site check compares them with the data")
+    experiment: str = option("", doc="the federation's experiment YAML (organ preprocessing); '' = defaults")
+    coordinator: str = option("", doc="HOST:PORT of the coordinator's SuperLink")
+    ca_cert: str = option("ca.crt", doc="the federation's CA certificate (PEM)")
+    auth_key: str = option("auth.key", doc="this site's private auth key (OpenSSH EC), mode 0600")
+    clientapp_port: int = option(9094, lo=1, hi=65535, doc="local port of the SuperNode's ClientApp API")
+    log_dir: str = option("logs", doc="where site start writes the SuperNode log")
+    approved_apps: list[str] = option([], doc="SHA-256 of each app bundle (FAB) this site runs (fedpanfm site "
+                                              "approve-app); [] = any app the coordinator sends (not for production)")
     resources: SiteResources = field(default_factory=SiteResources)
     worker: SiteWorker = field(default_factory=SiteWorker)
 
@@ -72,10 +78,16 @@ class SiteConfig:
             split_address(self.coordinator, f"{src}: coordinator")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        for key, value in (("data_dir", self.data_dir), ("worker.state_dir", self.worker.state_dir)):
+        for key, value in (("data_dir", self.data_dir), ("cache_dir", self.cache_dir),
+                           ("worker.state_dir", self.worker.state_dir)):
             if "'" in value:
                 # The node config passes it as a TOML literal string, which cannot hold a quote.
                 raise ConfigError(f"{src}: {key} {value!r} must not contain a single quote")
+        for i, digest in enumerate(self.approved_apps):
+            try:
+                check_app_hash(digest, f"{src}: approved_apps[{i}]")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.worker.enabled:
             try:
                 check_socket_path(self.worker.socket_path(), f"{src}: worker.state_dir")
@@ -91,9 +103,11 @@ class SiteConfig:
 
         Args:
             worker: also name the trainer worker (``trainer-socket``, ``trainer-key``,
-                ``trainer-fallback``; sites/worker.py), so the ClientApp forwards to it.
+                ``trainer-fallback``; sites/worker/), so the ClientApp forwards to it.
         """
         text = f"site-name='{self.site_name}' data-dir='{self.data_dir}'"
+        if self.cache_dir:
+            text += f" cache-dir='{self.cache_dir}'"
         if worker:
             w = self.worker
             text += f" trainer-socket='{w.socket_path()}' trainer-key='{w.key_path()}' trainer-fallback='{w.fallback}'"
@@ -112,6 +126,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
     base = path.resolve().parent
     for name in ("data_dir", "ca_cert", "auth_key", "log_dir"):
         setattr(cfg, name, str(base / getattr(cfg, name)))
+    if cfg.cache_dir:
+        cfg.cache_dir = str(base / cfg.cache_dir)
     cfg.worker.state_dir = str(base / cfg.worker.state_dir)
     if cfg.experiment:
         cfg.experiment = str(base / cfg.experiment)

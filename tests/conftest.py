@@ -116,7 +116,7 @@ def fake_site_update(cfg: ExperimentConfig, global_state: dict[str, torch.Tensor
     """A SiteUpdate as a site would send it: every float tensor of ``global_state`` moved by
     seeded noise of std ``scale``; organ_subjects default: every subject has every organ; gate
     mass default: random positive (L, E) when the state has DEX experts."""
-    from fedpanfm.federation.message import SiteUpdate
+    from fedpanfm.federation.protocol import SiteUpdate
 
     g = torch.Generator().manual_seed(seed)
     n_organs = len(cfg.data.organ_set())
@@ -156,7 +156,8 @@ def site_message(content, message_type: str, server_round: int, dst_node: int):
 
 def train_message(cfg: ExperimentConfig, state: dict[str, torch.Tensor], server_round: int, dst_node: int):
     """The server's train instruction of ``server_round`` (2 rounds, 20 planned steps, uniform saliency)."""
-    from fedpanfm.federation.message import TrainInstruction, state_to_arrayrecord
+    from fedpanfm.federation.protocol import TrainInstruction
+    from fedpanfm.federation.tensor_codec import state_to_arrayrecord
 
     organs = cfg.data.organ_set()
     instr = TrainInstruction(

@@ -35,7 +35,7 @@ def attacking_client_app(run_config: Any) -> Any:
     from flwr.app import Message
     from flwr.clientapp import ClientApp
 
-    from fedpanfm.federation.message import METRICS, NUM_EXAMPLES, SITE_CONFIG, SiteUpdate, TrainInstruction
+    from fedpanfm.federation.protocol import METRICS, NUM_EXAMPLES, SITE_CONFIG, SiteUpdate, TrainInstruction
     from sites.client_app import _logged, evaluate_site, train_site
 
     def attacker(context: Any) -> bool:

@@ -14,8 +14,8 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from test_strategy import REGISTERED, FakeGrid, reply, server_identity  # noqa: F401  (fixture)
 
 from fedpanfm.federation.aggregate import aggregate_round
-from fedpanfm.federation.message import state_to_arrayrecord
-from fedpanfm.federation.privacy import delta_norm
+from fedpanfm.federation.tensor_codec import state_to_arrayrecord
+from fedpanfm.federation.deltas import delta_norm
 from orchestration.strategy import FedPanFM
 
 pytestmark = pytest.mark.adversarial
@@ -256,7 +256,7 @@ def test_evaluate_reply_poisoning_is_refused_or_bounded(setup) -> None:
                         (_eval_reply(4, "evil", 2, -1e6), "max_metric"),
                         (missing, "num-examples")):
         out = strategy.aggregate_evaluate(1, [*honest, bad])
-        assert strategy.evaluation_failures == {"evil": 1}, reason
+        assert strategy.last_evaluation is not None and strategy.last_evaluation.failures == {"evil": 1}, reason
         assert out is not None and out["val/loss"] == pytest.approx(2.0)  # the honest mean
     # Accepted but large: the held-out count weighs at most subject_cap x the median.
     out = strategy.aggregate_evaluate(1, [*honest, _eval_reply(4, "evil", 1000, -1e4)])

@@ -7,16 +7,13 @@ import pytest
 import torch
 from conftest import fake_site_update, global_model_state, tiny_config
 
-from fedpanfm.federation.aggregate import (
-    aggregate_round,
-    check_update,
-    mean_group,
-    plan_means,
-    server_ema_teacher,
-    weighted_mean,
-)
+from fedpanfm.federation.aggregate import aggregate_round
+from fedpanfm.federation.means import mean_group, weighted_mean
+from fedpanfm.federation.planning import plan_means
+from fedpanfm.federation.teacher_policy import server_ema_teacher
+from fedpanfm.federation.validation import check_update
 from fedpanfm.federation.directors import director_momentum
-from fedpanfm.federation.message import MessageError
+from fedpanfm.federation.tensor_codec import MessageError
 from fedpanfm.federation.param_groups import ParamGroup, classify, counterpart, group_keys
 from fedpanfm.federation.saliency import aggregate_saliency
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpanfm.federation.aggregate import _FP32_RUN, _MEAN_BLOCK, weighted_mean
+from fedpanfm.federation.means import _FP32_RUN, _MEAN_BLOCK, weighted_mean
 
 
 def _reference(ts: list[torch.Tensor], w: list[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from conftest import one_site_run, site_message, train_message
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedpanfm.config import ExperimentConfig
-from fedpanfm.federation.message import SiteUpdate
+from fedpanfm.federation.protocol import SiteUpdate
 from fedpanfm.model.meta_arch import PanFMSSL
 from sites.client_app import app
 from sites.runtime import STATE_CONFIG, SiteConfigError, SiteRuntime, resolve_site, site_seed
@@ -69,7 +69,7 @@ def test_train_reply_state_and_evaluate(site: tuple[ExperimentConfig, dict[str, 
     assert update.gate_mass.sum() > 0
     assert update.steps == -(-len(runtime.train_ids) // cfg.data.batch_size) * cfg.train.epochs
     # Only what the server reads comes back: no teacher under the default server_ema policy.
-    from fedpanfm.federation.aggregate import required_keys
+    from fedpanfm.federation.validation import required_keys
     assert set(update.state) == set(required_keys(global_state, cfg))
     assert not any(k.startswith("teacher.") for k in update.state)
     changed = [k for k in global_state if k.startswith("student.") and not torch.equal(update.state[k], global_state[k])]

@@ -265,7 +265,7 @@ def test_deployed_federation(tmp_path: Path, processes: Processes) -> None:
     assert f"resuming {crashed} after round" in resumed.stdout and "fedpanfm: 3 rounds" in resumed.stdout
     summary = json.loads((crashed / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["stopped"] is None and summary["resumed_from_round"] == killed_at
-    for n in names:  # each site continued from the state it kept after the resume point (sites/worker.py)
+    for n in names:  # each site continued from the state it kept after the resume point (sites/worker/)
         worker_log = (tmp_path / f"kit_{n}" / "logs" / "trainer_worker.log").read_text()
         assert f"round {killed_at + 1}: continuing from the site state kept after round {killed_at}" in worker_log
 

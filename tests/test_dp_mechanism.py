@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import fake_site_update, global_model_state, tiny_config
 
-from fedpanfm.federation.aggregate import RoundPlan, aggregate_round
+from fedpanfm.federation.aggregate import aggregate_round
+from fedpanfm.federation.planning import RoundPlan
 from fedpanfm.federation.param_groups import classify
 from fedpanfm.federation.privacy import SALIENCY, add_noise, dp_keys, secure_generator
 

@@ -9,14 +9,8 @@ import torch
 from conftest import fake_site_update, tiny_config
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedpanfm.federation.message import (
-    PROTOCOL_VERSION,
-    MessageError,
-    SiteUpdate,
-    TrainInstruction,
-    arrayrecord_to_state,
-    state_to_arrayrecord,
-)
+from fedpanfm.federation.protocol import PROTOCOL_VERSION, SiteUpdate, TrainInstruction
+from fedpanfm.federation.tensor_codec import arrayrecord_to_state, MessageError, state_to_arrayrecord
 
 ORGANS = list(tiny_config().data.organ_set().names)
 

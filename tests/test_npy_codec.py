@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedpanfm.federation.message import MessageError, arrayrecord_to_state, state_to_arrayrecord
+from fedpanfm.federation.tensor_codec import arrayrecord_to_state, MessageError, state_to_arrayrecord
 
 
 @pytest.mark.parametrize("a", [

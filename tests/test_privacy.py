@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from fedpanfm.federation.privacy import clip_delta, delta_norm
+from fedpanfm.federation.deltas import clip_delta, delta_norm
 
 
 def test_clip_scales_the_delta_to_the_bound() -> None:

@@ -1,42 +1,21 @@
-"""Ray aggregation gives bit-identical results to the serial path; background jobs run and
-report failures; a tiny local Ray (1 CPU, no dashboard) is started here and shut down after."""
+"""Ray aggregation gives bit-identical results to the serial path; a tiny local Ray (1 CPU, no
+dashboard) is started here and shut down after."""
 
 from __future__ import annotations
 
-import operator
-from pathlib import Path
 
 import pytest
 import ray
 import torch
 from conftest import fake_site_update, global_model_state, tiny_config
 
-from fedpanfm.federation.aggregate import plan_means
+from fedpanfm.federation.planning import plan_means
 from orchestration.ray_aggregation import (
     RayAggregator,
     SerialAggregator,
     make_aggregator,
     pack_tasks,
-    submit_background,
-    wait_background,
 )
-
-# Background jobs must be importable on a Ray worker (this test module is not): library callables.
-_write = Path.write_text
-_fail = operator.truediv  # _fail(1, 0) raises ZeroDivisionError
-
-
-def test_background_without_ray_uses_threads(tmp_path, monkeypatch):
-    # Whatever other test modules left running: this test is about the no-Ray fallback.
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    submit_background(_write, tmp_path / "a.txt", "round 1")
-    submit_background(_write, tmp_path / "b.txt", "round 22")
-    assert wait_background() == [7, 8]
-    assert (tmp_path / "b.txt").read_text() == "round 22"
-    submit_background(_fail, 1, 0)
-    with pytest.raises(RuntimeError, match="truediv.*division by zero"):
-        wait_background()
-    assert wait_background() == []
 
 
 def test_make_aggregator_serial_when_ray_disabled():
@@ -89,18 +68,6 @@ def test_ray_and_serial_are_identical(local_ray, policy):
     assert r_out.metrics == s_out.metrics and torch.equal(r_out.saliency, s_out.saliency)
     # The result owns writable memory (not a view into the object store).
     parallel["student.encoder.norm.weight"].add_(1.0)
-
-
-def test_background_on_ray(local_ray, tmp_path):
-    submit_background(_write, tmp_path / "ckpt.txt", "saved")
-    submit_background(_fail, 1, 0)
-    submit_background(_write, tmp_path / "late.txt", "after a failure")
-    with pytest.raises(RuntimeError, match="1 of 3 failed.*division by zero"):
-        wait_background()
-    assert (tmp_path / "ckpt.txt").read_text() == "saved"
-    assert (tmp_path / "late.txt").read_text() == "after a failure"  # a failure does not stop the others
-    submit_background(_write, tmp_path / "ok.txt", "ok")
-    assert wait_background() == [2]
 
 
 def test_received_updates_are_staged_and_give_the_serial_result(local_ray):

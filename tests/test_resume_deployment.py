@@ -100,8 +100,9 @@ def test_flwr_run_does_not_rewrite_pyproject() -> None:
 def test_worker_gives_a_resumed_run_the_state_of_the_round_it_resumes_after(tmp_path: Path) -> None:
     from flwr.app import ConfigRecord, RecordDict
 
-    from fedpanfm.federation.message import SERVER_CONFIG
-    from sites.worker import KEPT_ROUNDS, KEPT_RUNS, TrainerWorker, _run_round, ensure_authkey
+    from fedpanfm.federation.protocol import SERVER_CONFIG
+    from sites.worker.server import KEPT_ROUNDS, KEPT_RUNS, TrainerWorker, _run_round
+    from sites.worker.wire import ensure_authkey
 
     ensure_authkey(tmp_path / "k")
     worker = TrainerWorker(tmp_path / "s.sock", tmp_path / "k")

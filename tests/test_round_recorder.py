@@ -13,7 +13,7 @@ import torch
 from conftest import global_model_state, tiny_config
 
 from fedpanfm.checkpoint import load_checkpoint
-from fedpanfm.federation.message import state_to_arrayrecord
+from fedpanfm.federation.tensor_codec import state_to_arrayrecord
 from fedpanfm.tb import read_scalars
 from orchestration.server_app import RunRecorder
 

@@ -16,7 +16,7 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpanfm.federation.aggregate import aggregate_round
-from fedpanfm.federation.message import state_to_arrayrecord
+from fedpanfm.federation.tensor_codec import state_to_arrayrecord
 from orchestration.strategy import FedPanFM, RoundFailed, RoundReport
 from sites.faults import InjectedFault, apply_fault, parse_faults
 

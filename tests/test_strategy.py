@@ -14,7 +14,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpanfm.federation.aggregate import aggregate_round
-from fedpanfm.federation.message import SiteUpdate, TrainInstruction, arrayrecord_to_state, state_to_arrayrecord
+from fedpanfm.federation.protocol import SiteUpdate, TrainInstruction
+from fedpanfm.federation.tensor_codec import arrayrecord_to_state, state_to_arrayrecord
 from orchestration.strategy import FedPanFM, RoundFailed, RoundReport
 
 

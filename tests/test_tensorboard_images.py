@@ -15,7 +15,7 @@ from conftest import global_model_state, make_site, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fedpanfm import tb_figures
-from fedpanfm.federation.message import state_to_arrayrecord
+from fedpanfm.federation.tensor_codec import state_to_arrayrecord
 from fedpanfm.tb import grouped_tag
 from orchestration.server_app import RunRecorder
 from orchestration.strategy import RoundReport

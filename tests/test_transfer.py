@@ -7,13 +7,15 @@ import pytest
 import torch
 from conftest import fake_site_update, global_model_state, tiny_config
 
-from fedpanfm.federation.aggregate import aggregate_round, check_update, weighted_mean
-from fedpanfm.federation.message import (
+from fedpanfm.federation.aggregate import aggregate_round
+from fedpanfm.federation.means import weighted_mean
+from fedpanfm.federation.validation import check_update
+from fedpanfm.federation.protocol import SiteUpdate
+from fedpanfm.federation.tensor_codec import (
+    arrayrecord_to_state,
     BF16_DELTA_STYPE,
     BF16_STYPE,
     MessageError,
-    SiteUpdate,
-    arrayrecord_to_state,
     state_nbytes,
     state_to_arrayrecord,
 )
@@ -65,11 +67,10 @@ def test_bf16_site_update_halves_float_bytes_of_a_real_model():
     g = global_model_state(cfg)
     u = fake_site_update(cfg, g, "s", 5)
     full = u.to_recorddict()["arrays"]
-    u.transfer_dtype = "bf16"
-    half = u.to_recorddict()["arrays"]
+    half = u.to_recorddict("bf16")["arrays"]
     floats = sum(t.numel() * 4 for t in u.state.values() if t.is_floating_point())
     assert _payload(full) - _payload(half) >= floats // 2
-    back = SiteUpdate.from_recorddict(u.to_recorddict(), ORGANS)
+    back = SiteUpdate.from_recorddict(u.to_recorddict("bf16"), ORGANS)
     check_update(back, g, cfg)
     assert all(back.state[k].dtype == g[k].dtype for k in g)
 
@@ -113,7 +114,7 @@ def test_sparse_experts_aggregate_correctly_and_unused_stay_unchanged():
     for u in (a, b):
         sent, reported = select_transfer(u.state, u.gate_mass, cfg)
         su = SiteUpdate(u.site, sent, u.num_examples, u.organ_subjects, reported, u.saliency, u.organ_names,
-                        u.metrics, u.steps, "fp32")
+                        u.metrics, u.steps)
         sparse.append(SiteUpdate.from_recorddict(su.to_recorddict(), ORGANS))
     dense_state, _ = aggregate_round(g, [a, b], cfg, 1)
     sparse_state, _ = aggregate_round(g, sparse, cfg, 1)
@@ -211,9 +212,8 @@ def test_delta_without_its_reference_is_rejected_naming_the_key():
     cfg = tiny_config()
     g = global_model_state(cfg)
     u = fake_site_update(cfg, g, "s", 5, scale=1e-3)
-    u.transfer_dtype, u.reference = "bf16", g
     with pytest.raises(MessageError, match=r"node 3 \(site s\): array 'student\..*' is a bf16 delta, but"):
-        SiteUpdate.from_recorddict(u.to_recorddict(), ORGANS, sender="node 3")
+        SiteUpdate.from_recorddict(u.to_recorddict("bf16", reference=g), ORGANS, sender="node 3")
 
 
 def test_bf16_delta_update_halves_float_bytes_and_decodes_against_the_master():
@@ -222,14 +222,13 @@ def test_bf16_delta_update_halves_float_bytes_and_decodes_against_the_master():
     received = {k: _bf16(v) if v.is_floating_point() else v for k, v in g.items()}  # what a bf16 downlink gives
     u = fake_site_update(cfg, received, "s", 5, scale=1e-3)
     full = u.to_recorddict()["arrays"]
-    u.transfer_dtype, u.reference = "bf16", received
-    delta = u.to_recorddict()["arrays"]
+    delta = u.to_recorddict("bf16", reference=received)["arrays"]
     floats = [k for k, t in u.state.items() if t.is_floating_point()]
     assert floats and all(delta[k].stype == BF16_DELTA_STYPE and len(delta[k].data) == 2 * u.state[k].numel()
                           for k in floats)
     assert _payload(full) - _payload(delta) >= sum(u.state[k].numel() * 4 for k in floats) // 2
     # the server adds the delta to its exact fp32 master: master + (site_new - round(master))
-    back = SiteUpdate.from_recorddict(u.to_recorddict(), ORGANS, reference=g)
+    back = SiteUpdate.from_recorddict(u.to_recorddict("bf16", reference=received), ORGANS, reference=g)
     check_update(back, g, cfg)
     for k in floats:
         assert torch.equal(back.state[k], g[k] + _bf16(u.state[k] - received[k])), k
@@ -251,7 +250,7 @@ def server_identity(monkeypatch):
 def test_strategy_sends_bf16_and_keeps_an_fp32_master():
     from test_strategy import FakeGrid, reply
 
-    from fedpanfm.federation.message import TrainInstruction
+    from fedpanfm.federation.protocol import TrainInstruction
     from orchestration.strategy import FedPanFM
 
     # no DEX and an aggregated teacher: every floating key is the num-examples weighted mean
@@ -268,10 +267,9 @@ def test_strategy_sends_bf16_and_keeps_an_fp32_master():
     assert all(torch.equal(received[k], _bf16(g[k])) for k in floats)
     ups = []
     for i, n in enumerate([3, 5]):
-        u = fake_site_update(cfg, received, f"s{i}", n, seed=i, scale=1e-3)
-        u.transfer_dtype, u.reference = "bf16", received
-        ups.append(u)
-    arrays, _ = strategy.aggregate_train(1, [reply(u.to_recorddict(), i + 1) for i, u in enumerate(ups)])
+        ups.append(fake_site_update(cfg, received, f"s{i}", n, seed=i, scale=1e-3))
+    arrays, _ = strategy.aggregate_train(1, [reply(u.to_recorddict("bf16", reference=received), i + 1)
+                                             for i, u in enumerate(ups)])
     assert arrays is not None and all(arrays[k].stype == BF16_STYPE for k in floats)
     master = strategy.global_state
     assert master is not None
@@ -293,7 +291,7 @@ def test_strategy_sends_bf16_and_keeps_an_fp32_master():
 def test_resumed_strategy_encodes_the_downlink_from_its_master():
     from test_strategy import FakeGrid
 
-    from fedpanfm.federation.message import TrainInstruction
+    from fedpanfm.federation.protocol import TrainInstruction
     from orchestration.strategy import FedPanFM
 
     cfg = tiny_config(["federation.transfer_dtype=bf16", "federation.rounds=3"])
@@ -314,7 +312,7 @@ def test_site_replies_bf16_deltas_for_what_it_received(tmp_path):
     from conftest import one_site_run, site_message
     from flwr.app import ConfigRecord, Context, RecordDict
 
-    from fedpanfm.federation.message import TrainInstruction
+    from fedpanfm.federation.protocol import TrainInstruction
     from fedpanfm.model.meta_arch import PanFMSSL
     from sites.client_app import app
 

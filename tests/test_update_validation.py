@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import fake_site_update, global_model_state, tiny_config
 
-from fedpanfm.federation.aggregate import check_update
-from fedpanfm.federation.message import MessageError, SiteUpdate
+from fedpanfm.federation.validation import check_update
+from fedpanfm.federation.protocol import SiteUpdate
+from fedpanfm.federation.tensor_codec import MessageError
 
 
 @pytest.fixture

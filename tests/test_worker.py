@@ -1,4 +1,4 @@
-"""The site's trainer worker (sites/worker.py): wire format, keys, the same reply as in-process
+"""The site's trainer worker (sites/worker/): wire format, keys, the same reply as in-process
 training, one engine across requests, fallback when the worker is dead.
 
 Every worker process a test starts is stopped by its PID in a ``finally``.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,20 +25,21 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, Re
 from flwr.common.config import parse_config_args
 
 from fedpanfm.config import ConfigError, ExperimentConfig
-from fedpanfm.federation.message import BF16_STYPE, SiteUpdate
+from fedpanfm.federation.protocol import SiteUpdate
+from fedpanfm.federation.tensor_codec import BF16_STYPE
 from sites.client_app import app
+from sites.public_errors import SiteFailure
 from sites.runtime import STATE_ARRAYS, STATE_CONFIG
 from sites.site_commands import supernode_command
 from sites.site_config import load_site_config
-from sites.worker import (
-    WorkerProcess,
+from sites.worker.client import WorkerTarget, ping
+from sites.worker.supervisor import WorkerProcess
+from sites.worker.wire import (
     WorkerProtocolError,
-    WorkerTarget,
     WorkerUnavailable,
     decode_recorddict,
     encode_recorddict,
     ensure_authkey,
-    ping,
     read_authkey,
     recv_frames,
     send_frames,
@@ -146,6 +148,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, di
     """A one-site tiny cohort, its run config, the deployment node config naming it, a scratch folder."""
     tmp = tmp_path_factory.mktemp("worker")
     cfg, run_config = one_site_run(tmp)
+    # A deployed site takes the experiment config's text, never a path (sites/run_config_allowlist.py).
+    run_config = {**run_config, "config-yaml": Path(run_config["config"]).read_text()}
     site_dir = sorted(p for p in Path(cfg.cohort).iterdir() if (p / "manifest.csv").is_file())[0]
     node_config = {"site-name": site_dir.name, "data-dir": str(site_dir)}
     return cfg, run_config, node_config, tmp
@@ -226,8 +230,9 @@ def test_worker_replies_as_in_process_and_keeps_one_engine(site) -> None:  # typ
         assert stats["pid"] == proc.pid and stats["requests"] == 3 and stats["engine_builds"] == 1
         # A failure inside the worker comes back as an error, not as a fallback.
         bad = site_message(RecordDict({"config": ConfigRecord()}), "evaluate", 1, NODE)
-        with pytest.raises(RuntimeError, match=r"trainer worker: ValueError: .*no ArrayRecord 'arrays'"):
-            app(bad, remote)
+        with pytest.raises(SiteFailure, match="evaluate failed at this site: WorkerError") as failed:
+            app(bad, remote)  # the coordinator sees the redacted reason, the site the cause
+        assert re.search(r"trainer worker: ValueError: .*no ArrayRecord 'arrays'", str(failed.value.__cause__))
     finally:
         _stop(proc)
     assert proc.returncode == 0 and not sock.exists()  # SIGTERM closes the listener and its socket
@@ -271,5 +276,7 @@ def test_dead_worker_falls_back_or_fails_clearly(site, caplog: pytest.LogCapture
                for r in caplog.records)
     strict = Context(run_id=1, node_id=NODE, state=RecordDict(), run_config=run_config,
                      node_config={**dead, "trainer-fallback": "fail"})
-    with pytest.raises(WorkerUnavailable, match=f"no trainer worker at {sock}"):
+    with pytest.raises(SiteFailure, match="train failed at this site: WorkerUnavailable") as failed:
         app(msg, strict)
+    assert isinstance(failed.value.__cause__, WorkerUnavailable)
+    assert f"no trainer worker at {sock}" in str(failed.value.__cause__) and str(sock) not in str(failed.value)

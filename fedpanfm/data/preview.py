@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class PreviewRow:
     error: str = ""
 
 
-def _fmt(values: tuple[float, ...] | list[float]) -> str:
+def _fmt(values: Sequence[float]) -> str:
     return "x".join(f"{v:g}" for v in values)
 
 
@@ -66,22 +67,24 @@ def _cell(v: object) -> object:
     return v
 
 
-def preview_site(site_dir: Path, cfg: ExperimentConfig, out_dir: Path) -> list[PreviewRow]:
-    """Preprocess every image of a site into ``out_dir`` (module docstring); return the table rows.
+def measure_site(site_dir: Path, cfg: ExperimentConfig) -> Iterator[tuple[PreviewRow, np.ndarray | None, str]]:
+    """Every image of a site read and preprocessed as training would: (row, the preprocessed array
+    (1, *grid) or None for a left-out image, the world code of each grid axis, e.g. "RAS").
 
-    A bad image raises :class:`CohortError` naming site, row and file with ``cfg.data.on_bad ==
-    "error"``; with ``"skip"`` it gets a row with ``error`` set and no arrays.
+    Bad subjects of the manifest and, with ``cfg.data.on_bad == "skip"``, bad images come as rows
+    with ``error`` set; with ``"error"`` a bad image raises :class:`CohortError` naming site, row
+    and file. Shared by the preview (which writes the arrays) and the federated cohort statistics
+    (fedpanfm/data/site_statistics.py, which keeps aggregates only).
 
     Args:
         site_dir: the site folder (``manifest.csv`` and its images).
         cfg: the experiment config (organ specs, ``on_bad``).
-        out_dir: where the arrays, mosaics and table go (created).
     """
-    site_dir, out_dir = Path(site_dir), Path(out_dir)
+    site_dir = Path(site_dir)
     manifest = read_manifest(site_dir, cfg.data.organ_set(), cfg.data.on_bad)
-    rows: list[PreviewRow] = [PreviewRow(sid, "", "", error=msg) for sid, msg in manifest.bad.items()]
+    for sid, msg in manifest.bad.items():
+        yield PreviewRow(sid, "", "", error=msg), None, ""
     for sid, items in manifest.rows_by_subject().items():
-        panels: list[tuple[str, np.ndarray, str]] = []
         for number, r in items:
             spec = cfg.data.organs[r.organ]
             row = PreviewRow(sid, r.organ, r.path)
@@ -96,7 +99,7 @@ def preview_site(site_dir: Path, cfg: ExperimentConfig, out_dir: Path) -> list[P
                     msg = str(exc)
                     raise exc if msg.startswith(source) else CohortError(f"{source}: {msg}") from None
                 row.error = str(exc)
-                rows.append(row)
+                yield row, None, ""
                 continue
             row.normalize = resolve_method(spec.normalize, row.modality)
             row.orientation, row.obliquity_deg = image.orientation or "as stored (.npy)", round(image.obliquity, 2)
@@ -105,12 +108,35 @@ def preview_site(site_dir: Path, cfg: ExperimentConfig, out_dir: Path) -> list[P
             row.spacing_after = _fmt(spec.spacing) if spec.spacing else row.spacing_before
             row.p1_before, row.p50_before, row.p99_before = (float(v) for v in np.percentile(image.array, PERCENTILES))
             row.p1_after, row.p50_after, row.p99_after = (float(v) for v in np.percentile(out, PERCENTILES))
-            rows.append(row)
-            (out_dir / sid).mkdir(parents=True, exist_ok=True)
-            np.save(out_dir / sid / f"{r.organ}.npy", out, allow_pickle=False)
-            panels.append((r.organ, out[0], image.axes[: out.ndim - 1]))
-        if panels:
-            write_mosaic(out_dir / sid / MOSAIC_NAME, sid, panels)
+            yield row, out, image.axes[: out.ndim - 1]
+
+
+def preview_site(site_dir: Path, cfg: ExperimentConfig, out_dir: Path) -> list[PreviewRow]:
+    """Preprocess every image of a site into ``out_dir`` (module docstring); return the table rows.
+
+    A bad image raises :class:`CohortError` naming site, row and file with ``cfg.data.on_bad ==
+    "error"``; with ``"skip"`` it gets a row with ``error`` set and no arrays.
+
+    Args:
+        site_dir: the site folder (``manifest.csv`` and its images).
+        cfg: the experiment config (organ specs, ``on_bad``).
+        out_dir: where the arrays, mosaics and table go (created).
+    """
+    out_dir = Path(out_dir)
+    rows: list[PreviewRow] = []
+    panels: list[tuple[str, np.ndarray, str]] = []  # one subject's at a time (images come by subject)
+    for row, out, axes in measure_site(site_dir, cfg):
+        if panels and rows and row.subject_id != rows[-1].subject_id:
+            write_mosaic(out_dir / rows[-1].subject_id / MOSAIC_NAME, rows[-1].subject_id, panels)
+            panels = []
+        rows.append(row)
+        if out is None:
+            continue
+        (out_dir / row.subject_id).mkdir(parents=True, exist_ok=True)
+        np.save(out_dir / row.subject_id / f"{row.organ}.npy", out, allow_pickle=False)
+        panels.append((row.organ, out[0], axes))
+    if panels:
+        write_mosaic(out_dir / rows[-1].subject_id / MOSAIC_NAME, rows[-1].subject_id, panels)
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / TABLE_NAME).open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=[f.name for f in fields(PreviewRow)])
@@ -193,4 +219,5 @@ def format_preview(site: str, rows: list[PreviewRow]) -> str:
     return "\n".join(out)
 
 
-__all__ = ["MOSAIC_NAME", "PreviewRow", "TABLE_NAME", "format_preview", "mid_slices", "preview_site", "write_mosaic"]
+__all__ = ["MOSAIC_NAME", "PERCENTILES", "PreviewRow", "TABLE_NAME", "format_preview", "measure_site", "mid_slices",
+           "preview_site", "write_mosaic"]

@@ -7,8 +7,8 @@ it under an output folder::
     rows.csv                                    macro AUROC of every readout and baseline row
     report.md                                   the tables with a short summary
     summary.json                                everything above, NaN as null (for the study)
-    robustness_k.png  organ_drop.png  attention_balance.png
-    evaluation/events.out.tfevents.*            TensorBoard scalars (RunLogger sub-run)
+    robustness_k.png  organ_drop.png  attention_balance.png  roc.png (ROC per label, test set)
+    evaluation/events.out.tfevents.*            TensorBoard scalars and, in IMAGES, the four plots
 """
 
 from __future__ import annotations
@@ -292,6 +292,34 @@ def _plots(result: EvaluationResult, out_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- TensorBoard
 
 
+def roc_points(result: EvaluationResult) -> dict[str, tuple[Any, Any, float]]:
+    """label -> (false-positive rates, true-positive rates, AUROC) of each probe on the test
+    subjects with a known label (scikit-learn's ``roc_curve``); labels without a probe, or whose
+    test set has one class, are left out. Empty without ``result.embeddings``."""
+    from sklearn.metrics import roc_curve
+
+    if result.embeddings is None:
+        return {}
+    test = result.embeddings.subset([s for s in result.split.test if s in set(result.embeddings.subject_ids)])
+    out: dict[str, tuple[Any, Any, float]] = {}
+    for j, label in enumerate(test.label_names):
+        probe = result.probes.probes.get(label)
+        y = test.labels[:, j]
+        known = ~torch.isnan(y)
+        if probe is None or int(known.sum()) == 0 or len(set(y[known].tolist())) < 2:
+            continue
+        logits = probe.logits(test.cls[known]).numpy()
+        fpr, tpr, _ = roc_curve(y[known].numpy(), logits)
+        out[label] = (fpr, tpr, result.scores.by_label().get(label, math.nan))
+    return out
+
+
+#: The report's plots shown in TensorBoard's IMAGES tab, by tag.
+TB_IMAGES = {"evaluation/robustness_k": "robustness_k.png", "evaluation/organ_drop": "organ_drop.png",
+             "evaluation/attention_balance": "attention_balance.png", "evaluation/roc": "roc.png"}
+
+
+
 def tensorboard_scalars(result: EvaluationResult) -> dict[int, dict[str, float]]:
     """step -> {tag: value} of the finite results (step = organs removed for ``random_k``)."""
     steps: dict[int, dict[str, float]] = {0: {}}
@@ -392,9 +420,23 @@ def write_report(result: EvaluationResult, out_dir: Path, title: str = "Evaluati
     paths["summary.json"].write_text(json.dumps(summary_dict(result), indent=2) + "\n")
     for p in _plots(result, out_dir):
         paths[p.name] = p
+    curves = roc_points(result)
+    if curves:
+        from matplotlib.image import imsave
+
+        from fedpanfm.tb_figures import roc_curves
+
+        paths["roc.png"] = out_dir / "roc.png"
+        imsave(paths["roc.png"], roc_curves(curves, f"ROC on the test set, readout {result.readout}"))
     with RunLogger(out_dir, TB_RUN) as tb:
         for step, values in tensorboard_scalars(result).items():
             tb.scalars(values, step)
+        from fedpanfm.tb_figures import png_image
+
+        # The report's pictures, where people look (TensorBoard's IMAGES tab).
+        for tag, name in TB_IMAGES.items():
+            if name in paths:
+                tb.image(tag, png_image(paths[name]), 0)
         paths["tensorboard"] = tb.log_dir
     return paths
 
@@ -404,6 +446,7 @@ __all__ = [
     "attention_table",
     "evaluate_encoder",
     "probe_table",
+    "roc_points",
     "robustness_table",
     "rows_table",
     "summary_dict",

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from fedpanfm.config import ExperimentConfig
-from fedpanfm.federation.message import SiteUpdate
 from fedpanfm.federation.param_groups import ParamGroup, group_keys, module_suffix
+from fedpanfm.federation.protocol import SiteUpdate
 from fedpanfm.model.group_ema import group_ema
 from fedpanfm.train.schedules import cosine
 

@@ -24,9 +24,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fedpanfm.federation.message import SiteUpdate
+from fedpanfm.federation.deltas import clip_delta, delta_norm
 from fedpanfm.federation.param_groups import classify
-from fedpanfm.federation.privacy import clip_delta, delta_norm
+from fedpanfm.federation.protocol import SiteUpdate
 
 
 def lower_median(values: Sequence[float]) -> float:

@@ -86,6 +86,20 @@ def classify(key: str) -> ParamGroup:
     return ParamGroup("other", "shared")
 
 
+_MASKER = re.compile(r"^masker\.")
+_CENTRE = re.compile(r"^[A-Za-z0-9_]+_loss\.center$")
+
+
+def is_site_masker(key: str) -> bool:
+    """Whether ``key`` is the organ masker's state (the site's running organ saliency)."""
+    return classify(key).role == "other" and bool(_MASKER.match(key))
+
+
+def is_teacher_centre(key: str) -> bool:
+    """Whether ``key`` is a loss's teacher-output centre (``dino_loss.center``, ``ibot_loss.center``)."""
+    return classify(key).role == "other" and bool(_CENTRE.match(key))
+
+
 def group_keys(keys: Iterable[str]) -> dict[GroupId, list[str]]:
     """Keys bucketed by group, each bucket in the order the keys came (groups sorted)."""
     out: dict[GroupId, list[str]] = {}
@@ -117,4 +131,5 @@ def module_suffix(key: str, group: ParamGroup) -> str:
     return key.split(marker, 1)[1]
 
 
-__all__ = ["GroupId", "Kind", "ParamGroup", "Role", "classify", "counterpart", "group_keys", "module_suffix"]
+__all__ = ["GroupId", "Kind", "ParamGroup", "Role", "classify", "counterpart", "group_keys", "is_site_masker",
+           "is_teacher_centre", "module_suffix"]

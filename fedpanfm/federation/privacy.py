@@ -9,7 +9,7 @@ Our reconstruction (no paper fixes it; docs/security.md, "Differential privacy")
   directors (group EMA of the noised experts with uniform expert weights and the planned step
   count, never the sites' gate mass or steps), the reset accumulators.
 - **Clip per site**: the joint delta ``site - global`` is scaled to L2 norm <= ``clip_norm``
-  (:func:`clip_delta`). Clipping happens at the server (central DP: the server is trusted).
+  (``deltas.clip_delta``). Clipping happens at the server (central DP: the server is trusted).
 - **Fixed denominator** (McMahan et al. 2018, "DP-FedAvg"; Flower's DP wrappers divide by the
   number of sampled sites the same way): ``new = global + sum_i w_i * clipped_delta_i / D`` with
   ``w_i`` = 1 for a site that trained the group (0 otherwise) and ``D`` = the sites SAMPLED this
@@ -24,6 +24,7 @@ Our reconstruction (no paper fixes it; docs/security.md, "Differential privacy")
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,7 +32,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from fedpanfm.config import ExperimentConfig
+from fedpanfm.federation.deltas import clip_delta
+from fedpanfm.federation.directors import State
+from fedpanfm.federation.influence import normalised_saliency
+from fedpanfm.federation.means import RunMeans, run_means_serial
+from fedpanfm.federation.outcome import RoundOutcome, finish_round
 from fedpanfm.federation.param_groups import classify
+from fedpanfm.federation.planning import RoundPlan, plan_means
+from fedpanfm.federation.protocol import SiteUpdate
 
 #: The joint vector's entry for a site's organ saliency (no state-dict key looks like it).
 SALIENCY = "fedpanfm:saliency"
@@ -46,40 +55,6 @@ def dp_keys(state: Mapping[str, Tensor]) -> list[str]:
         if t.is_floating_point() and g.role != "teacher" and g.kind not in ("director", "accumulator"):
             out.append(k)
     return out
-
-
-def delta_norm(site: Mapping[str, Tensor], global_state: Mapping[str, Tensor], keys: Iterable[str]) -> float:
-    """L2 norm of ``site - global`` over ``keys`` (all concatenated), in float64."""
-    total = 0.0
-    for k in keys:
-        total += float((site[k].to(torch.float64) - global_state[k].to(torch.float64)).pow(2).sum())
-    return math.sqrt(total)
-
-
-def clip_delta(site: Mapping[str, Tensor], global_state: Mapping[str, Tensor], keys: Sequence[str],
-               clip_norm: float) -> tuple[dict[str, Tensor], float]:
-    """``global + (site - global) * min(1, clip_norm / ||site - global||)`` over ``keys``.
-
-    Args:
-        site: a site's state dict (not modified).
-        global_state: the global state the site started from.
-        keys: the keys to clip (:func:`dp_keys`); other keys are passed through.
-        clip_norm: the L2 bound C > 0.
-
-    Returns:
-        (the clipped state, the norm before clipping).
-    """
-    if clip_norm <= 0:
-        raise ValueError(f"clip_delta: clip_norm = {clip_norm} must be > 0")
-    norm = delta_norm(site, global_state, keys)
-    if norm <= clip_norm:
-        return dict(site), norm
-    scale = clip_norm / norm
-    out = dict(site)
-    for k in keys:
-        g = global_state[k].to(torch.float64)
-        out[k] = (g + (site[k].to(torch.float64) - g) * scale).to(site[k].dtype)
-    return out, norm
 
 
 def secure_generator() -> torch.Generator:
@@ -126,4 +101,70 @@ def fixed_denominator(weights: Tensor, denominator: int) -> tuple[Tensor, float]
     return w, float(denominator - w.sum())
 
 
-__all__ = ["SALIENCY", "add_noise", "clip_delta", "delta_norm", "dp_keys", "fixed_denominator", "secure_generator"]
+def private_round(
+    global_state: Mapping[str, Tensor],
+    updates: Sequence[SiteUpdate],
+    cfg: ExperimentConfig,
+    server_round: int,
+    plan: RoundPlan,
+    previous_saliency: Tensor | None = None,
+    run_means: RunMeans = run_means_serial,
+) -> tuple[State, RoundOutcome]:
+    """The round under central DP (fedpanfm/federation/privacy.py, docs/security.md).
+
+    Per site, the joint delta of every privatised tensor (:func:`dp_keys`) and its saliency
+    (normalised, in global-share units, organs it lacks at the previous global value) is clipped
+    to ``clip_norm``; each group is the fixed-denominator mean over the ``plan.sampled`` sites
+    (a site that trained the group counts once, the rest of the denominator keeps the previous
+    value); Gaussian noise of std ``noise_multiplier * clip_norm / plan.sampled`` goes on every
+    privatised element and the saliency, from a fresh CSPRNG-seeded generator. The teacher, the
+    directors (uniform expert weights, ``plan.steps``) and the saliency shares are then derived
+    from the noised values only. Adding or removing one site moves the un-noised result by at
+    most ``clip_norm / plan.sampled`` (tests/test_dp_sensitivity.py).
+
+    Args:
+        global_state: the global state before the round.
+        updates: the checked updates (at most ``plan.sampled``).
+        cfg: the experiment config (``federation.dp``).
+        server_round: the round being closed.
+        plan: sites sampled and planned steps.
+        previous_saliency: last round's global saliency shares (None = uniform).
+        run_means: executes the mean tasks.
+    """
+    dp = cfg.federation.dp
+    n_organs = len(cfg.data.organ_set())
+    keys = dp_keys(global_state)
+    prev_sal = (torch.full((n_organs,), 1.0 / n_organs, dtype=torch.float64) if previous_saliency is None
+                else previous_saliency.to(torch.float64).flatten())
+    reference = {**{k: global_state[k] for k in keys}, SALIENCY: prev_sal}
+    states: list[State] = []
+    sal_sum = torch.zeros(n_organs, dtype=torch.float64)
+    for u in updates:
+        # Global-share units: a site's normalised saliency (mean 1 over its organs) / n_organs.
+        site_sal = torch.where(u.organ_subjects > 0, normalised_saliency(u.saliency, u.organ_subjects) / n_organs, prev_sal)
+        joint = {**{k: u.state.get(k, global_state[k]) for k in keys}, SALIENCY: site_sal}
+        clipped, _ = clip_delta(joint, reference, [*keys, SALIENCY], dp.clip_norm)
+        sal_sum += clipped.pop(SALIENCY) - prev_sal
+        states.append({**u.state, **clipped})
+    tasks = []
+    for task in plan_means(global_state, updates, cfg):
+        w, w_prev = fixed_denominator(task.weights, plan.sampled)
+        tasks.append(dataclasses.replace(task, weights=torch.cat([w, torch.tensor([w_prev], dtype=torch.float64)]),
+                                         reducer="mean"))
+    # The previous global state is one more term of every mean: it holds the denominator's rest.
+    means = run_means(tasks, [*states, global_state], global_state)
+    std = dp.noise_multiplier * dp.clip_norm / plan.sampled
+    noised = add_noise({**means, SALIENCY: prev_sal + sal_sum / plan.sampled}, [*keys, SALIENCY], std)
+    raw = noised.pop(SALIENCY).clamp_min(0.0)
+    total = float(raw.sum())
+    saliency = raw / total if total > 0 else torch.full((n_organs,), 1.0 / n_organs, dtype=torch.float64)
+    layers, experts = (updates[0].gate_mass.shape if updates[0].gate_mass.dim() == 2 else (0, 0))
+    state, outcome = finish_round(noised, global_state, updates, cfg, server_round, previous_saliency,
+                                  saliency=saliency, round_steps=plan.steps,
+                                  director_usage=torch.ones(layers, experts, dtype=torch.float64))
+    outcome.metrics["dp/noise_std"] = std
+    outcome.metrics["dp/sampled"] = float(plan.sampled)
+    return state, outcome
+
+
+__all__ = ["SALIENCY", "add_noise", "dp_keys", "fixed_denominator", "private_round", "secure_generator"]

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from fedpanfm.config import ExperimentConfig
-from fedpanfm.federation.aggregate import required_keys
 from fedpanfm.federation.param_groups import classify
+from fedpanfm.federation.validation import required_keys
 
 
 def unused_experts(gate_mass: Tensor, min_share: float) -> Tensor:

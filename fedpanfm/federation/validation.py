@@ -1,8 +1,8 @@
 """Every number a site sends, checked before the server uses it (docs/security.md).
 
-A reply that fails raises :class:`~fedpanfm.federation.message.MessageError` naming the site
+A reply that fails raises :class:`~fedpanfm.federation.tensor_codec.MessageError` naming the site
 and the reason; the strategy drops it, logs it and counts it as that site's failure; the round
-goes on with the others. The message decoders (``fedpanfm.federation.message``) already check
+goes on with the others. The message decoders (``fedpanfm.federation.protocol``) already check
 the structure (types, lengths, finite numbers, array keys and shapes before decoding); here
 are the bounds that need the config and the global model.
 """
@@ -14,15 +14,17 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from fedpanfm.config import ExperimentConfig
-from fedpanfm.federation.message import MessageError, SiteEvaluation, SiteUpdate
+from fedpanfm.federation.deltas import delta_norm
 from fedpanfm.federation.param_groups import classify
-from fedpanfm.federation.privacy import delta_norm
+from fedpanfm.federation.protocol import SiteEvaluation, SiteUpdate
+from fedpanfm.federation.teacher_policy import site_sends_teacher
+from fedpanfm.federation.tensor_codec import MessageError
 
 
 def required_keys(global_state: Mapping[str, Tensor], cfg: ExperimentConfig) -> list[str]:
     """The keys a site's reply must carry: all of them, less the teacher's unless the teacher
-    policy is "aggregate" (under "server_ema" and "local" the server never reads a site's teacher)."""
-    need_teacher = cfg.federation.teacher_policy == "aggregate"
+    policy has the sites send it (``teacher_policy.site_sends_teacher``)."""
+    need_teacher = site_sends_teacher(cfg.federation.teacher_policy)
     return [k for k in global_state if need_teacher or classify(k).role != "teacher"]
 
 

@@ -1,19 +1,24 @@
-"""Run DeepSpeed outside its launcher: a world-size-1 process group and the device choice.
+"""Run DeepSpeed outside its launcher: the site's process group and the device choice.
 
 DeepSpeed expects its launcher to have set the rank variables and a process group. A site
-trains alone (world size 1), possibly inside a Ray actor next to other actors on the same
-host, so we create the group on a ``HashStore``: an in-memory store that needs no TCP port,
-so parallel processes never fight over one.
+usually trains alone (world size 1), possibly inside a Ray actor next to other actors on the
+same host, so we create the group on a ``HashStore``: an in-memory store that needs no TCP port,
+so parallel processes never fight over one. A site with several devices trains with one
+process per device (``sites/multi_device.py`` starts them); those join one group through a
+``FileStore`` in the launch's private folder (:func:`init_rank_process`): again no port.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 _RANK_DEFAULTS = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+#: World size of the data-parallel group :func:`init_rank_process` created in this process (0: none).
+_RANK_WORLD = 0
 
 
 def pick_device(choice: str) -> torch.device:
@@ -67,6 +72,10 @@ def _set_accelerator(device: torch.device) -> None:
         raise ValueError(f"DS_ACCELERATOR={have!r} is set but training runs on {device}; unset it or change cfg.device")
 
 
+def _backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def init_single_process(device: torch.device) -> None:
     """Set the rank variables and create a world-size-1 process group, once per process.
 
@@ -79,10 +88,63 @@ def init_single_process(device: torch.device) -> None:
     _set_accelerator(device)
     if dist.is_initialized():
         if dist.get_world_size() != 1:
-            raise RuntimeError(f"a process group of world size {dist.get_world_size()} exists; fedpanfm trains one process per site")
+            raise RuntimeError(f"a process group of world size {dist.get_world_size()} exists that fedpanfm did not "
+                               "create; a site's data-parallel ranks are started by sites/multi_device.py")
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(backend=_backend(device), store=dist.HashStore(), rank=0, world_size=1)
 
 
-__all__ = ["autocast_dtype", "init_single_process", "pick_device"]
+def rank_device(choice: str, rank: int) -> torch.device:
+    """The device of data-parallel rank ``rank``: ``cuda:<rank>`` on CUDA, else the CPU.
+
+    Args:
+        choice: the config's ``device`` (:func:`pick_device`).
+        rank: the rank (one process per device, so also its local index).
+
+    Raises:
+        ValueError: the rank has no CUDA device of its own.
+    """
+    device = pick_device(choice)
+    if device.type != "cuda":
+        return device
+    if rank >= torch.cuda.device_count():
+        raise ValueError(f"rank {rank} needs CUDA device {rank}, but this process sees {torch.cuda.device_count()} "
+                         "(CUDA_VISIBLE_DEVICES); lower the site's device count")
+    return torch.device("cuda", rank)
+
+
+def init_rank_process(device: torch.device, rank: int, world_size: int, store_path: str,
+                      timeout_s: float = 600.0) -> None:
+    """Join a site's data-parallel group: rank ``rank`` of ``world_size`` processes, one per device.
+
+    Args:
+        device: this rank's device (:func:`rank_device`); gloo on CPU, NCCL on CUDA.
+        rank: this process's rank.
+        world_size: processes in the group (the site's devices).
+        store_path: a file in a folder private to this launch; the ranks meet there
+            (``torch.distributed.FileStore``), so no port is opened.
+        timeout_s: how long a collective (the rendezvous included) waits for the other ranks.
+            The launcher notices a dead rank long before: it stops the survivors itself.
+    """
+    global _RANK_WORLD
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    if dist.is_initialized():
+        raise RuntimeError("init_rank_process: this process already has a process group")
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)})
+    _set_accelerator(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group(backend=_backend(device), store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    _RANK_WORLD = world_size
+
+
+def data_parallel_world() -> int:
+    """World size of this process's site data-parallel group; 1 when it trains alone."""
+    return _RANK_WORLD if _RANK_WORLD > 1 and dist.is_initialized() else 1
+
+
+__all__ = ["autocast_dtype", "data_parallel_world", "init_rank_process", "init_single_process", "pick_device",
+           "rank_device"]

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.batch import SubjectBatch
-from fedpanfm.train.distributed import autocast_dtype, init_single_process, pick_device
+from fedpanfm.train.data_parallel import BufferSync, RankShard, gather_objects
+from fedpanfm.train.distributed import autocast_dtype, data_parallel_world, init_single_process, pick_device
 from fedpanfm.train.schedules import Schedules
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,20 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
 
 
-def deepspeed_config(cfg: ExperimentConfig) -> dict[str, Any]:
+def deepspeed_config(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
     """The ``deepspeed.initialize`` config dict built from ``cfg.deepspeed`` (``extra`` merged on top).
 
     Args:
-        cfg: the experiment config; ``cfg.data.batch_size`` is the micro-batch size.
+        cfg: the experiment config; ``cfg.data.batch_size`` is the site's micro-batch, split
+            evenly across its devices.
+        world_size: the site's devices (data-parallel ranks).
     """
     ds = cfg.deepspeed
+    if world_size < 1 or cfg.data.batch_size % world_size:
+        raise ValueError(f"data.batch_size = {cfg.data.batch_size} must split evenly across the site's "
+                         f"{world_size} devices (a multiple of {world_size})")
     conf: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size // world_size,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
         # At ZeRO stage 0 the trainer clips itself (LocalTrainer.fit: one foreach norm over all
         # gradients instead of DeepSpeed's per-parameter Python loop); ZeRO 1/2 own the gradients.
@@ -101,7 +107,7 @@ def deepspeed_config(cfg: ExperimentConfig) -> dict[str, Any]:
             )
     if conf["zero_optimization"].get("stage", 0) == 3:
         raise ValueError("deepspeed.zero_stage = 3 partitions parameters, which the teacher EMA and "
-                         "state export read directly; use stage 0-2 (a site trains at world size 1)")
+                         "state export read directly; use stage 0-2")
     return conf
 
 
@@ -119,7 +125,8 @@ def param_groups(model: nn.Module) -> list[dict[str, Any]]:
         model: the PanFMSSL model (frozen parameters, e.g. the teacher, are left out).
     """
     # DINO convention: no weight decay on biases, norm scales and 1-d embeddings/tokens.
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -133,13 +140,16 @@ class LocalTrainer:
 
     Args:
         cfg: the experiment config (model, deepspeed, data.organs, train settings).
+        device: the training device; None picks it from ``cfg.device``. A data-parallel rank
+            (``sites/multi_device.py``) passes its own and has joined its group already.
     """
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
+    def __init__(self, cfg: ExperimentConfig, device: torch.device | None = None) -> None:
         from fedpanfm.model.meta_arch import PanFMSSL
 
         self.cfg = cfg
-        self.device = pick_device(cfg.device)
+        self.device = pick_device(cfg.device) if device is None else device
+        self.world = data_parallel_world()
         if self.device.type == "cpu":
             # Tiny gradient / moment values fall into the fp32 subnormal range, whose arithmetic is
             # ~100x slower on x86; measured here (bench/step_time.py) a DeepSpeed step went from
@@ -151,7 +161,8 @@ class LocalTrainer:
                 # with 1 at load 12 on 2 cores (docs/performance.md).
                 torch.set_num_threads(cfg.train.cpu_threads)
         # Must precede the deepspeed import: DeepSpeed fixes its accelerator when first imported.
-        init_single_process(self.device)
+        if self.world == 1:
+            init_single_process(self.device)
         import deepspeed
 
         # DeepSpeed logs its whole config at INFO on every initialize; keep its warnings only.
@@ -161,13 +172,24 @@ class LocalTrainer:
         self.model = PanFMSSL(cfg)
         self.organs = cfg.data.organ_set()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, model_parameters=param_groups(self.model), config=deepspeed_config(cfg)
+            model=self.model, model_parameters=param_groups(self.model),
+            config=deepspeed_config(cfg, self.world)
         )
         self.step = 0
         self.total_steps = 0
         self._autocast_dtype = autocast_dtype(cfg.deepspeed.bf16, self.device)
         self._clip = cfg.deepspeed.gradient_clipping if cfg.deepspeed.zero_stage == 0 else 0.0
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self._buffer_sync = BufferSync(self.model) if self.world > 1 else None
+        self._grad_seen: list[float] | None = None
+        if self.world > 1 and cfg.deepspeed.zero_stage == 0:
+            # DeepSpeed's stage-0 all-reduce gives a parameter without gradient a zero one (all
+            # ranks must reduce the same tensors), and AdamW then decays a parameter that one
+            # device would have skipped (an organ or expert nobody in the batch used). Flag
+            # what got a gradient on any rank; the rest gets None again (_drop_unused_grads).
+            seen = self._grad_seen = [0.0] * len(self._trainable)
+            for i, p in enumerate(self._trainable):
+                p.register_post_accumulate_grad_hook(lambda _p, i=i: seen.__setitem__(i, 1.0))
         # DINO freezes the head's prototypes during the first epoch(s) (``freeze_last_layer``):
         # moving them while the features are still random destabilises training.
         self._last_layer = list(self.model.student.head.last_layer.parameters())
@@ -191,12 +213,22 @@ class LocalTrainer:
         return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
     def _batches(self, loader: Iterable[SubjectBatch], what: str) -> Iterator[SubjectBatch]:
+        for batch, _ in self._weighted_batches(loader, what):
+            yield batch
+
+    def _weighted_batches(self, loader: Iterable[SubjectBatch | RankShard],
+                          what: str) -> Iterator[tuple[SubjectBatch, float]]:
+        """(batch on the device, its share of the global batch): 1 alone, ``RankShard.weight`` on a rank."""
         n = 0
-        for batch in loader:
-            if not isinstance(batch, SubjectBatch):
-                raise TypeError(f"{what}: the loader yielded {type(batch).__name__}, expected SubjectBatch")
+        for item in loader:
+            # A rank must get its shard: a whole batch on every rank would count each subject N times.
+            want = RankShard if self.world > 1 else SubjectBatch
+            if not isinstance(item, want):
+                raise TypeError(f"{what}: the loader yielded {type(item).__name__}, expected {want.__name__}"
+                                + (" (a data-parallel rank: ShardedLoader)" if self.world > 1 else ""))
+            batch, weight = (item.batch, item.weight) if isinstance(item, RankShard) else (item, 1.0)
             n += 1
-            yield batch.to(self.device)
+            yield batch.to(self.device), weight
         if n == 0:
             raise ValueError(f"{what}: the loader yielded no batch (no subjects?)")
 
@@ -209,7 +241,7 @@ class LocalTrainer:
             raise TypeError(f"cannot find the torch optimizer inside {type(self.optimizer).__name__}")
         return opt
 
-    def freeze_last_layer_steps(self, loader: Iterable[SubjectBatch]) -> int:
+    def freeze_last_layer_steps(self, loader: Iterable[SubjectBatch] | Iterable[RankShard]) -> int:
         """Optimizer steps the head's last layer stays frozen: ``train.freeze_last_layer_epochs``
         epochs of ``loader``. The global step counts from the run's start (a federated site
         continues it across rounds), so "the first epoch" is the run's, not each round's."""
@@ -229,7 +261,7 @@ class LocalTrainer:
 
     def fit(
         self,
-        loader: Iterable[SubjectBatch],
+        loader: Iterable[SubjectBatch] | Iterable[RankShard],
         epochs: int,
         total_steps: int,
         global_saliency: torch.Tensor | None = None,
@@ -238,13 +270,16 @@ class LocalTrainer:
         """Train ``epochs`` passes over ``loader``, continuing the schedules from the current step.
 
         Args:
-            loader: yields :class:`SubjectBatch` (``make_loader``); re-iterated each epoch.
+            loader: yields :class:`SubjectBatch` (``make_loader``); re-iterated each epoch. On a
+                data-parallel rank it yields that rank's :class:`RankShard` of each global batch
+                (``ShardedLoader``), and the result, identical on every rank, is the site's.
             epochs: local epochs in this call.
             total_steps: optimizer steps of the whole run (all rounds); the schedules' horizon.
             global_saliency: (n_organs,) federation-wide saliency blended into the masker with
                 ``cfg.train.masking.global_weight``; None keeps the masker local.
             on_step: optional ``fn(step, values)`` after each optimizer step, with the step's
-                metrics and ``schedule/<name>`` values (used for TensorBoard).
+                metrics and ``schedule/<name>`` values (used for TensorBoard). On a rank the
+                metrics are its share (share x value); ``FitResult.history`` holds the sums.
         """
         if epochs < 1:
             raise ValueError(f"fit: epochs = {epochs} must be >= 1")
@@ -257,52 +292,66 @@ class LocalTrainer:
         model.masker.reset_metrics()
         model.train()
         t0 = time.perf_counter()
+        # Per metric: the sum of (share of the global batch x value), and of the shares; alone
+        # every share is 1, so the result is the plain mean over micro-steps.
         sums: dict[str, float] = {}
-        n_metric_steps = 0
+        shares: dict[str, float] = {}
         gate_mass: torch.Tensor | None = None
         holders: list[set[tuple[str, str]]] = [set() for _ in self.organs]
         seen: set[tuple[str, str]] = set()
         steps0 = self.step
         history: list[dict[str, float]] = []
         for _ in tqdm(range(epochs), desc="local epochs", disable=not self.cfg.train.progress, leave=False):
-            for batch in self._batches(loader, "fit"):
+            for batch, weight in self._weighted_batches(loader, "fit"):
                 s = sched.at(self.step)
                 self._set_optim_hparams(s["lr"], s["weight_decay"])
                 self._freeze_last = self.step < freeze_steps
+                before = self._buffer_sync.snapshot() if self._buffer_sync is not None else None
                 with self._autocast():
                     out = self.engine(batch, {"teacher_temp": s["teacher_temp"], "noise_std": s["noise_std"]})
                 if not torch.isfinite(out.loss.detach()):
                     raise FloatingPointError(f"fit: non-finite loss {out.loss.item()} at step {self.step}")
-                self.engine.backward(out.loss)
+                scale = weight * self.world
+                self.engine.backward(out.loss if scale == 1.0 else out.loss * scale)
+                if self._buffer_sync is not None and before is not None:
+                    self._buffer_sync.combine(before, weight)
                 if self._freeze_last and self.cfg.deepspeed.zero_stage == 0:
                     # DINO's cancel_gradients_last_layer: no gradient, so AdamW skips the
                     # prototypes entirely (no moment, no decay) until they are released.
                     for p in self._last_layer:
                         p.grad = None
                 boundary = self.engine.is_gradient_accumulation_boundary()
+                if boundary and self._grad_seen is not None:
+                    self._drop_unused_grads(self._grad_seen)
                 if boundary and self._clip > 0:
                     torch.nn.utils.clip_grad_norm_(self._trainable, self._clip, foreach=True)
                 self.engine.step()
                 for k, v in out.metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                n_metric_steps += 1
+                    sums[k] = sums.get(k, 0.0) + weight * float(v)
+                    shares[k] = shares.get(k, 0.0) + weight
                 gm = out.stats.gate_mass.detach().to("cpu", torch.float64)
+                if weight == 0.0:
+                    gm = torch.zeros_like(gm)  # a stand-in's routing is not the site's
+                else:
+                    self._count_subjects(batch, holders, seen)
                 gate_mass = gm if gate_mass is None else gate_mass + gm
-                self._count_subjects(batch, holders, seen)
                 if boundary:
                     with torch.no_grad():
                         model.update_teacher(s["teacher_momentum"])
                         model.update_directors(s["gema_momentum"])
-                    values = {**{k: float(v) for k, v in out.metrics.items()},
+                    values = {**{k: weight * float(v) for k, v in out.metrics.items()},
                               **{f"schedule/{k}": v for k, v in s.items()},
                               "schedule/last_layer_frozen": float(self._freeze_last)}
                     history.append(values)
                     if on_step is not None:
                         on_step(self.step, values)
                     self.step += 1
-        metrics = {k: v / n_metric_steps for k, v in sums.items()}
+        assert gate_mass is not None  # _weighted_batches raises on an empty loader
+        if self.world > 1:
+            sums, shares, gate_mass, holders, seen, history = self._merge_ranks(
+                sums, shares, gate_mass, holders, seen, history)
+        metrics = {k: v / shares[k] for k, v in sums.items() if shares[k] > 0}
         metrics.update(model.masker.metrics())
-        assert gate_mass is not None  # _batches raises on an empty loader
         return FitResult(
             metrics=metrics,
             gate_mass=gate_mass,
@@ -313,6 +362,43 @@ class LocalTrainer:
             seconds=time.perf_counter() - t0,
             history=history,
         )
+
+    def _drop_unused_grads(self, seen: list[float]) -> None:
+        used = torch.tensor(seen, device=self.device)
+        torch.distributed.all_reduce(used)
+        for p, u in zip(self._trainable, used.tolist()):
+            if not u:
+                p.grad = None
+        seen[:] = [0.0] * len(seen)
+
+    @staticmethod
+    def _merge_ranks(
+        sums: dict[str, float], shares: dict[str, float], gate_mass: torch.Tensor,
+        holders: list[set[tuple[str, str]]], seen: set[tuple[str, str]], history: list[dict[str, float]],
+    ) -> tuple[dict[str, float], dict[str, float], torch.Tensor, list[set[tuple[str, str]]], set[tuple[str, str]],
+               list[dict[str, float]]]:
+        """The site's totals from every rank's (one collective per call): metric sums and shares
+        and gate mass add up, subject sets unite, each step's weighted metrics add up (its
+        ``schedule/*`` values are the same on every rank)."""
+        parts = gather_objects((sums, shares, gate_mass, holders, seen, history))
+        out_sums: dict[str, float] = {}
+        out_shares: dict[str, float] = {}
+        for p_sums, p_shares, *_ in parts:
+            for k, v in p_sums.items():
+                out_sums[k] = out_sums.get(k, 0.0) + v
+                out_shares[k] = out_shares.get(k, 0.0) + p_shares[k]
+        total_mass = sum((p[2] for p in parts[1:]), parts[0][2].clone())
+        out_holders = [set().union(*(p[3][i] for p in parts)) for i in range(len(holders))]
+        out_seen = set().union(*(p[4] for p in parts))
+        out_history = []
+        for i, step in enumerate(history):
+            merged = dict(step)
+            for p in parts[1:]:
+                for k, v in p[5][i].items():
+                    if not k.startswith("schedule/"):
+                        merged[k] = merged.get(k, 0.0) + v
+            out_history.append(merged)
+        return out_sums, out_shares, total_mass, out_holders, out_seen, out_history
 
     def _count_subjects(self, batch: SubjectBatch, holders: list[set[tuple[str, str]]], seen: set[tuple[str, str]]) -> None:
         # Subject ids are unique only within a site; the pooled (centralized) loader mixes sites.
