@@ -84,8 +84,8 @@ def sklearn_rows(batches: list, factors: tuple, label_names: tuple[str, ...]) ->
 
 def supervised_row(cfg: ExperimentConfig, train_cohort: Path, batches: list, seeds: list[int]) -> dict[str, float]:
     """The supervised reference trained on ``train_cohort``, probed as every arm (mean over seeds)."""
-    from fedpanfm.evaluation.supervised_reference import train_factor_encoder
     from fedpanfm.evaluation.study import plan_budget, site_train_counts
+    from fedpanfm.evaluation.supervised_reference import train_factor_encoder
 
     plan = plan_budget(cfg, site_train_counts(train_cohort, cfg))["supervised_factors"]  # the study's own
     encoder = train_factor_encoder(cfg, train_cohort, plan.steps, seed=0)

@@ -28,11 +28,11 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import re
 import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -40,8 +40,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-#: Site names become folder names, node-config values and log labels: keep them plain.
-SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+from fedpanfm.site_names import check_site_name
+
 _CURVE = ec.SECP384R1
 
 
@@ -86,20 +86,6 @@ class CertPaths:
 
     def site_public_key(self, site: str) -> Path:
         return self.site_dir(site) / "auth.pub"
-
-
-def check_site_name(name: str, where: str = "site name") -> str:
-    """``name`` if it is a usable site name (letters, digits, ``_``, ``-``; 1-63 characters).
-
-    Args:
-        name: the candidate.
-        where: what to call it in the error (e.g. the file and key it came from).
-    """
-    # fullmatch: ``$`` alone would accept a trailing newline ("abc\n").
-    if not isinstance(name, str) or not SITE_NAME.fullmatch(name):
-        raise ValueError(f"{where}: {name!r} is not a valid site name (letters, digits, '_' and '-', "
-                         "starting with a letter or digit, at most 63 characters)")
-    return name
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
@@ -296,5 +282,8 @@ def check_tls(address: str, ca_cert: str | Path, timeout_s: float = 5.0) -> str:
                               f"{exc.verify_message}") from None
     except (OSError, ssl.SSLError) as exc:
         raise ConnectionError(f"coordinator {address}: cannot connect ({exc})") from None
-    subject = dict(x[0] for x in cert.get("subject", ()))
+    # getpeercert()'s "subject": relative distinguished names, each a tuple of (key, value) pairs
+    # (ssl docs); typeshed types the dict's values as the union of every field's type.
+    rdns = cast("tuple[tuple[tuple[str, str], ...], ...]", cert.get("subject", ()))
+    subject = dict(rdn[0] for rdn in rdns)
     return str(subject.get("commonName", "?"))

@@ -48,7 +48,7 @@ class _SubParsers(argparse._SubParsersAction):
     """Subparsers whose help becomes their description when they give none, and which take
     ``-v`` after the subcommand as well (``fedpanfm simulate -v`` = ``fedpanfm -v simulate``)."""
 
-    def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser:  # type: ignore[override]
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
         if kwargs.get("description") is None and kwargs.get("help"):
             kwargs["description"] = kwargs["help"]
         parser = super().add_parser(name, **kwargs)

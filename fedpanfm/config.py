@@ -17,6 +17,8 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from fedpanfm.data.manifest import MODALITY_CODE
+from fedpanfm.organs import DEFAULT_ORGANS, OrganSet
+from fedpanfm.site_names import check_site_name
 from fedpanfm.typed_yaml import (
     ConfigError,
     apply_override,
@@ -26,10 +28,6 @@ from fedpanfm.typed_yaml import (
     read_yaml_mapping,
     to_plain,
 )
-from fedpanfm.organs import DEFAULT_ORGANS, OrganSet
-
-
-
 
 # --------------------------------------------------------------------------- data
 
@@ -84,11 +82,10 @@ def _default_organ_specs() -> dict[str, OrganSpec]:
     # mirroring how much image area they take in a whole-body protocol. CT windows are the usual
     # reading presets (docs/data.md): brain W80/L40, mediastinum W400/L50, fat to soft tissue,
     # abdomen W400/L40 (the OrganSpec default).
-    big2d = dict(grid=[32, 32], patch=[4, 4], spacing=[])
     return {
         "brain": OrganSpec(grid=[16, 16, 16], patch=[4, 4, 4], window=[0.0, 80.0]),
-        "heart": OrganSpec(**big2d, window=[-150.0, 250.0]),
-        "adipose": OrganSpec(**big2d, window=[-250.0, 150.0]),
+        "heart": OrganSpec(grid=[32, 32], patch=[4, 4], spacing=[], window=[-150.0, 250.0]),
+        "adipose": OrganSpec(grid=[32, 32], patch=[4, 4], spacing=[], window=[-250.0, 150.0]),
         "liver": OrganSpec(grid=[16, 16, 16], patch=[8, 4, 4]),
         "kidney": OrganSpec(grid=[8, 16, 16], patch=[4, 4, 4]),
         "spleen": OrganSpec(grid=[8, 16, 16], patch=[4, 4, 4]),
@@ -504,6 +501,11 @@ def validate(cfg: ExperimentConfig, src: str) -> None:
         for o in site:
             if o not in organs:
                 raise ConfigError(f"{src}: synth.site_organs[{i}]: unknown organ {o!r}")
+    for name in cfg.federation.site_subjects:
+        try:
+            check_site_name(name, f"{src}: federation.site_subjects")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.model.dim % cfg.model.heads:
         raise ConfigError(f"{src}: model.dim = {cfg.model.dim} must be divisible by model.heads = {cfg.model.heads}")
     lo_hi = cfg.train.local_keep_ratio

@@ -22,6 +22,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, TypeGuard
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 #: The logger the ServerApp writes round records to.
 ROUNDS = logging.getLogger("fedpanfm.rounds")
@@ -75,7 +79,7 @@ class RoundStatus:
         return "  ".join(parts)
 
 
-def _finite(v: float | None) -> bool:
+def _finite(v: float | None) -> TypeGuard[float]:
     return v is not None and math.isfinite(v)
 
 
@@ -103,11 +107,11 @@ class RoundConsole(logging.Handler):
             printed once, at the end, so a captured log holds no redraws.
     """
 
-    def __init__(self, file: object | None = None) -> None:
+    def __init__(self, file: IO[str] | None = None) -> None:
         super().__init__(logging.INFO)
         self._file = file if file is not None else sys.stdout
-        self._progress = None  # rich.progress.Progress once the plan is known
-        self._task = None
+        self._progress: Progress | None = None  # once the plan is known
+        self._task: TaskID | None = None
         self._lock_bar = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -118,27 +122,37 @@ class RoundConsole(logging.Handler):
                 if plan is not None:
                     self._start(*plan)
                 elif isinstance(status, RoundStatus):
-                    if self._progress is None:
-                        self._start(max(0, status.round - 1), status.last)
-                    self._progress.console.print(status.line(), highlight=False, markup=False, soft_wrap=True)
+                    progress, task = self._progress, self._task
+                    if progress is None or task is None:
+                        progress, task = self._start(max(0, status.round - 1), status.last)
+                    progress.console.print(status.line(), highlight=False, markup=False, soft_wrap=True)
                     if status.round > 0:
-                        self._progress.update(self._task, completed=status.round)
+                        progress.update(task, completed=status.round)
         except Exception:  # noqa: BLE001 - a display problem must never stop the run
             self.handleError(record)
 
-    def _start(self, done: int, last: int) -> None:
+    def _start(self, done: int, last: int) -> tuple[Progress, TaskID]:
+        """The bar and its task, started at ``done`` of ``last`` rounds unless already running."""
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        if self._progress is not None:
-            return
-        self._progress = Progress(
+        if self._progress is not None and self._task is not None:
+            return self._progress, self._task
+        progress = Progress(
             TextColumn("rounds"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
             TextColumn("ETA"), TimeRemainingColumn(),
             console=Console(file=self._file, highlight=False), transient=False,
         )
-        self._task = self._progress.add_task("rounds", total=max(1, last), completed=done)
-        self._progress.start()
+        self._progress, self._task = progress, progress.add_task("rounds", total=max(1, last), completed=done)
+        progress.start()
+        return progress, self._task
 
     def close(self) -> None:
         with self._lock_bar:
@@ -156,7 +170,7 @@ class _NotRoundRecords(logging.Filter):
 
 
 @contextlib.contextmanager
-def live_rounds(file: object | None = None) -> Iterator[RoundConsole]:
+def live_rounds(file: IO[str] | None = None) -> Iterator[RoundConsole]:
     """Within the block, round records of :data:`ROUNDS` draw the progress bar and lines."""
     from fedpanfm.run_log import STATE
 

@@ -71,7 +71,8 @@ def export_embeddings(checkpoint: Path, cohort: Path, out: Path, overrides: Sequ
     if out.suffix != ".npz":
         out = out.with_name(out.name + ".npz")
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **arrays)
+    # numpy's stub: a **dict may hold "allow_pickle" as far as mypy knows; these keys are array names.
+    np.savez(out, **arrays)  # type: ignore[arg-type]
     return {"path": out, "subjects": len(emb), "dim": int(arrays["cls"].shape[1]),
             "organs": len(emb.organ_names), "labels": len(emb.label_names)}
 

@@ -112,13 +112,35 @@ def record_provenance(folder: Path, device: str, argv: Sequence[str] | None = No
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     cmd = command_line(argv)
     with open(folder / COMMAND_FILE, "a", encoding="utf-8") as f:
-        f.write(f"# {now} in {os.getcwd()}\n{cmd}\n")
+        f.write(f"# {_now()} in {os.getcwd()}\n{cmd}\n")
+    return record_environment(folder, device, cmd)
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def record_environment(folder: Path, device: str, command: str) -> dict[str, Any]:
+    """Append this process's entry to ``environment.json`` in ``folder`` (created if missing).
+
+    A deployed run has two: the operator's ``federation run`` (with the command it also put in
+    ``command.txt``) and the ServerApp process that ran the federation (orchestration/deployed_run.py).
+
+    Args:
+        folder: the run folder.
+        device: the configured device (``cfg.device``).
+        command: what this process is, as the entry's ``command``.
+
+    Returns:
+        The entry written.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     entry = {
-        "time": now,
-        "command": cmd,
+        "time": _now(),
+        "command": command,
         "cwd": os.getcwd(),
         "host": socket.gethostname(),
         "platform": platform.platform(),
@@ -139,4 +161,4 @@ def record_provenance(folder: Path, device: str, argv: Sequence[str] | None = No
 
 
 __all__ = ["COMMAND_FILE", "ENVIRONMENT_FILE", "PACKAGES", "command_line", "git_state", "new_run_folder",
-           "package_versions", "record_provenance"]
+           "package_versions", "record_environment", "record_provenance"]

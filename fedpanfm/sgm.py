@@ -95,6 +95,15 @@ class OrganMasker(nn.Module):
     ``global_weight`` (). Mask-rate counters are non-persistent metrics (``reset_metrics``).
     """
 
+    # Buffers, declared so a type checker sees tensors (nn.Module.__getattr__ says Tensor | Module).
+    local_saliency: Tensor
+    local_count: Tensor
+    global_saliency: Tensor
+    global_known: Tensor
+    global_weight: Tensor
+    stat_masked: Tensor
+    stat_present: Tensor
+
     def __init__(self, organs: OrganSet, cfg: MaskingConfig) -> None:
         super().__init__()
         self.organs = organs

@@ -151,7 +151,7 @@ def end_descendants(grace_s: float = 10.0, keep: Iterable[int] = ()) -> list[int
 
 def _reap() -> list[tuple[int, int]]:
     """Collect exited children without blocking: ``(pid, exit code)`` each."""
-    out = []
+    out: list[tuple[int, int]] = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)

@@ -140,9 +140,9 @@ def masked_subjects(
                     s.set_color("red")
                     s.set_linewidth(3)
                 ax.text(0.5, 0.5, "masked", transform=ax.transAxes, ha="center", va="center", color="red", fontsize=8)
-            elif masks.get(organ) is not None:
-                overlay = np.zeros((*masks[organ].shape, 4))
-                overlay[masks[organ]] = (1.0, 0.3, 0.0, 0.45)
+            elif (mask := masks.get(organ)) is not None:
+                overlay = np.zeros((*mask.shape, 4))
+                overlay[mask] = (1.0, 0.3, 0.0, 0.45)
                 ax.imshow(overlay)
     fig.suptitle(title or "student view", fontsize=9)
     fig.tight_layout()

@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from fedpanfm.certs import check_site_name, check_tls, load_auth_public_key, load_certificate
-from fedpanfm.typed_yaml import ConfigError, load_yaml_dataclass, option
+from fedpanfm.certs import check_tls, load_auth_public_key, load_certificate
+from fedpanfm.site_names import check_site_name
 from fedpanfm.supervision import PidFile, ProcessRecord, clean_stale, keeper_command
+from fedpanfm.typed_yaml import ConfigError, load_yaml_dataclass, option
 
 
 @dataclass

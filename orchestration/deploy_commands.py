@@ -247,12 +247,13 @@ class _KeepPyproject:
 
 
 def follow(cmd: list[str], env: dict[str, str], cwd: str, log_path: Path, timeout_s: float | None,
-           echo: Any = None) -> tuple[int, str]:
-    """Run ``flwr run --stream``: echo its lines, write all of them to ``log_path``; (exit code,
-    the last line of a Python traceback it printed, or "").
+           echo: Any = None, verbose: bool = False) -> tuple[int, str]:
+    """Run ``flwr run --stream``: write all its lines to ``log_path``, echo what the operator
+    reads (orchestration/run_stream.py: fedpanfm's per-round lines, warnings and errors); (exit
+    code, the last line of a Python traceback it printed, or "").
 
-    A traceback (the coordinator went away under the stream) is written to the log only: the
-    caller prints one line and the log path.
+    A traceback (e.g. the coordinator went away under the stream) is written to the log only:
+    the caller prints one line and the log path. Echoing resumes after it.
 
     Args:
         cmd: the command.
@@ -261,8 +262,12 @@ def follow(cmd: list[str], env: dict[str, str], cwd: str, log_path: Path, timeou
         log_path: the full output (appended).
         timeout_s: stop following after this long (the run itself goes on); None: until it ends.
         echo: where lines are printed (default ``sys.stdout``).
+        verbose: echo every line.
     """
+    from orchestration.run_stream import StreamView
+
     echo = echo or sys.stdout
+    view = StreamView()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     in_traceback, last_error = False, ""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,10 +283,14 @@ def follow(cmd: list[str], env: dict[str, str], cwd: str, log_path: Path, timeou
             log.write(line)
             if line.startswith("Traceback (most recent call last)"):
                 in_traceback = True
-            elif in_traceback and line.strip() and not line.startswith((" ", "\t")):
-                last_error = line.strip()  # the exception line closes a traceback
-            if not in_traceback:
-                echo.write(line)
+                continue
+            if in_traceback:
+                if line.strip() and not line.startswith((" ", "\t")):
+                    last_error, in_traceback = line.strip(), False  # the exception line closes a traceback
+                continue
+            shown = line if verbose else view(line)
+            if shown is not None:
+                echo.write(shown)
                 echo.flush()
         code = proc.wait()
         if timer is not None:
@@ -291,7 +300,7 @@ def follow(cmd: list[str], env: dict[str, str], cwd: str, log_path: Path, timeou
 
 def submit_run(cfg: CoordinatorConfig, experiment: Path, overrides: list[str], flwr_home: Path,
                run_folder: Path | None = None, stream: bool = False, timeout_s: float | None = None,
-               resume: bool = False) -> dict[str, Any]:
+               resume: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Write the Flower CLI connection into ``flwr_home`` and submit the run; what was done.
 
     Args:
@@ -304,6 +313,8 @@ def submit_run(cfg: CoordinatorConfig, experiment: Path, overrides: list[str], f
             ``<run folder>/federation_run.log``).
         timeout_s: the longest wait (submission, or following with ``stream``).
         resume: continue ``run_folder`` after its last complete checkpoint.
+        verbose: with ``stream``, print every line of the log, not only fedpanfm's lines,
+            warnings and errors.
 
     Raises:
         RuntimeError: ``flwr run`` failed (the message ends with its output's last lines).
@@ -319,7 +330,8 @@ def submit_run(cfg: CoordinatorConfig, experiment: Path, overrides: list[str], f
             "log": str(log_path), "output": "", "error": ""}
     with _KeepPyproject(cfg.app_dir):
         if stream:
-            code, done["error"] = follow(cmd, flwr_env(flwr_home), cfg.app_dir, log_path, timeout_s)
+            code, done["error"] = follow(cmd, flwr_env(flwr_home), cfg.app_dir, log_path, timeout_s,
+                                         verbose=verbose)
         else:
             res = subprocess.run(cmd, env=flwr_env(flwr_home), cwd=cfg.app_dir, timeout=timeout_s,
                                  capture_output=True, text=True)
@@ -339,6 +351,7 @@ def _last_line(text: str) -> str:
 
 
 def _run_federation(args: argparse.Namespace) -> int:
+    from fedpanfm.run_folder import record_provenance
     from orchestration.resume import resume_command
     from orchestration.server_app import summary_text
 
@@ -351,17 +364,21 @@ def _run_federation(args: argparse.Namespace) -> int:
         run_folder = args.resume.resolve()
         print(check_resumable(run_folder), flush=True)
         experiment, overrides = run_folder / "config.yaml", []
+        experiment_cfg = load_config(experiment)
     else:
         experiment = args.experiment or Path(cfg.experiment)
         overrides = [*cfg.overrides, *args.overrides]
-        run_folder = (args.run_folder or default_run_folder(cfg, load_config(experiment, overrides).name)).resolve()
+        experiment_cfg = load_config(experiment, overrides)
+        run_folder = (args.run_folder or default_run_folder(cfg, experiment_cfg.name)).resolve()
     print(f"run folder on the coordinator: {run_folder} (checkpoints/, tensorboard/, summary.json)", flush=True)
+    # The operator's command, beside what the ServerApp records of itself (orchestration/deployed_run.py).
+    record_provenance(run_folder, experiment_cfg.device)
     summary_path = run_folder / "summary.json"
     before = summary_path.stat().st_mtime_ns if summary_path.is_file() else None
     follow_run = not args.detach
     try:
         done = submit_run(cfg, experiment, overrides, home, run_folder, stream=follow_run, timeout_s=args.timeout,
-                          resume=args.resume is not None)
+                          resume=args.resume is not None, verbose=bool(getattr(args, "verbose", False)))
     except KeyboardInterrupt:
         print(f"\nfedpanfm federation run: stopped following; the run goes on (flwr ls {cfg.connection}, "
               f"flwr stop <run-id> {cfg.connection} with FLWR_HOME={home}); its summary will be {summary_path}",

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedpanfm.certs import check_site_name
 from fedpanfm.config import ExperimentConfig
+from fedpanfm.site_names import check_site_name
 
 
 class IdentityError(RuntimeError):
@@ -45,11 +45,15 @@ def simulation_node_sites(grid: Any, cfg: ExperimentConfig) -> dict[int, str] | 
         grid: the Grid handed to the ServerApp (possibly wrapped).
         cfg: the experiment config (``cohort``: its site folders in ``list_sites`` order).
     """
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
     inner = _unwrap(grid)
     if not isinstance(inner, InMemoryGrid):
         return None
+    if not isinstance(inner.state, InMemoryLinkState):
+        raise IdentityError(f"simulation: the Grid's link state is a {type(inner.state).__name__}, not Flower's "
+                            "in-memory one, whose node table gives the partition order")
     from fedpanfm.data.dataset import list_sites
 
     sites = [Path(s).name for s in list_sites(Path(cfg.cohort))]

@@ -101,8 +101,8 @@ def placed_client_app(inner: Any, sink: str, device: str) -> Any:
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
 
-    from fedpanfm.federation.protocol import SERVER_CONFIG, SITE_CONFIG
     from fedpanfm.data.site_statistics import ACTION as STATISTICS_ACTION
+    from fedpanfm.federation.protocol import SERVER_CONFIG, SITE_CONFIG
 
     app = ClientApp()
 
@@ -112,8 +112,10 @@ def placed_client_app(inner: Any, sink: str, device: str) -> Any:
         try:
             if not reply.has_error():
                 rec = here(device)
-                rec.update(kind="site", site=str(reply.content[SITE_CONFIG]["site-name"]),
-                           round=int(msg.content[SERVER_CONFIG]["server-round"]))
+                server_round = msg.content[SERVER_CONFIG]["server-round"]
+                if not isinstance(server_round, int):
+                    raise TypeError(f"server-round is a {type(server_round).__name__}, not an int")
+                rec.update(kind="site", site=str(reply.content[SITE_CONFIG]["site-name"]), round=server_round)
                 report(sink, rec)
         except Exception as exc:  # noqa: BLE001 - where it ran is a record, never a reason to fail the site
             log.warning("placement: could not record where this training call ran: %s: %s", type(exc).__name__, exc)

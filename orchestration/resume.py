@@ -168,7 +168,7 @@ def resume_command(run_folder: Path | str, coordinator_config: Path | str | None
     """
     if coordinator_config is None:
         return f"fedpanfm simulate --resume {run_folder}"
-    return f"fedpanfm federation run --config {coordinator_config or '<coordinator YAML>'} --resume {run_folder}"
+    return f"fedpanfm federation run --coordinator-config {coordinator_config or '<coordinator YAML>'} --resume {run_folder}"
 
 
 __all__ = ["ResumePoint", "SERVER", "find_resume_point", "resume_command", "resume_config", "round_folders",

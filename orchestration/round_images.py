@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 
+from fedpanfm import tb_figures
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.sgm import OrganMasker
 from fedpanfm.tb import RunLogger
-from fedpanfm import tb_figures
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class RoundPictures:
         patches = masker.sample_patch_mask(batch, organ_mask, {o: specs[o].num_patches for o in batch.index}, g)
         rows = []
         for b in range(min(SUBJECTS, batch.size)):
-            slices, masks = {}, {}
+            slices: dict[str, np.ndarray] = {}
+            masks: dict[str, np.ndarray | None] = {}  # None: the whole organ is masked
             for organ, index in batch.index.items():
                 hit = (index == b).nonzero().flatten()
                 if hit.numel() == 0:

@@ -15,7 +15,8 @@ The run folder (``<logging.run_dir>/<name>-federation-<time>`` unless the run co
     summary.json
     cohort_statistics.csv/.json  the sites' cohort statistics before round 1 (aggregates only)
 
-(``fedpanfm simulate`` adds run.log, command.txt, environment.json: fedpanfm/run_folder.py.)
+(``fedpanfm simulate`` adds run.log, command.txt, environment.json: fedpanfm/run_folder.py; in a
+deployment the ServerApp and ``federation run`` do: orchestration/deployed_run.py.)
 Each round also goes to the :data:`fedpanfm.console.ROUNDS` logger as one line
 (orchestration/round_lines.py) and to TensorBoard as pictures (orchestration/round_images.py).
 
@@ -34,12 +35,10 @@ allows, that round's checkpoint being the final one (docs/security.md).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,30 +46,28 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedpanfm.certs import check_site_name
 from fedpanfm.config import ExperimentConfig, config_from_dict, config_from_run_config
+from fedpanfm.console import ROUNDS
 from fedpanfm.federation.accounting import GaussianAccountant
 from fedpanfm.federation.protocol import SiteEvaluation
 from fedpanfm.federation.tensor_codec import arrayrecord_to_state, state_to_arrayrecord
 from fedpanfm.model.meta_arch import PanFMSSL
-from fedpanfm.console import ROUNDS
 from fedpanfm.run_folder import new_run_folder as named_run_folder
-from fedpanfm.tb import RunLogger, federation_layout, site_run_name
 from fedpanfm.spans import SpanTimer
+from fedpanfm.tb import federation_layout
 from orchestration.checkpoints import CheckpointPolicy
 from orchestration.cohort_statistics import statistics_round
+from orchestration.deployed_run import deployed_run
 from orchestration.ray_aggregation import make_aggregator
 from orchestration.resume import SERVER, ResumePoint, find_resume_point, resume_command, resume_config, server_state
 from orchestration.round_images import RoundPictures
 from orchestration.round_lines import RoundLines, round_status
+from orchestration.run_board import RunBoard
+from orchestration.run_summary import VAL_LOSS, RunSummary, summary_text
 from orchestration.server_eval import ServerProbe
 from orchestration.strategy import EvaluationReport, FedPanFM, RoundReport
 
 log = logging.getLogger(__name__)
-
-#: The validation tag a round's ``best`` checkpoint is chosen by (mean over sites by subjects).
-VAL_LOSS = "val/loss"
-
 
 def initial_state(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     """The seeded initial global weights: a fresh ``PanFMSSL(cfg)`` state dict in fp32.
@@ -130,7 +127,9 @@ def accountant(cfg: ExperimentConfig) -> GaussianAccountant | None:
 
 
 class RunRecorder:
-    """TensorBoard and checkpoints of one federated run, fed by the strategy and the Grid.
+    """What one federated run leaves on disk, fed by the strategy and the Grid: TensorBoard
+    (:class:`~orchestration.run_board.RunBoard`), checkpoints, the console's round lines and
+    ``summary.json`` (:class:`~orchestration.run_summary.RunSummary`).
 
     Args:
         run_folder: the run folder (created).
@@ -154,10 +153,9 @@ class RunRecorder:
             (self.folder / "config.yaml").write_text(cfg.to_yaml())
         self.cfg = cfg
         self.grid = grid
-        self.tb_dir = self.folder / "tensorboard"
         self.offset = resume.round if resume else 0
-        self._purge = self.offset + 1 if resume else None
-        self.server = RunLogger(self.tb_dir, "server", purge_step=self._purge)
+        self.board = RunBoard(self.folder / "tensorboard", purge_step=self.offset + 1 if resume else None)
+        self.server = self.board.server
         # Each round's console line (fedpanfm/console.py), completed by the probe's AUROC.
         self.lines = RoundLines(cfg.federation.rounds, probing=bool(cfg.evaluation.server_cohort))
         # Probe AUROC on the server's labelled validation cohort, off the round's critical path.
@@ -166,63 +164,29 @@ class RunRecorder:
         if resume is None:
             self.server.layout(federation_layout(self.pictures.organs))
         self._moved = 0.0  # bytes sent + received up to the last round
-        self.sites: dict[str, RunLogger] = {}
-        # TensorBoard writes (protobuf building, file flushes) run on one thread of their own, in
-        # order, while the server waits for the next round's replies: off the round's critical
-        # path (docs/performance.md, item 4). A failed write is raised at the next round.
-        self._tb = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorboard")
-        self._tb_jobs: list[Future[None]] = []
         self.checkpoints = CheckpointPolicy(self.folder / "checkpoints", cfg)
         self.report: RoundReport | None = None
-        self.history: list[dict[str, float]] = []
-        self.failures: dict[str, int] = {}
-        self.stopped: str | None = None
-        self.resumed_from = resume.round if resume else None
+        srv = resume.server if resume is not None else {}
+        self.summary = RunSummary(self.folder, resume.round if resume else None, srv.get("history"),
+                                  srv.get("failures"))
+        if resume is not None:
+            self.checkpoints.restore(resume.round, srv.get("best_round"), srv.get("best_loss"))
         self._saliency = saliency
         self._global_state = global_state
         self.evaluation: EvaluationReport | None = None
         self.accountant = accountant(cfg)
-        #: Why the run ended before ``federation.rounds`` without failing (the privacy budget).
-        self.budget_stop: str | None = None
-        #: The command that continues this run (simulate or federation run --resume).
-        self.resume_command = resume_command(self.folder)
-        if resume is not None:
-            srv = resume.server
-            self.history = list(srv.get("history", []))
-            self.failures = {str(k): int(v) for k, v in srv.get("failures", {}).items()}
-            self.checkpoints.restore(resume.round, srv.get("best_round"), srv.get("best_loss"))
         self._t_round = time.perf_counter()
-
-    def _site(self, name: str) -> RunLogger:
-        if name not in self.sites:
-            check_site_name(name, "TensorBoard site run")  # a name is a folder here: no "x/../y"
-            self.sites[name] = RunLogger(self.tb_dir, site_run_name(name), purge_step=self._purge)
-        return self.sites[name]
-
-    def _write(self, fn: Any, *args: Any) -> None:
-        """Queue one TensorBoard call on the writer thread; re-raise an earlier one's error."""
-        done = [j for j in self._tb_jobs if j.done()]
-        self._tb_jobs = [j for j in self._tb_jobs if not j.done()]
-        for job in done:
-            job.result()
-        self._tb_jobs.append(self._tb.submit(fn, *args))
-
-    def _wait_writes(self) -> None:
-        """Block until every queued TensorBoard call ran; re-raises the first error."""
-        jobs, self._tb_jobs = self._tb_jobs, []
-        for job in jobs:
-            job.result()
 
     def on_round(self, report: RoundReport) -> None:
         """Strategy hook after aggregation: keep the report; write the sites' training scalars."""
         self.report = report
-        for site, n in report.failures.items():
-            self.failures[site] = self.failures.get(site, 0) + n
+        self.summary.count_failures(report.failures)
         for name, values in report.site_metrics.items():
             # The "train/" prefix the server uses for the site means, so the curves overlay.
-            self._write(self._site(name).scalars, {f"train/{k}": v for k, v in values.items()}, report.server_round)
+            self.board.write(self.board.site(name).scalars, {f"train/{k}": v for k, v in values.items()},
+                             report.server_round)
         for name, norms in report.update_norms.items():
-            self._write(RoundPictures.update_norms, self._site(name), norms, report.server_round)
+            self.board.write(RoundPictures.update_norms, self.board.site(name), norms, report.server_round)
 
     def on_evaluate(self, report: EvaluationReport) -> None:
         """Strategy hook after ``aggregate_evaluate``: keep the round's checked validation."""
@@ -241,10 +205,9 @@ class RunRecorder:
         ev_report = self.evaluation if self.evaluation and self.evaluation.server_round == server_round else None
         evaluated: dict[str, SiteEvaluation] = ev_report.evaluations if ev_report else {}
         val: dict[str, float] = dict(ev_report.metrics) if ev_report else {}
-        for site, n in (ev_report.failures if ev_report else {}).items():
-            self.failures[site] = self.failures.get(site, 0) + n
+        self.summary.count_failures(ev_report.failures if ev_report else {})
         for name, ev in evaluated.items():
-            self._write(self._site(name).scalars, ev.metrics, server_round)
+            self.board.write(self.board.site(name).scalars, ev.metrics, server_round)
         now = time.perf_counter()
         fresh = self.report if self.report and self.report.server_round == server_round else None
         scalars = {
@@ -255,7 +218,7 @@ class RunRecorder:
             "bytes/received_total": float(self.grid.bytes_received),
             "memory/rss_mb": rss_mb(),
             "attempts": float(fresh.attempts if fresh else 1),
-            **{f"failures/{site}": float(n) for site, n in self.failures.items()},
+            **{f"failures/{site}": float(n) for site, n in self.summary.failures.items()},
         }
         if self.accountant is not None:
             eps = self.accountant.epsilon(server_round)
@@ -266,11 +229,10 @@ class RunRecorder:
                 scalars["dp/epsilon"] = eps
         self._t_round = now
         spans.mark("record")  # validation means, RSS probe
-        self._write(self.server.scalars, scalars, server_round)
-        for logger in [self.server, *self.sites.values()]:
-            self._write(logger.flush)
+        self.board.write(self.server.scalars, scalars, server_round)
+        self.board.flush()
         spans.mark("tensorboard")
-        self.history.append({"round": server_round, **scalars})
+        self.summary.history.append({"round": server_round, **scalars})
         moved = float(self.grid.bytes_sent + self.grid.bytes_received)
         self.lines.status(round_status(server_round, self.lines.last, scalars, fresh, self.pictures.organs,
                                        moved - self._moved))
@@ -283,39 +245,35 @@ class RunRecorder:
             self.probe.submit(server_round, state)
         spans.mark("probe_submit")
         loss = val.get(VAL_LOSS)
+        best: tuple[int | None, float | None]
         if loss is not None and math.isfinite(loss) and loss < self.checkpoints.best_loss:
             best = (server_round, float(loss))
         else:
             best = (self.checkpoints.best_round, self.checkpoints.best_loss if self.checkpoints.best_round else None)
         saliency = self._saliency() if self._saliency is not None else torch.zeros(0)
-        self._write(self.pictures.draw, server_round, dict(scalars), saliency.detach().clone())
+        self.board.write(self.pictures.draw, server_round, dict(scalars), saliency.detach().clone())
         self.checkpoints.submit(server_round, state, loss, {
             "sites": sorted(evaluated) or sorted(self.report.site_metrics if self.report else []),
-            SERVER: server_state(server_round, saliency, best[0], best[1], list(self.history), self.failures),
+            SERVER: server_state(server_round, saliency, best[0], best[1], list(self.summary.history),
+                                 self.summary.failures),
         })
         spans.mark("checkpoint_submit")
         # This hook's own spans (seconds), in the round's step.
-        self._write(self.server.scalars, spans.tagged("time/server/"), server_round)
-        self._write(self.server.flush)
+        self.board.write(self.server.scalars, spans.tagged("time/server/"), server_round)
+        self.board.write(self.server.flush)
         # The round's checkpoint is on disk before the next round starts; a failed write stops here.
-        self.checkpoints.wait_round(server_round, self.resume_command)
+        self.checkpoints.wait_round(server_round, self.summary.resume_command)
         return MetricRecord(dict(val)) if val else None
 
     def finish(self) -> dict[str, Any]:
         """Wait for the checkpoint writes, record hyper-parameters, close the logs; the summary."""
-        failed_write: Exception | None = None
-        try:
-            self._wait_writes()
-        except Exception as exc:  # noqa: BLE001 - raised below, once the run is closed properly
-            failed_write = exc
-        finally:
-            self._tb.shutdown(wait=True)
+        failed_write = self.board.stop()
         self.checkpoints.close()
         if self.probe is not None:
             # A failed evaluation is logged, never fatal: the trained model matters more.
             self.probe.close(raise_errors=False)
         self.lines.flush()
-        last = self.history[-1] if self.history else {}
+        last = self.summary.history[-1] if self.summary.history else {}
         final = {f"final/{k}": v for k, v in last.items() if k.startswith(("train/loss", "val/loss"))}
         probed = {r: v for r, v in sorted(self.lines.auroc.items()) if v is not None}
         last_probe = max(probed, default=None)
@@ -323,36 +281,15 @@ class RunRecorder:
             final["final/probe_auroc_macro"] = probed[last_probe]
             if last_probe > 0 and 0 in probed:
                 final["final/probe_auroc_change"] = probed[last_probe] - probed[0]
-        self.server.hparams(_flat_hparams(self.cfg), final)
-        for logger in [self.server, *self.sites.values()]:
-            logger.close()
-        ck = self.folder / "checkpoints"
+        self.board.close(_flat_hparams(self.cfg), final)
         dp = self.cfg.federation.dp
-        eps = self.accountant.epsilon(len(self.history)) if self.accountant is not None else None
-        summary = {
-            "run_folder": str(self.folder),
-            "stopped": self.stopped,
-            "budget_stop": self.budget_stop,
-            "resume_command": self.resume_command,
-            "resumed_from_round": self.resumed_from,
-            "failures": dict(sorted(self.failures.items())),
-            "dp_epsilon": eps if eps is None or math.isfinite(eps) else None,
-            "dp_delta": dp.delta if dp.enabled else None,
-            "dp_max_epsilon": dp.max_epsilon if dp.enabled and dp.max_epsilon > 0 else None,
-            "rss_mb_per_round": [h.get("memory/rss_mb") for h in self.history],
-            "rounds": len(self.history),
-            "sites": sorted(self.sites),
-            "final_train_loss": last.get("train/loss"),
-            "final_val_loss": last.get(VAL_LOSS),
-            "best_round": self.checkpoints.best_round,
-            "best_val_loss": self.checkpoints.best_loss if self.checkpoints.best_round else None,
-            "tensorboard": str(self.tb_dir),
-            "checkpoint_latest": str(ck / "latest"),
-            "checkpoint_best": str(ck / "best") if self.checkpoints.best_round else None,
-            "seconds_per_round": [h["time/round_s"] for h in self.history],
-            "probe_auroc": {str(r): v for r, v in probed.items()},
-        }
-        (self.folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = self.summary.write(
+            sites=list(self.board.sites), tensorboard=self.board.dir,
+            best_round=self.checkpoints.best_round, best_loss=self.checkpoints.best_loss,
+            dp_epsilon=self.accountant.epsilon(len(self.summary.history)) if self.accountant is not None else None,
+            dp_delta=dp.delta if dp.enabled else None,
+            dp_max_epsilon=dp.max_epsilon if dp.enabled and dp.max_epsilon > 0 else None,
+            probe_auroc=probed)
         if failed_write is not None:
             raise failed_write
         return summary
@@ -458,7 +395,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                            global_state=lambda: strategy.global_state)
     strategy.on_round, strategy.on_evaluate = recorder.on_round, recorder.on_evaluate
     if not _in_simulation(grid):
-        recorder.resume_command = resume_command(folder, "")
+        recorder.summary.resume_command = resume_command(folder, "")
     start = initial_state(cfg)
     if resume is not None:
         missing = sorted(set(start) ^ set(resume.state))
@@ -473,11 +410,11 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         # budget allows is known now; the run ends cleanly after it, its checkpoint the final one.
         last = recorder.accountant.rounds_within_budget(cfg.federation.rounds)
         if last < cfg.federation.rounds:
-            recorder.budget_stop = (
+            recorder.summary.budget_stop = (
                 f"privacy budget: federation.dp.max_epsilon = {cfg.federation.dp.max_epsilon:g} allows {last} of "
                 f"{cfg.federation.rounds} rounds (round {last + 1} would reach epsilon "
                 f"{recorder.accountant.epsilon(last + 1):.4g} at delta {cfg.federation.dp.delta:g})")
-            log.warning("%s", recorder.budget_stop)
+            log.warning("%s", recorder.summary.budget_stop)
     recorder.lines.last = last
     # Before round 1: every site's cohort statistics, aggregates only (orchestration/cohort_statistics.py).
     statistics_round(metered, cfg, folder, recorder.server)
@@ -493,8 +430,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                 evaluate_fn=lambda r, arrays: recorder.after_round(r + offset if r else 0, arrays),
             )
     except Exception as exc:
-        recorder.stopped = f"{type(exc).__name__}: {exc}"
-        log.error("fedpanfm run %s stopped: %s\n  resume with: %s", cfg.name, exc, recorder.resume_command)
+        recorder.summary.stopped = f"{type(exc).__name__}: {exc}"
+        log.error("fedpanfm run %s stopped: %s\n  resume with: %s", cfg.name, exc, recorder.summary.resume_command)
         raise
     finally:
         summary = recorder.finish()
@@ -502,35 +439,6 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             ray.shutdown()  # we started it (deployment): leave nothing behind
     log.info("%s\n  summary: %s", summary_text(summary), folder / "summary.json")
     return summary
-
-
-def summary_text(s: Mapping[str, Any]) -> str:
-    """The run summary a person reads at the end of a federation."""
-    def fmt(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    stopped = [f"  STOPPED: {s['stopped']}\n  resume with: {s.get('resume_command') or resume_command(s['run_folder'])}"] \
-        if s.get("stopped") else []
-    failures = [f"  site failures: {', '.join(f'{k} {v}' for k, v in s['failures'].items())}"] if s.get("failures") else []
-    privacy = [f"  differential privacy: epsilon {fmt(s['dp_epsilon'])} at delta {s['dp_delta']:g}"
-               + (f" (budget {s['dp_max_epsilon']:g})" if s.get("dp_max_epsilon") else "")] \
-        if s.get("dp_epsilon") is not None else []
-    budget = [f"  ended early: {s['budget_stop']}"] if s.get("budget_stop") else []
-    auroc = {int(r): v for r, v in (s.get("probe_auroc") or {}).items()}
-    if auroc:
-        r_last = max(auroc)
-        change = f" ({auroc[r_last] - auroc[0]:+.3f} since round 0: {auroc[0]:.3f})" if 0 in auroc and r_last else ""
-        probe = [f"  probe AUROC (server's held-out labelled cohort) {auroc[r_last]:.3f} at round {r_last}{change}"]
-    else:
-        probe = []
-    return "\n".join([
-        f"fedpanfm: {s['rounds']} rounds over sites {', '.join(s['sites'])}",
-        *stopped, *budget, *failures, *privacy, *probe,
-        f"  final train loss {fmt(s['final_train_loss'])}, final val loss {fmt(s['final_val_loss'])}, "
-        f"best val loss {fmt(s['best_val_loss'])} (round {s['best_round']})",
-        f"  TensorBoard: tensorboard --logdir {s['tensorboard']}",
-        f"  checkpoints: {s['checkpoint_latest']} (latest), {s['checkpoint_best']} (best)",
-    ])
 
 
 def build_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
@@ -544,17 +452,13 @@ def build_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        if not _in_simulation(grid) and not logging.getLogger().handlers:
-            # A deployed ServerApp process configures no logging; Flower uploads its stderr as
-            # the run's log (`flwr log`, `federation run`), so our INFO lines go there. Our
-            # loggers only: Flower's has its own handler, httpx logs every request at INFO.
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-            for ours in ("orchestration", "fedpanfm"):
-                if not logging.getLogger(ours).handlers:
-                    logging.getLogger(ours).setLevel(logging.INFO)
-                    logging.getLogger(ours).addHandler(handler)
-        run_federation(grid, run_config if run_config is not None else context.run_config)
+        resolved = run_config if run_config is not None else context.run_config
+        if _in_simulation(grid):  # `fedpanfm simulate` prepared the run folder and the logs
+            run_federation(grid, resolved)
+            return
+        # Deployed: run.log, environment.json and our lines in the run's log stream.
+        with deployed_run(resolved, context.run_id) as prepared:
+            run_federation(grid, prepared)
 
     return server
 

@@ -30,8 +30,8 @@ import logging
 import os
 import shlex
 import time
-from pathlib import Path
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpanfm.config import ExperimentConfig, load_config
@@ -98,10 +98,10 @@ def simulate(config: str | Path | None, overrides: list[str] | None = None, run_
 
     from fedpanfm.run_folder import new_run_folder, record_provenance
     from fedpanfm.run_log import run_log_file
+    from orchestration.app_components import client_with_run_config, load_component, server_with_run_config
     from orchestration.log_routing import routed_logs
     from orchestration.placement import PlacementLog, placed_client_app, write_tensorboard
     from orchestration.ray_cluster import prepare_nodes, ray_session, site_resources
-    from orchestration.app_components import client_with_run_config, load_component, server_with_run_config
 
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     overrides = list(overrides or [])

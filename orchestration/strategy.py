@@ -25,16 +25,22 @@ The server-side state between rounds (global weights, global saliency, last roun
 strategy; ``on_round`` receives a :class:`RoundReport` after every aggregation so the server app
 can log it (TensorBoard) without the strategy knowing about files.
 
+The round loop (``start``) is Flower's, with the training step's I/O made explicit:
+``configure_train`` -> :meth:`FedPanFM.train_replies` (send, check, re-send) ->
+``aggregate_train`` -> ``configure_evaluate`` -> send -> ``aggregate_evaluate`` ->
+``evaluate_fn``. The hooks return values and keep no Grid; only the loop talks to the sites.
+
 Reliability (docs/reliability.md): a reply that is an error, never arrives (timeout, vanished
 node) or fails :func:`~fedpanfm.federation.validation.check_update` counts as a failure of its
-site. A round with fewer than ``min_sites`` usable updates is re-sent to the failed sites up to
-``federation.retries`` times; then :class:`RoundFailed` stops the run (the previous round's
-checkpoint is the resume point). ``round_offset`` lets a resumed run continue its round numbers
-while Flower's ``Strategy.start`` counts from 1.
+site. A round with fewer than ``min_sites`` usable updates is re-sent by the loop to the failed
+sites up to ``federation.retries`` times; then ``aggregate_train`` raises :class:`RoundFailed`,
+which stops the run (the previous round's checkpoint is the resume point). ``round_offset``
+lets a resumed run continue its round numbers while the loop counts from 1.
 """
 
 from __future__ import annotations
 
+import io
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -43,9 +49,10 @@ from logging import INFO, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from flwr.supercore import log
 from torch import Tensor
 
@@ -114,6 +121,26 @@ class EvaluationReport:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class TrainReplies:
+    """A training round's checked replies over all its attempts: what the round loop hands to
+    ``aggregate_train``.
+
+    Args:
+        updates: the usable updates, at most one per site.
+        dropped: one line per dropped reply (node, site if known, reason).
+        failures: site (or ``node_<id>``) -> failures this round (every attempt counts).
+        attempts: how many times the round was sent (1 + retries used).
+        decode_s: seconds spent decoding and checking replies (not waiting for them).
+    """
+
+    updates: list[SiteUpdate] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    failures: dict[str, int] = field(default_factory=dict)
+    attempts: int = 1
+    decode_s: float = 0.0
+
+
 class RoundFailed(RuntimeError):
     """Fewer than ``federation.min_sites`` usable updates after every retry; the run stops."""
 
@@ -169,8 +196,8 @@ class FedPanFM(FedAvg):
         #: The last round's checked evaluate replies, failures and means.
         self.last_evaluation: EvaluationReport | None = None
         self._plan: RoundPlan | None = None
-        self._sent: tuple[RecordDict, list[int]] | None = None
-        self._grid: Grid | None = None
+        #: The nodes ``configure_train`` sampled this round (whose silence counts as failure).
+        self._sampled: list[int] = []
         if fed.dp.enabled and fed.teacher_policy == "aggregate":
             raise ValueError("FedPanFM: federation.dp needs teacher_policy server_ema or local "
                              "(under 'aggregate' the sites' teachers would be averaged un-noised)")
@@ -201,6 +228,94 @@ class FedPanFM(FedAvg):
         log(INFO, "\t└──> FedPanFM: teacher policy %s, %d rounds, %d steps planned, aggregator %s",
             fed.teacher_policy, fed.rounds, self.total_steps, type(self.aggregator).__name__)
 
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's round loop (``Strategy.start``, same arguments and result) with the training
+        step's retries in the loop (:meth:`train_replies`) instead of inside a hook."""
+        log(INFO, "Starting %s strategy:", type(self).__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        log(INFO, "")
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        t_start = time.time()
+        if evaluate_fn:
+            res = evaluate_fn(0, initial_arrays)
+            log(INFO, "Initial global evaluation results: %s", res)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        arrays = initial_arrays
+        for current_round in range(1, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
+            messages = list(self.configure_train(current_round, arrays, train_config, grid))
+            agg_arrays, train_metrics = self.aggregate_train(
+                current_round, self.train_replies(current_round, messages, grid, timeout))
+            if agg_arrays is not None:
+                result.arrays = arrays = agg_arrays
+            if train_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
+                result.train_metrics_clientapp[current_round] = train_metrics
+            replies = list(grid.send_and_receive(
+                messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid), timeout=timeout))
+            self.identify(grid)  # the runtime's node table now (a node may have registered since)
+            eval_metrics = self.aggregate_evaluate(current_round, replies)
+            if eval_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", eval_metrics)
+                result.evaluate_metrics_clientapp[current_round] = eval_metrics
+            if evaluate_fn:
+                log(INFO, "Global evaluation")
+                res = evaluate_fn(current_round, arrays)
+                log(INFO, "\t└──> MetricRecord: %s", res)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[current_round] = res
+        log(INFO, "")
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        log(INFO, "")
+        log(INFO, "Final results:")
+        log(INFO, "")
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        log(INFO, "")
+        return result
+
+    def train_replies(self, server_round: int, messages: list[Message], grid: Grid, timeout: float) -> TrainReplies:
+        """The training step's I/O: send the round's instructions, check the replies, and
+        re-send to the failed sites while fewer than ``min_sites`` updates are usable and
+        ``federation.retries`` allow.
+
+        Args:
+            server_round: Flower's round (from 1; ``round_offset`` is added here).
+            messages: what ``configure_train`` returned.
+            grid: the Grid to send through.
+            timeout: seconds to wait for each attempt's replies.
+        """
+        server_round += self.round_offset
+        collected = TrainReplies()
+        sent = [int(m.metadata.dst_node_id) for m in messages]
+        while True:
+            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            self.identify(grid)  # the runtime's node table now (a node may have registered since)
+            failed = self.check_attempt(server_round, replies, sent, collected)
+            if len(collected.updates) >= self.min_train_nodes or collected.attempts > self.cfg.federation.retries \
+                    or not failed:
+                return collected
+            collected.attempts += 1
+            log(WARNING, "round %d has %d usable updates (< min_sites %d); retry %d of %d to %s",
+                server_round, len(collected.updates), self.min_train_nodes, collected.attempts - 1,
+                self.cfg.federation.retries, ", ".join(self.site_of(n) for n in failed))
+            messages = list(self._construct_messages(messages[0].content, failed, MessageType.TRAIN))
+            sent = failed
+
     def start_step(self, server_round: int) -> int:
         """The global optimiser step at which ``server_round`` starts (rounds split evenly)."""
         return (server_round - 1) * self.total_steps // self.cfg.federation.rounds
@@ -210,6 +325,7 @@ class FedPanFM(FedAvg):
         return self._configure_train(server_round, arrays, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.identify(grid)
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -218,8 +334,6 @@ class FedPanFM(FedAvg):
         median (a site cannot buy the choice of the best checkpoint by claiming a large cohort).
         A failing reply is dropped, logged, and counted as its site's failure."""
         server_round += self.round_offset
-        if self._grid is not None:
-            self.identify(self._grid)
         report = EvaluationReport(server_round)
         for msg in replies:
             node = int(msg.metadata.src_node_id)
@@ -285,9 +399,8 @@ class FedPanFM(FedAvg):
             organ_names=list(self.organs.names),
             teacher_policy=self.cfg.federation.teacher_policy,
         )
-        content = instruction.to_recorddict()
-        self._sent, self._grid = (content, list(node_ids)), grid
-        return self._construct_messages(content, node_ids, MessageType.TRAIN)
+        self._sampled = list(node_ids)
+        return self._construct_messages(instruction.to_recorddict(), node_ids, MessageType.TRAIN)
 
     def site_of(self, node_id: int) -> str:
         """The site a node is authenticated as (``node_<id>`` for a node without one)."""
@@ -309,8 +422,6 @@ class FedPanFM(FedAvg):
             raise RuntimeError("FedPanFM: aggregate_train before configure_train (no global state)")
         updates: list[SiteUpdate] = []
         dropped: list[str] = []
-        if self._grid is not None:
-            self.identify(self._grid)  # the runtime's node table now (a node may have joined since)
         for msg in replies:
             node = f"node {msg.metadata.src_node_id}"
             if msg.has_error():
@@ -332,24 +443,60 @@ class FedPanFM(FedAvg):
                 continue
             updates.append(update)
             # The Ray aggregator puts the arrays into its object store while the rest decode.
-            self.aggregator.receive(update, len(self._sent[1]) if self._sent else 1)
+            self.aggregator.receive(update, len(self._sampled) or 1)
         return updates, dropped
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode, check and aggregate the sites' replies.
+    def check_attempt(self, server_round: int, replies: list[Message], sent: list[int], collected: TrainReplies) -> list[int]:
+        """Decode and check one attempt's replies into ``collected`` and count the failures of
+        the nodes in ``sent`` (an error, a dropped reply, no reply); returns those nodes."""
+        t0 = time.perf_counter()
+        new, lines = self.decode_replies(replies)
+        collected.decode_s += time.perf_counter() - t0
+        have = {u.site for u in collected.updates}
+        collected.updates += [u for u in new if u.site not in have]
+        collected.dropped += lines
+        usable = {u.site for u in collected.updates}
+        good = {n for n, site in self.node_sites.items() if site in usable}
+        failed = [n for n in sent if n not in good]
+        replied = {int(m.metadata.src_node_id) for m in replies}
+        for n in failed:
+            collected.failures[self.site_of(n)] = collected.failures.get(self.site_of(n), 0) + 1
+            if n not in replied:
+                log(WARNING, "aggregate_train: round %d: %s sent no reply within %g s (timed out or gone)",
+                    server_round, self.site_of(n), self.cfg.federation.round_timeout_s)
+        return failed
 
-        Returns (None, None) when no reply survives the checks: Flower then keeps the previous
-        global weights.
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message] | TrainReplies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the round's usable updates.
+
+        Args:
+            server_round: Flower's round (from 1).
+            replies: the round loop's :class:`TrainReplies` (checked over every attempt), or
+                Flower's reply messages of one attempt, which are checked here.
+
+        Raises:
+            RoundFailed: fewer than ``min_sites`` usable updates.
         """
         server_round += self.round_offset
         spans = SpanTimer()
-        updates, dropped, failures, attempts = self._collect(server_round, list(replies))
+        # Replies the round loop checked already (their decode time is added to the span below).
+        earlier = replies.decode_s if isinstance(replies, TrainReplies) else 0.0
+        if isinstance(replies, TrainReplies):
+            collected = replies
+        else:
+            messages = list(replies)
+            collected = TrainReplies()
+            self.check_attempt(server_round, messages, self._sampled or [int(m.metadata.src_node_id) for m in messages],
+                               collected)
+        updates, failures = collected.updates, collected.failures
         spans.mark("decode")
-        log(INFO, "aggregate_train: round %d, %d site updates, %d dropped", server_round, len(updates), len(dropped))
+        log(INFO, "aggregate_train: round %d, %d site updates, %d dropped", server_round, len(updates),
+            len(collected.dropped))
         if len(updates) < self.min_train_nodes:
             raise RoundFailed(
-                f"round {server_round}: {len(updates)} usable site updates after {attempts} attempt(s), fewer than "
-                f"federation.min_sites = {self.min_train_nodes} (failed: {', '.join(sorted(failures)) or 'none'}); "
+                f"round {server_round}: {len(updates)} usable site updates after {collected.attempts} attempt(s), fewer "
+                f"than federation.min_sites = {self.min_train_nodes} (failed: {', '.join(sorted(failures)) or 'none'}); "
                 f"the run stops; round {server_round - 1} is the last complete round (resume from its checkpoint)")
         assert self.global_state is not None
         # Measured against the weights the sites started from, before aggregation replaces them.
@@ -368,10 +515,10 @@ class FedPanFM(FedAvg):
             site_metrics={
                 u.site: {**u.metrics, "subjects": float(u.num_examples), "steps": float(u.steps)} for u in updates
             },
-            dropped=dropped,
-            seconds=spans.elapsed(),
+            dropped=collected.dropped,
+            seconds=spans.elapsed() + earlier,
             failures=failures,
-            attempts=attempts,
+            attempts=collected.attempts,
             influence=outcome.influence,
             update_norms=norms,
         )
@@ -386,46 +533,9 @@ class FedPanFM(FedAvg):
         spans.mark("encode")
         # Where the server's part of the round goes (docs/performance.md, item 4); seconds.
         report.metrics.update(spans.tagged("time/server/"))
+        report.metrics["time/server/decode_s"] += earlier
         values: dict[str, int | float | list[int] | list[float]] = {**report.metrics}
         return arrays, MetricRecord(values)
-
-
-    def _collect(self, server_round: int, replies: list[Message]) -> tuple[list[SiteUpdate], list[str], dict[str, int], int]:
-        """Usable updates of the round, re-sending to the failed sites while fewer than
-        ``min_sites`` are usable and retries are left.
-
-        Returns:
-            (updates, dropped lines, site -> failures this round, attempts made).
-        """
-        failures: dict[str, int] = {}
-        updates: list[SiteUpdate] = []
-        dropped: list[str] = []
-        sent = list(self._sent[1]) if self._sent else [int(m.metadata.src_node_id) for m in replies]
-        attempts = 1
-        while True:
-            new, lines = self.decode_replies(replies)
-            have = {u.site for u in updates}
-            updates += [u for u in new if u.site not in have]
-            dropped += lines
-            good = {n for n, site in self.node_sites.items() if site in {u.site for u in updates}}
-            failed = [n for n in sent if n not in good]
-            replied = {int(m.metadata.src_node_id) for m in replies}
-            for n in failed:
-                failures[self.site_of(n)] = failures.get(self.site_of(n), 0) + 1
-                if n not in replied:
-                    log(WARNING, "aggregate_train: round %d: %s sent no reply within %g s (timed out or gone)",
-                        server_round, self.site_of(n), self.cfg.federation.round_timeout_s)
-            resend = getattr(self._grid, "send_and_receive", None)
-            if len(updates) >= self.min_train_nodes or attempts > self.cfg.federation.retries or not failed \
-                    or self._sent is None or resend is None:
-                return updates, dropped, failures, attempts
-            attempts += 1
-            log(WARNING, "aggregate_train: round %d has %d usable updates (< min_sites %d); retry %d of %d to %s",
-                server_round, len(updates), self.min_train_nodes, attempts - 1, self.cfg.federation.retries,
-                ", ".join(self.site_of(n) for n in failed))
-            messages = self._construct_messages(self._sent[0], failed, MessageType.TRAIN)
-            replies = list(resend(messages, timeout=self.cfg.federation.round_timeout_s))
-            sent = failed
 
 
 def evaluation_means(evaluations: Iterable[SiteEvaluation], subject_cap: float) -> MetricRecord | None:
@@ -464,4 +574,5 @@ def _all_floats_bf16(arrays: ArrayRecord) -> bool:
     return not any(a.stype != BF16_STYPE and a.dtype.startswith("float") for a in arrays.values())
 
 
-__all__ = ["EvaluationReport", "FedPanFM", "RoundFailed", "RoundReport", "evaluation_means", "sample_nodes"]
+__all__ = ["EvaluationReport", "FedPanFM", "RoundFailed", "RoundReport", "TrainReplies", "evaluation_means",
+           "sample_nodes"]

@@ -102,7 +102,7 @@ def guard_fab_install(approved: Iterable[str]) -> Callable[..., Any]:
 
     Patches ``install_from_fab`` in ``flwr.supernode.runtime.run_clientapp`` (Flower 1.41), which
     ``run_clientapp`` calls on the pulled FAB before loading the ClientApp from it
-    (tests/test_site_trust.py pins that order in Flower's source).
+    (tests/sites/test_site_trust.py pins that order in Flower's source).
 
     Args:
         approved: the approved hashes.

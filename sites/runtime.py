@@ -20,10 +20,10 @@ from typing import Any, Mapping
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from fedpanfm.certs import check_site_name
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.collate import make_loader
 from fedpanfm.data.dataset import SiteDataset, list_sites, open_site_dataset, split_subjects
+from fedpanfm.site_names import check_site_name
 
 #: ``context.state`` record names (``RecordDict`` keys) a site keeps between rounds.
 STATE_ARRAYS = "fedpanfm.local"
@@ -49,7 +49,7 @@ def site_seed(name: str, seed: int) -> int:
 
 
 def _checked_name(name: str, where: str) -> str:
-    # One validator for every name that enters (fedpanfm.certs.check_site_name): it names files,
+    # One validator for every name that enters (fedpanfm.site_names.check_site_name): it names files,
     # TensorBoard runs and log lines here and on the server.
     try:
         return check_site_name(name, where)
@@ -196,7 +196,7 @@ class SiteRuntime:
         if isinstance(conf, ConfigRecord):
             if conf["site"] != self.name:
                 # One context belongs to one node; a different name means a mis-configured node.
-                raise SiteConfigError(f"context state belongs to site {conf['site']}, not {self.name}")
+                raise SiteConfigError(f"context state belongs to site {str(conf['site'])}, not {self.name}")
             return tensors, json.loads(str(conf["schedule"]))
         return tensors, {}
 

@@ -143,7 +143,7 @@ def run_check(site: SiteConfig, timeout_s: float = 5.0, offline: bool = False) -
         step("app approval", lambda: check_approval(site))
     else:
         print("[warn] app approval: approved_apps is empty: any app the coordinator sends would run here; pin the "
-              "reviewed release with `fedpanfm site approve-app --config <site.yaml> --write`")
+              "reviewed release with `fedpanfm site approve-app --site-config <site.yaml> --write`")
     if not offline:
         step("coordinator", lambda: f"{site.coordinator} presents a certificate for "
              f"{check_tls(site.coordinator, site.ca_cert, timeout_s)} trusted by the CA")
@@ -243,7 +243,7 @@ def _run_start(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if not site.approved_apps:
         print(f"WARNING: {site.source}: approved_apps is empty: this site runs any app the coordinator sends "
-              "(`fedpanfm site approve-app --config ... --write` pins a reviewed release)", file=sys.stderr)
+              "(`fedpanfm site approve-app --site-config ... --write` pins a reviewed release)", file=sys.stderr)
     # ClientApp processes whose SuperNode died are re-parented here, so they are ended below.
     set_child_subreaper()
     log_dir = Path(site.log_dir)
@@ -291,7 +291,7 @@ MIN_UPTIME_S = 60.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 #: What the SuperNode's log says when it gives up, and what it means for the site's operator
-#: (Flower 1.41's messages, as seen in tests/test_deployment.py).
+#: (Flower 1.41's messages, as seen in tests/orchestration/test_deployment.py).
 STOP_REASONS: tuple[tuple[str, str], ...] = (
     ("Failed to activate SuperNode", "the coordinator refused this site's key {auth_key}: it is not registered "
      "there (the coordinator adds the site to `sites` and runs `fedpanfm server register`), it was unregistered, "

@@ -11,10 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fedpanfm.certs import check_site_name, split_address
+from fedpanfm.certs import split_address
 from fedpanfm.config import ExperimentConfig, load_config
+from fedpanfm.site_names import check_site_name
 from fedpanfm.typed_yaml import ConfigError, load_yaml_dataclass, option
 from sites.approved_app import check_app_hash
+from sites.cohort_statistics import NODE_MIN_CELL, NODE_SWITCH
+from sites.step_curves import NODE_TB_DIR
 from sites.worker.wire import check_socket_path
 
 
@@ -24,6 +27,20 @@ class SiteResources:
 
     cpus: int = option(0, lo=0, doc="CPU threads for training (OMP/torch threads); 0 = all")
     gpus: str = option("", doc="CUDA_VISIBLE_DEVICES for the ClientApp ('' = leave as is, 'none' = no GPU)")
+    train_devices: int = option(0, lo=0, doc="devices a round's training uses, one DeepSpeed data-parallel process "
+                                             "each (node config train-devices); 0 = the experiment's "
+                                             "train.devices_per_site")
+
+
+@dataclass
+class SiteStatistics:
+    """What the site releases to the server's cohort-statistics query (sites/cohort_statistics.py)."""
+
+    share: bool = option(True, doc="answer the query with aggregates (node config cohort-statistics='on'); "
+                                   "false declines it, training is unaffected")
+    min_cell: int = option(0, lo=0, doc="this site's own least number of subjects behind any released value "
+                                        "(node config statistics-min-cell); the largest of it, the server's ask, "
+                                        "federation.statistics_min_cell and 5 applies; 0 = no floor of its own")
 
 
 @dataclass
@@ -60,9 +77,12 @@ class SiteConfig:
     auth_key: str = option("auth.key", doc="this site's private auth key (OpenSSH EC), mode 0600")
     clientapp_port: int = option(9094, lo=1, hi=65535, doc="local port of the SuperNode's ClientApp API")
     log_dir: str = option("logs", doc="where site start writes the SuperNode log")
+    tensorboard_dir: str = option("", doc="per-step training curves on this machine, <dir>/site_<name>/steps/ "
+                                          "(node config tensorboard-dir); '' = none")
     approved_apps: list[str] = option([], doc="SHA-256 of each app bundle (FAB) this site runs (fedpanfm site "
                                               "approve-app); [] = any app the coordinator sends (not for production)")
     resources: SiteResources = field(default_factory=SiteResources)
+    statistics: SiteStatistics = field(default_factory=SiteStatistics)
     worker: SiteWorker = field(default_factory=SiteWorker)
 
     #: the YAML file this config came from ("" when built in code).
@@ -79,7 +99,7 @@ class SiteConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         for key, value in (("data_dir", self.data_dir), ("cache_dir", self.cache_dir),
-                           ("worker.state_dir", self.worker.state_dir)):
+                           ("tensorboard_dir", self.tensorboard_dir), ("worker.state_dir", self.worker.state_dir)):
             if "'" in value:
                 # The node config passes it as a TOML literal string, which cannot hold a quote.
                 raise ConfigError(f"{src}: {key} {value!r} must not contain a single quote")
@@ -99,7 +119,10 @@ class SiteConfig:
         return load_config(self.experiment or None)
 
     def node_config(self, worker: bool = False) -> str:
-        """The ``--node-config`` string telling the ClientApp which site and data to use.
+        """The ``--node-config`` string telling the ClientApp which site and data to use, and what
+        the site decided for itself: its statistics release (``cohort-statistics``,
+        ``statistics-min-cell``), per-step curves (``tensorboard-dir``, when set) and training
+        devices (``train-devices``, when set).
 
         Args:
             worker: also name the trainer worker (``trainer-socket``, ``trainer-key``,
@@ -108,6 +131,14 @@ class SiteConfig:
         text = f"site-name='{self.site_name}' data-dir='{self.data_dir}'"
         if self.cache_dir:
             text += f" cache-dir='{self.cache_dir}'"
+        stats = self.statistics
+        text += f" {NODE_SWITCH}='{'on' if stats.share else 'off'}' {NODE_MIN_CELL}={stats.min_cell}"
+        if self.tensorboard_dir:
+            text += f" {NODE_TB_DIR}='{self.tensorboard_dir}'"
+        if self.resources.train_devices:
+            from sites.multi_device import NODE_DEVICES  # here: that module loads torch
+
+            text += f" {NODE_DEVICES}={self.resources.train_devices}"
         if worker:
             w = self.worker
             text += f" trainer-socket='{w.socket_path()}' trainer-key='{w.key_path()}' trainer-fallback='{w.fallback}'"
@@ -128,6 +159,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
         setattr(cfg, name, str(base / getattr(cfg, name)))
     if cfg.cache_dir:
         cfg.cache_dir = str(base / cfg.cache_dir)
+    if cfg.tensorboard_dir:
+        cfg.tensorboard_dir = str(base / cfg.tensorboard_dir)
     cfg.worker.state_dir = str(base / cfg.worker.state_dir)
     if cfg.experiment:
         cfg.experiment = str(base / cfg.experiment)

@@ -79,7 +79,7 @@ def curves_root(node_config: Mapping[str, Any]) -> Path | None:
 def step_curves(node_config: Mapping[str, Any], site: str, cfg: ExperimentConfig) -> Iterator[StepCallback | None]:
     """An ``on_step(step, values)`` for ``LocalTrainer.fit`` writing the site's per-step scalars,
     closed after the block; None when the site writes none (module docstring)."""
-    from fedpanfm.certs import check_site_name
+    from fedpanfm.site_names import check_site_name
     from fedpanfm.tb import RunLogger, site_run_name
 
     root = curves_root(node_config)

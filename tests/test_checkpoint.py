@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from fedpanfm.checkpoint import CheckpointError, load_checkpoint, point_latest, save_checkpoint
 from fedpanfm.config import config_from_dict
 

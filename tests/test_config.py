@@ -1,5 +1,6 @@
 """Config loading: defaults, YAML files, --set overrides, and errors that name file and key."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,16 @@ def test_organ_set_rejects_unknown_and_duplicates():
         OrganSet().index("lung")
     with pytest.raises(ValueError):
         OrganSet(("brain", "brain"))
+
+
+@pytest.mark.parametrize("name", ["x/../y", "../etc", "abc\n", "a" * 64, ""])
+def test_site_subjects_keys_are_checked_site_names(tmp_path, name):
+    # A site name becomes a folder name on the server (TensorBoard sub-runs): refused where it enters.
+    path = write(tmp_path, f"federation:\n  site_subjects:\n    {json.dumps(name)}: 5\n")  # YAML reads JSON escapes
+    with pytest.raises(ConfigError, match=r"exp\.yaml: federation\.site_subjects: .* is not a valid site name"):
+        load_config(path)
+
+
+def test_site_subjects_accepts_plain_names(tmp_path):
+    cfg = load_config(write(tmp_path, "federation:\n  site_subjects:\n    hospital_a: 5\n    site-02: 7\n"))
+    assert cfg.federation.site_subjects == {"hospital_a": 5, "site-02": 7}

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import make_batch, tiny_config
+
 from fedpanfm.organs import OrganSet
 from fedpanfm.sgm import OrganMasker, organ_attention_shares, water_fill
 

@@ -35,8 +35,8 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from fedpanfm.config import ExperimentConfig, OrganSpec
 from fedpanfm.data.batch import Subject
-from fedpanfm.data.manifest import MANIFEST_NAME, CohortError, read_manifest, where
 from fedpanfm.data.intensity import resolve_modality
+from fedpanfm.data.manifest import MANIFEST_NAME, CohortError, read_manifest, where
 from fedpanfm.data.preprocess import check_dims, preprocess
 from fedpanfm.data.readers import file_signature, probe_image, read_image
 

@@ -107,8 +107,8 @@ def read_dicom(path: Path, pixels: bool = True) -> DicomVolume:
     rows, cols = int(first.Rows), int(first.Columns)
     for f, ds in datasets.items():
         if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
-            shape = (int(ds.Rows), int(ds.Columns))
-            raise CohortError(f"{f}: slice shape {shape} differs from {(rows, cols)} in series {source}")
+            got = (int(ds.Rows), int(ds.Columns))
+            raise CohortError(f"{f}: slice shape {got} differs from {(rows, cols)} in series {source}")
     slices = len(order) // frames
     shape = (slices, rows, cols) + ((frames,) if frames > 1 else ())
     affine = _affine([planes[order[k * frames]] for k in range(slices)], source)
@@ -193,10 +193,10 @@ def _rescale(item: Any) -> tuple[float, float] | None:
 def _classic_plane(f: Path, ds: Any, frame: int | None) -> Plane:
     spacing = _spacing(ds, str(f))
     imager = spacing is None
-    if imager:
+    if spacing is None:
         detector = _vector(ds.get("ImagerPixelSpacing"), 2)
         ok = detector is not None and (detector > 0).all()
-        spacing = (float(detector[0]), float(detector[1])) if ok else (0.0, 0.0)
+        spacing = (float(detector[0]), float(detector[1])) if detector is not None and ok else (0.0, 0.0)
     slope, intercept = _rescale(ds) or (np.nan, np.nan)
     return Plane(
         f, frame, _vector(ds.get("ImagePositionPatient"), 3), _vector(ds.get("ImageOrientationPatient"), 6),
@@ -295,18 +295,27 @@ def _normal(orientation: np.ndarray) -> np.ndarray:
     return np.cross(orientation[:3], orientation[3:])
 
 
+def _geometry(p: Plane, source: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A plane's (position, orientation): stacking needs both (``_check_tags`` refuses planes without)."""
+    if p.position is None or p.orientation is None:
+        raise CohortError(f"{p.label()}: no ImagePositionPatient/ImageOrientationPatient: the planes of {source} "
+                          "cannot be stacked in space")
+    return p.position, p.orientation
+
+
 def _stack_order(source: Path, planes: list[Plane], allow_frames: bool) -> tuple[list[int], int]:
     """Plane indices sorted by position along the normal (then temporal key); frames per position."""
     if len(planes) == 1:
         return [0], 1
-    ref = planes[0].orientation
-    for p in planes[1:]:
-        if not np.allclose(p.orientation, ref, atol=1e-4):
+    geometry = [_geometry(p, source) for p in planes]
+    ref = geometry[0][1]
+    for p, (_, orientation) in zip(planes[1:], geometry[1:]):
+        if not np.allclose(orientation, ref, atol=1e-4):
             raise CohortError(f"{p.label()}: ImageOrientationPatient differs from the first plane of {source}")
         if not np.allclose(p.pixel_spacing, planes[0].pixel_spacing, rtol=1e-4):
             raise CohortError(f"{p.label()}: PixelSpacing differs from the first plane of {source}")
     normal = _normal(ref)
-    along = [float(np.dot(normal, p.position)) for p in planes]
+    along = [float(np.dot(normal, position)) for position, _ in geometry]
     order = sorted(range(len(planes)), key=lambda i: (along[i], planes[i].temporal))
     groups: list[list[int]] = []
     for i in order:

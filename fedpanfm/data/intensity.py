@@ -82,8 +82,8 @@ def normalize(
         image = image.clamp(float(lo), float(hi))
     elif method != "minmax":
         raise ValueError(f"unknown normalisation {method!r}")
-    lo, hi = image.min(), image.max()
-    return (image - lo) / (hi - lo) if hi > lo else image - lo
+    low, high = image.min(), image.max()
+    return (image - low) / (high - low) if high > low else image - low
 
 
 __all__ = ["METHODS", "normalize", "resolve_method", "resolve_modality"]

@@ -127,6 +127,8 @@ def load_image(path: Path, npy_spacing: tuple[float, ...] | None = None, frame: 
         affine = np.diag([*_npy_spacing(path, arr.shape[:3], npy_spacing), 1.0])
     else:
         volume = read_dicom(path, pixels=True)
+        if volume.array is None:  # read_dicom(pixels=True) always decodes; a broken promise is a bug
+            raise RuntimeError(f"{path}: read_dicom returned no voxel data")
         arr, affine, modality = volume.array, volume.affine, volume.modality
     stored = axis_codes(affine) if kind != "npy" else ""
     arr, affine = to_canonical(np.asarray(arr, dtype=np.float32), affine)

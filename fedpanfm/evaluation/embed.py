@@ -13,18 +13,30 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset
 
 from fedpanfm.checkpoint import CheckpointError, load_checkpoint
 from fedpanfm.config import ExperimentConfig, config_from_dict
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.data.collate import collate_subjects, dataset_label_names
+from fedpanfm.data.dataset import SiteDataset
 from fedpanfm.model.encoder import PanOrganEncoder
 from fedpanfm.model.meta_arch import PanFMSSL
 from fedpanfm.sgm import organ_attention_shares
 
 # A condition applied to the i-th batch before encoding (e.g. organs removed).
 BatchTransform = Callable[[int, SubjectBatch], SubjectBatch]
+
+
+def without_organs(organs: Sequence[str]) -> BatchTransform:
+    """The condition "``organs`` removed from every subject of every batch"."""
+    drop = list(organs)
+    return lambda _i, b: b.drop_organs(drop)
+
+
+def without_per_subject(masks: Sequence[Tensor]) -> BatchTransform:
+    """The condition "batch i loses the organs ``masks[i]`` marks, per subject" (``drop_per_subject``)."""
+    return lambda i, b: b.drop_per_subject(masks[i])
 
 
 @dataclass
@@ -127,7 +139,8 @@ def random_encoder(cfg: ExperimentConfig, seed: int) -> PanOrganEncoder:
     return encoder.eval()
 
 
-def collate_dataset(dataset: Dataset, cfg: ExperimentConfig, batch_size: int | None = None) -> list[SubjectBatch]:
+def collate_dataset(dataset: SiteDataset | ConcatDataset, cfg: ExperimentConfig,
+                    batch_size: int | None = None) -> list[SubjectBatch]:
     """Read every subject of ``dataset`` once and collate them into batches, in dataset order.
 
     Args:

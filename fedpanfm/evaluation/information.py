@@ -17,7 +17,7 @@ import torch
 
 from fedpanfm.config import EvalConfig
 from fedpanfm.data.batch import SubjectBatch
-from fedpanfm.evaluation.embed import Embeddings, embed_batches
+from fedpanfm.evaluation.embed import Embeddings, embed_batches, without_organs
 from fedpanfm.evaluation.probe import ProbeSet, ProbeSplit, fit_probes, score_probes
 from fedpanfm.evaluation.readouts import readout
 from fedpanfm.model.encoder import PanOrganEncoder
@@ -56,7 +56,7 @@ def embeddings_without_each(
     table's ``drop:<organ>`` rows (their test subset); ``readout_name`` is the readout they hold.
     """
     organs = batches[0].organ_names
-    return {o: readout(embed_batches(encoder, batches, lambda _i, b, o=o: b.drop_organs([o]), device), readout_name)
+    return {o: readout(embed_batches(encoder, batches, without_organs([o]), device), readout_name)
             for o in organs}
 
 

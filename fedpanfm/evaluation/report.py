@@ -28,10 +28,10 @@ import torch
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.evaluation.attention import AttentionBalance, attention_balance
-from fedpanfm.evaluation.embed import Embeddings, embed_batches
-from fedpanfm.evaluation.information import embeddings_without_each, information_drops
-from fedpanfm.evaluation.factors import CohortFactors, FactorReport, factor_decodability
 from fedpanfm.evaluation.baselines import baseline_scores
+from fedpanfm.evaluation.embed import Embeddings, embed_batches
+from fedpanfm.evaluation.factors import CohortFactors, FactorReport, factor_decodability
+from fedpanfm.evaluation.information import embeddings_without_each, information_drops
 from fedpanfm.evaluation.probe import ProbeScores, ProbeSet, ProbeSplit, fit_and_score, probe_split
 from fedpanfm.evaluation.readouts import READOUTS, readout
 from fedpanfm.evaluation.robustness import ConditionResult, robustness_conditions
@@ -106,9 +106,9 @@ def evaluate_encoder(
     test_ids = set(split.test)
     test_batches = []
     for b in batches:
-        rows = [i for i, s in enumerate(b.subject_ids) if s in test_ids]
-        if rows:
-            test_batches.append(b.select(rows))
+        picked = [i for i, s in enumerate(b.subject_ids) if s in test_ids]
+        if picked:
+            test_batches.append(b.select(picked))
     without = embeddings_without_each(encoder, batches, device, primary)
     robustness = robustness_conditions(
         encoder, test_batches, probes, ev.random_draws, seed, device, full=full.subset(split.test),
@@ -118,7 +118,7 @@ def evaluate_encoder(
     inference_drop = {r.organ: r.drop for r in robustness if r.kind == "drop_one"}
     info_drop = information_drops(full, without, probes, split, ev)
     balance = attention_balance(full, info_drop, inference_drop)
-    meta = {
+    meta: dict[str, Any] = {
         "seed": seed,
         "subjects": len(full),
         "train": len(split.train),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedpanfm.data.batch import SubjectBatch
-from fedpanfm.evaluation.embed import BatchTransform, Embeddings, embed_batches
+from fedpanfm.evaluation.embed import BatchTransform, Embeddings, embed_batches, without_organs, without_per_subject
 from fedpanfm.evaluation.probe import ProbeSet, score_probes
 from fedpanfm.evaluation.readouts import readout
 from fedpanfm.model.encoder import PanOrganEncoder
@@ -139,18 +139,18 @@ def robustness_conditions(
     rows = [_condition("full", "full", "", 0, [full], probes, full, n_test)]
 
     for organ in organs:
-        emb = dropped[organ] if dropped is not None else run(lambda _i, b, o=organ: b.drop_organs([o]))
+        emb = dropped[organ] if dropped is not None else run(without_organs([organ]))
         rows.append(_condition(f"drop:{organ}", "drop_one", organ, 1, [emb], probes, full, n_test))
     gen = torch.Generator().manual_seed(seed)
     for k in range(1, len(organs)):
         draw_embs = []
         for _ in range(draws):
             masks = [random_drop_mask(b.present, k, gen) for b in test_batches]
-            draw_embs.append(run(lambda i, b, m=masks: b.drop_per_subject(m[i])))
+            draw_embs.append(run(without_per_subject(masks)))
         rows.append(_condition(f"random_k:{k}", "random_k", "", k, draw_embs, probes, full, n_test))
     for organ in organs:
         others = [o for o in organs if o != organ]
-        emb = run(lambda _i, b, drop=others: b.drop_organs(drop))
+        emb = run(without_organs(others))
         rows.append(_condition(f"only:{organ}", "only_one", organ, -1, [emb], probes, full, n_test))
     return rows
 

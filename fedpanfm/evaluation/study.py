@@ -51,15 +51,15 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedpanfm.config import STUDY_ARMS, ExperimentConfig, config_from_dict
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.data.dataset import SiteDataset, list_sites, pooled_dataset, split_subjects
-import torch
-
 from fedpanfm.evaluation.attention import normalised_entropy
+from fedpanfm.evaluation.baselines import feature_baseline_scores
 from fedpanfm.evaluation.embed import collate_dataset, embed_batches, encoder_from_checkpoint, random_encoder
 from fedpanfm.evaluation.factors import CohortFactors, load_cohort_factors
-from fedpanfm.evaluation.baselines import feature_baseline_scores
 from fedpanfm.evaluation.probe import ProbeScores, fit_and_score, probe_split, score_probes
 from fedpanfm.evaluation.readouts import readout
 from fedpanfm.evaluation.report import EvaluationResult, evaluate_encoder, write_report

@@ -21,8 +21,9 @@ import torch
 from fedpanfm.augment import OrganAugmenter
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.collate import make_loader
-from fedpanfm.evaluation.factors import label_factor_names, load_cohort_factors
+from fedpanfm.data.dataset import SiteDataset
 from fedpanfm.evaluation.embed import organ_token_means
+from fedpanfm.evaluation.factors import label_factor_names, load_cohort_factors
 from fedpanfm.model.encoder import EncoderOutput, PanOrganEncoder
 from fedpanfm.model.views import augment_batch
 from fedpanfm.train.pretrain import pooled_split
@@ -81,7 +82,7 @@ def train_factor_encoder(cfg: ExperimentConfig, cohort_dir: Path, steps: int, se
     if not names:
         raise ValueError(f"train_factor_encoder: cohort {cohort_dir}: the labels read no latent factor")
     train_ds, _ = pooled_split(cohort_dir, cfg)
-    ids = [s for d in train_ds.datasets for s in d.subject_ids]
+    ids = [s for d in train_ds.datasets if isinstance(d, SiteDataset) for s in d.subject_ids]  # pooled_split's parts
     missing = [s for s in ids if s not in factors]
     if missing:
         raise ValueError(f"train_factor_encoder: cohort {cohort_dir}: no latent factors for subject(s) {missing[:5]}")

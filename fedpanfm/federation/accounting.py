@@ -12,7 +12,7 @@ an upper bound otherwise. The libraries that account for sampling without replac
 ``dp-accounting``, behind Flower's ``RdpAccountant``) cannot be installed beside Flower 1.41 here
 (dp-accounting 0.6 pins ``attrs<24``; Flower's dependencies need ``attrs`` 26), so we implement
 the one case we claim with dp-accounting's own orders and RDP -> (epsilon, delta) conversion
-(``compute_epsilon``: Canonne, Kamath & Steinke 2020, Prop. 12), and tests/test_dp_accounting.py
+(``compute_epsilon``: Canonne, Kamath & Steinke 2020, Prop. 12), and tests/federation/test_dp_accounting.py
 checks the numbers against values dp-accounting 0.6.0 computed.
 """
 

@@ -120,7 +120,7 @@ def private_round(
     privatised element and the saliency, from a fresh CSPRNG-seeded generator. The teacher, the
     directors (uniform expert weights, ``plan.steps``) and the saliency shares are then derived
     from the noised values only. Adding or removing one site moves the un-noised result by at
-    most ``clip_norm / plan.sampled`` (tests/test_dp_sensitivity.py).
+    most ``clip_norm / plan.sampled`` (tests/federation/test_dp_mechanism.py).
 
     Args:
         global_state: the global state before the round.

@@ -41,10 +41,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
-from fedpanfm.certs import check_site_name
 from fedpanfm.config import TransferDtype
 from fedpanfm.federation.teacher_policy import TEACHER_POLICIES
 from fedpanfm.federation.tensor_codec import MessageError, arrayrecord_to_state, state_to_arrayrecord
+from fedpanfm.site_names import check_site_name
 
 PROTOCOL_VERSION = 1
 ARRAYS = "arrays"

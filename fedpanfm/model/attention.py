@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedpanfm.config import DexConfig
-from fedpanfm.model.dex import DEXLayer, DexAux, PlainMLP, init_linear
+from fedpanfm.model.dex import DexAux, DEXLayer, PlainMLP, init_linear
 
 
 class Attention(nn.Module):

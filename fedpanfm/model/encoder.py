@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.model.attention import Block
-from fedpanfm.model.dex import DEXLayer, DexAux
+from fedpanfm.model.dex import DexAux, DEXLayer
 from fedpanfm.model.tokenizer import PanOrganTokenizer
 
 

@@ -12,7 +12,7 @@ schedule position, torch's global RNG (masking, views) and the shuffling generat
 loader, in ``trainer_state.safetensors`` (tensors only, no pickle; its SHA-256 is in the
 checkpoint's ``meta.json``). A resumed run continues after the last complete epoch; its
 TensorBoard continues at the next step (events the interrupted epoch wrote are hidden). On CPU
-the result equals the uninterrupted run's to float rounding (tests/test_pretrain_resume.py:
+the result equals the uninterrupted run's to float rounding (tests/train/test_pretrain_resume.py:
 max |difference| <= 1e-6).
 """
 
