@@ -230,7 +230,7 @@ def sample_presence(
         best = probs.argmax(axis=0)
         for i in np.flatnonzero(restored):
             present[organs[best[i]]][i] = True
-    return present, restored
+    return present, np.asarray(restored)
 
 
 def sample_independent_presence(
@@ -249,7 +249,7 @@ def sample_independent_presence(
     pick = rng.integers(0, len(organs), size=n)
     for i in np.flatnonzero(restored):
         present[organs[pick[i]]][i] = True
-    return present, restored
+    return present, np.asarray(restored)
 
 
 @dataclass(frozen=True)

@@ -64,12 +64,12 @@ def dex_distill_loss(aux: Sequence["DexAux | None"], temperature: float) -> Tens
 
     Returns the scalar loss, or ``None`` when no layer has a director output.
     """
-    layers = [(l, a) for l, a in enumerate(aux) if a is not None and a.director_out is not None]
+    layers = [(l, a, a.director_out) for l, a in enumerate(aux) if a is not None and a.director_out is not None]
     if not layers:
         return None
-    weights = depth_weights([l for l, _ in layers])
+    weights = depth_weights([l for l, _, _ in layers])
     total: Tensor | None = None
-    for w, (_, a) in zip(weights, layers):
-        term = w * token_cross_entropy(a.expert_out, a.director_out, ~a.pad, temperature)
+    for w, (_, a, director_out) in zip(weights, layers):
+        term = w * token_cross_entropy(a.expert_out, director_out, ~a.pad, temperature)
         total = term if total is None else total + term
     return total

@@ -30,6 +30,7 @@ class CenteredDistillLoss(nn.Module):
 
     #: Sinkhorn-Knopp iterations (DINOv2's ``sinkhorn_knopp_teacher`` default).
     SK_ITERATIONS = 3
+    center: Tensor
 
     def __init__(self, out_dim: int, student_temp: float, center_momentum: float, centering: str = "centre") -> None:
         super().__init__()

@@ -108,6 +108,9 @@ class DEXLayer(nn.Module):
         noise_std: current router-noise std; the trainer sets it each step (cosine to 0).
     """
 
+    usage: Tensor
+    gate_mass_acc: Tensor
+
     def __init__(self, dim: int, hidden: int, cfg: DexConfig, distill: bool = True) -> None:
         super().__init__()
         if not 1 <= cfg.top_k <= cfg.experts:

@@ -102,7 +102,7 @@ def group_ema_module_(director: nn.Module, experts: Sequence[nn.Module], weights
         for e, ex in enumerate(expert_params):
             if key not in ex or ex[key].shape != p.shape:
                 raise ValueError(f"group EMA: key {key!r} missing or of another shape in expert {e}")
-    targets = [p for _, p in named]
+    targets: list[Tensor] = [p for _, p in named]
     if any(p.dtype not in (torch.float32, torch.float64) for p in targets):
         # 16-bit directors: mix in float32 (see _mix) so the small EMA step is not rounded away.
         for key, p in named:

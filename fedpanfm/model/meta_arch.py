@@ -210,8 +210,9 @@ class PanFMSSL(nn.Module):
         if w.koleo > 0:
             # DINOv2 spreads each global view's student CLS within the batch.
             terms = [koleo_loss(c) for c in s_out.cls.view(GLOBAL_VIEWS, B, -1)]
-            if all(x is not None for x in terms):
-                loss_koleo = torch.stack(terms).mean()
+            kept = [x for x in terms if x is not None]
+            if len(kept) == len(terms):
+                loss_koleo = torch.stack(kept).mean()
                 total = total + w.koleo * loss_koleo
                 metrics["loss/koleo"] = loss_koleo.item()
         if w.mae > 0:
@@ -228,7 +229,7 @@ class PanFMSSL(nn.Module):
 
         stats = SSLStats(
             organ_subjects=batch.present.sum(dim=0).long().to(shares.device),
-            gate_mass=sum(self._gate_mass(o) for o, _ in outs) / views.n_views,
+            gate_mass=torch.stack([self._gate_mass(o) for o, _ in outs]).sum(dim=0) / views.n_views,
             saliency=shares.view(GLOBAL_VIEWS, B, -1).mean(dim=0),
         )
         return SSLOutput(loss=total, metrics=metrics, stats=stats)
@@ -239,7 +240,7 @@ class PanFMSSL(nn.Module):
         kept = [(x, n) for x, n in terms if x is not None]
         if not kept:
             return None
-        return sum(x * n for x, n in kept) / sum(n for _, n in kept)
+        return torch.stack([x * n for x, n in kept]).sum() / sum(n for _, n in kept)
 
     def _mae_loss(self, views: SubjectBatch, out: EncoderOutput, patch_mask: dict[str, Tensor]) -> Tensor:
         """Pixel reconstruction of every masked patch of the student's global views."""

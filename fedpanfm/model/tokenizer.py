@@ -16,6 +16,7 @@ the teacher's token layouts are identical, so their tokens align position by pos
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -91,7 +92,9 @@ class OrganTokenizer(nn.Module):
                 conv(stem_channels, stem_channels, 3, padding=1), nn.GELU(),
             )
         in_ch = stem_channels if stem_channels > 0 else 1
-        self.patch_embed = conv(in_ch, dim, kernel_size=tuple(spec.patch), stride=tuple(spec.patch))
+        # (h, w) or (d, h, w), matching conv (Conv2d or Conv3d): one type for both arities.
+        patch: Any = tuple(spec.patch)
+        self.patch_embed = conv(in_ch, dim, kernel_size=patch, stride=patch)
         self.pos_embed = nn.Parameter(torch.empty(self.num_patches, dim))
         self.organ_embed = nn.Parameter(torch.empty(dim))
         nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
@@ -129,6 +132,8 @@ class PanOrganTokenizer(nn.Module):
         dim: token width D.
     """
 
+    num_patches: Tensor
+
     def __init__(self, organs: OrganSet, specs: dict[str, OrganSpec], dim: int, stem_channels: int = 0) -> None:
         super().__init__()
         missing = [o for o in organs if o not in specs]
@@ -144,6 +149,10 @@ class PanOrganTokenizer(nn.Module):
             "num_patches", torch.tensor([self.organs[o].num_patches for o in organs], dtype=torch.long), persistent=False
         )
 
+    def tokenizer(self, organ: str) -> OrganTokenizer:
+        """The organ's own tokenizer (typed: ``ModuleDict`` items are plain modules to a type checker)."""
+        return cast(OrganTokenizer, self.organs[organ])
+
     def _check(self, batch: SubjectBatch, organ_mask: Tensor | None, patch_mask: dict[str, Tensor] | None) -> None:
         names = self.organ_set.names
         if tuple(batch.organ_names) != names:
@@ -154,7 +163,7 @@ class PanOrganTokenizer(nn.Module):
         for o, x in batch.images.items():
             if o not in self.organs:
                 raise ValueError(f"batch.images has unknown organ {o!r}; known: {', '.join(names)}")
-            tok = self.organs[o]
+            tok = self.tokenizer(o)
             if x.dim() != 2 + len(tok.grid) or x.shape[1] != 1 or tuple(x.shape[2:]) != tok.grid:
                 raise ValueError(f"batch.images[{o!r}] has shape {tuple(x.shape)}, expected (n, 1, {', '.join(map(str, tok.grid))})")
             idx = batch.index.get(o)
@@ -211,7 +220,7 @@ class PanOrganTokenizer(nn.Module):
         for k, o in enumerate(self.organ_set):
             if o not in batch.images:
                 continue
-            tok = self.organs[o]
+            tok = self.tokenizer(o)
             rows = batch.index[o].to(device)
             mask = torch.zeros(rows.shape[0], tok.num_patches, dtype=torch.bool, device=device)
             if organ_mask is not None:
