@@ -51,7 +51,8 @@ class ResumePoint:
 
 
 def server_state(server_round: int, saliency: torch.Tensor, best_round: int | None, best_loss: float | None,
-                 history: list[dict[str, float]], failures: dict[str, int], stopped: str | None = None) -> dict[str, Any]:
+                 history: list[dict[str, float]], failures: dict[str, int], stopped: str | None = None,
+                 site_steps: dict[str, int] | None = None) -> dict[str, Any]:
     """The JSON server state stored with each round's checkpoint.
 
     Args:
@@ -62,10 +63,11 @@ def server_state(server_round: int, saliency: torch.Tensor, best_round: int | No
         history: the server scalars of every round so far (the summary is rebuilt from it).
         failures: site -> failures so far.
         stopped: why the run stopped, if it did.
+        site_steps: site -> optimiser steps it reported so far.
     """
     return {"round": server_round, "global_saliency": [float(x) for x in saliency.tolist()],
             "best_round": best_round, "best_loss": best_loss, "history": history,
-            "failures": dict(failures), "stopped": stopped}
+            "failures": dict(failures), "stopped": stopped, "site_steps": dict(site_steps or {})}
 
 
 def round_folders(ckpt_dir: Path) -> list[tuple[int, Path]]:

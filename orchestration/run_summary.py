@@ -27,20 +27,30 @@ class RunSummary:
         resumed_from: the round a resumed run continued after (None: a fresh run).
         history: the scalars of every round so far (a resumed run's from its checkpoint).
         failures: site -> failures so far (likewise).
+        site_steps: site -> optimiser steps of its accepted updates so far (likewise).
     """
 
     def __init__(self, folder: Path, resumed_from: int | None = None, history: list[dict[str, float]] | None = None,
-                 failures: Mapping[str, int] | None = None) -> None:
+                 failures: Mapping[str, int] | None = None, site_steps: Mapping[str, int] | None = None) -> None:
         self.folder = Path(folder)
         self.resumed_from = resumed_from
         self.history: list[dict[str, float]] = list(history or [])
         self.failures: dict[str, int] = {str(k): int(v) for k, v in (failures or {}).items()}
+        self.site_steps: dict[str, int] = {str(k): int(v) for k, v in (site_steps or {}).items()}
         #: Why the run stopped (an exception's text); None while it runs or after it finished.
         self.stopped: str | None = None
         #: Why the run ended before ``federation.rounds`` without failing (the privacy budget).
         self.budget_stop: str | None = None
         #: The command that continues this run (simulate or federation run --resume).
         self.resume_command = resume_command(self.folder)
+
+    def count_steps(self, site_metrics: Mapping[str, Mapping[str, float]]) -> None:
+        """Add a round's optimiser steps (each aggregated site's ``steps``) to the run's.
+
+        What the study checks its budget against: the steps of the updates the federation used.
+        """
+        for site, values in site_metrics.items():
+            self.site_steps[site] = self.site_steps.get(site, 0) + int(round(values.get("steps", 0.0)))
 
     def count_failures(self, failures: Mapping[str, int]) -> None:
         """Add a round's site failures (site -> count) to the run's."""
@@ -71,6 +81,7 @@ class RunSummary:
             "resume_command": self.resume_command,
             "resumed_from_round": self.resumed_from,
             "failures": dict(sorted(self.failures.items())),
+            "site_steps": dict(sorted(self.site_steps.items())),
             "dp_epsilon": dp_epsilon if dp_epsilon is None or math.isfinite(dp_epsilon) else None,
             "dp_delta": dp_delta,
             "dp_max_epsilon": dp_max_epsilon,

@@ -168,7 +168,7 @@ class RunRecorder:
         self.report: RoundReport | None = None
         srv = resume.server if resume is not None else {}
         self.summary = RunSummary(self.folder, resume.round if resume else None, srv.get("history"),
-                                  srv.get("failures"))
+                                  srv.get("failures"), srv.get("site_steps"))
         if resume is not None:
             self.checkpoints.restore(resume.round, srv.get("best_round"), srv.get("best_loss"))
         self._saliency = saliency
@@ -181,6 +181,7 @@ class RunRecorder:
         """Strategy hook after aggregation: keep the report; write the sites' training scalars."""
         self.report = report
         self.summary.count_failures(report.failures)
+        self.summary.count_steps(report.site_metrics)
         for name, values in report.site_metrics.items():
             # The "train/" prefix the server uses for the site means, so the curves overlay.
             self.board.write(self.board.site(name).scalars, {f"train/{k}": v for k, v in values.items()},
@@ -255,7 +256,7 @@ class RunRecorder:
         self.checkpoints.submit(server_round, state, loss, {
             "sites": sorted(evaluated) or sorted(self.report.site_metrics if self.report else []),
             SERVER: server_state(server_round, saliency, best[0], best[1], list(self.summary.history),
-                                 self.summary.failures),
+                                 self.summary.failures, site_steps=self.summary.site_steps),
         })
         spans.mark("checkpoint_submit")
         # This hook's own spans (seconds), in the round's step.

@@ -378,28 +378,18 @@ def default_federate() -> Federate:
     return eps[0].load()
 
 
-def federated_steps(tensorboard_dir: Path) -> int:
-    """Optimiser steps a federated run took: the sites' ``train/steps`` (one value per site and
-    round, written by the server's RunRecorder to ``site_*`` sub-runs), summed.
-
-    Args:
-        tensorboard_dir: the run's TensorBoard folder (``summary["tensorboard"]``).
+def federated_steps(summary: Mapping[str, Any]) -> int:
+    """Optimiser steps a federated run took: its ``summary.json`` ``site_steps`` (the steps of every
+    update the server aggregated, per site, over all rounds), summed.
 
     Raises:
-        RuntimeError: no site sub-run holds ``train/steps``.
+        RuntimeError: the summary holds no per-site steps.
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    total, seen = 0.0, False
-    for site in sorted(Path(tensorboard_dir).glob("site_*")):
-        acc = EventAccumulator(str(site), size_guidance={"scalars": 0})
-        acc.Reload()
-        if "train/steps" in acc.Tags().get("scalars", []):
-            seen = True
-            total += sum(e.value for e in acc.Scalars("train/steps"))
-    if not seen:
-        raise RuntimeError(f"{tensorboard_dir}: no site sub-run holds 'train/steps'; cannot check the federation's budget")
-    return int(round(total))
+    steps = summary.get("site_steps")
+    if not isinstance(steps, Mapping) or not steps:
+        raise RuntimeError(f"{summary.get('run_folder', 'summary.json')}: no 'site_steps'; cannot check the "
+                           "federation's budget")
+    return sum(int(v) for v in steps.values())
 
 
 class Study:
@@ -508,7 +498,7 @@ class Study:
                 raise RuntimeError(f"study arm {arm} seed {seed}: the federation ran {summary.get('rounds')} of "
                                    f"{self.cfg.federation.rounds} rounds (see {folder / 'train'})")
             encoder, _ = encoder_from_checkpoint(Path(summary["checkpoint_latest"]))
-            steps = federated_steps(Path(summary["tensorboard"]))
+            steps = federated_steps(summary)
             self._check_steps(arm, self.budget[arm].steps, steps)
             note = "steps summed over sites"
         else:

@@ -33,6 +33,8 @@ def test_three_site_simulation_logs_and_checkpoints(tmp_path: Path) -> None:
     run = Path(summary["run_folder"])
     assert run.parent == tmp_path / "runs" and run.name.startswith(f"{cfg.name}-")
     assert summary["rounds"] == 2 and len(summary["sites"]) == 3
+    # every site's optimiser steps over both rounds, as its TensorBoard sub-run records them per round
+    assert set(summary["site_steps"]) == set(summary["sites"])
     assert (run / "config.yaml").is_file()
 
     server = read_scalars(run / "tensorboard" / "server")
@@ -61,6 +63,9 @@ def test_three_site_simulation_logs_and_checkpoints(tmp_path: Path) -> None:
     site_runs = sorted(p.name for p in (run / "tensorboard").iterdir() if p.name.startswith("site_"))
     assert site_runs == sorted(site_run_name(s) for s in summary["sites"])
     site_tags = [read_scalars(run / "tensorboard" / name) for name in site_runs]
+    for site in summary["sites"]:
+        per_round = read_scalars(run / "tensorboard" / site_run_name(site))["train/steps"]
+        assert summary["site_steps"][site] == sum(v for _, v in per_round) > 0
     for tags in site_tags:
         assert [step for step, _ in tags["train/loss"]] == [1, 2]
         assert [step for step, _ in tags["val/loss"]] == [1, 2]
