@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,8 @@ def _exchange_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def save_checkpoint(path_dir: Path, state: dict[str, torch.Tensor], cfg: ExperimentConfig, meta: dict[str, Any]) -> Path:
+def save_checkpoint(path_dir: Path, state: dict[str, torch.Tensor], cfg: ExperimentConfig, meta: dict[str, Any],
+                    extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Write a checkpoint folder atomically; an existing folder at ``path_dir`` is replaced.
 
     Args:
@@ -127,10 +129,16 @@ def save_checkpoint(path_dir: Path, state: dict[str, torch.Tensor], cfg: Experim
             stored as fp32.
         cfg: the experiment config, stored as YAML so the checkpoint can be rebuilt.
         meta: JSON-serialisable metadata (step, epoch, metrics ...).
+        extra_files: file name -> bytes written into the same folder, checksummed and replaced
+            with it (read back with :func:`read_checkpoint_file`).
 
     Returns:
         ``path_dir``.
     """
+    extra = dict(extra_files or {})
+    clash = sorted(set(extra) & {*_PAYLOAD, SUMS} | {n for n in extra if Path(n).name != n or n.startswith(".")})
+    if clash:
+        raise ValueError(f"checkpoint {path_dir}: extra file name(s) {', '.join(clash)} not allowed")
     path_dir = Path(path_dir)
     path_dir.parent.mkdir(parents=True, exist_ok=True)
     recover_checkpoint(path_dir)
@@ -145,9 +153,11 @@ def save_checkpoint(path_dir: Path, state: dict[str, torch.Tensor], cfg: Experim
         save_file(_exchange_tensors(state), str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(cfg.to_yaml())
         (tmp / META).write_text(meta_text + "\n")
-        sums = "".join(f"{_sha256(tmp / name)}  {name}\n" for name in _PAYLOAD)
+        for name, data in extra.items():
+            (tmp / name).write_bytes(data)
+        sums = "".join(f"{_sha256(tmp / name)}  {name}\n" for name in (*_PAYLOAD, *extra))
         (tmp / SUMS).write_text(sums)
-        for name in (*_PAYLOAD, SUMS):
+        for name in (*_PAYLOAD, *extra, SUMS):
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
         if path_dir.exists():
@@ -186,6 +196,29 @@ def _read_sums(path_dir: Path) -> dict[str, str]:
     return sums
 
 
+def _verified(path_dir: Path, name: str, sums: Mapping[str, str]) -> Path:
+    """``path_dir / name`` after checking it exists and matches its recorded checksum."""
+    p = path_dir / name
+    if not p.is_file():
+        raise CheckpointError(f"{p}: missing checkpoint file")
+    if _sha256(p) != sums[name]:
+        raise CheckpointError(f"{p}: checksum mismatch (file corrupted or changed after saving)")
+    return p
+
+
+def read_checkpoint_file(path_dir: Path, name: str) -> bytes:
+    """The bytes of an ``extra_files`` entry of :func:`save_checkpoint`, checked against SHA256SUMS.
+
+    Raises:
+        CheckpointError: the checkpoint has no such file, or it fails its checksum.
+    """
+    path_dir = Path(path_dir)
+    sums = _read_sums(path_dir)
+    if name not in sums:
+        raise CheckpointError(f"{path_dir}: no {name} in this checkpoint")
+    return _verified(path_dir, name, sums).read_bytes()
+
+
 def load_checkpoint(path_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Read and verify a checkpoint folder.
 
@@ -205,11 +238,7 @@ def load_checkpoint(path_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         raise CheckpointError(f"{path_dir}: checkpoint folder not found")
     sums = _read_sums(path_dir)
     for name in _PAYLOAD:
-        p = path_dir / name
-        if not p.is_file():
-            raise CheckpointError(f"{p}: missing checkpoint file")
-        if _sha256(p) != sums[name]:
-            raise CheckpointError(f"{p}: checksum mismatch (file corrupted or changed after saving)")
+        _verified(path_dir, name, sums)
     try:
         state = load_file(str(path_dir / WEIGHTS))
     except (SafetensorError, OSError) as exc:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from fedpanfm.checkpoint import CheckpointError, load_checkpoint, point_latest, save_checkpoint
+from fedpanfm.checkpoint import CheckpointError, load_checkpoint, point_latest, read_checkpoint_file, save_checkpoint
 from fedpanfm.config import config_from_dict
 
 
@@ -66,6 +66,23 @@ def test_missing_file_is_named(tmp_path: Path, name: str) -> None:
     (path / name).unlink()
     with pytest.raises(CheckpointError, match=name):
         load_checkpoint(path)
+
+
+def test_extra_files_are_written_with_the_checkpoint_and_checked(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "ck", _state(), tiny_config(), {}, extra_files={"trainer.bin": b"abc" * 100})
+    assert "trainer.bin" in (path / "SHA256SUMS").read_text()
+    assert read_checkpoint_file(path, "trainer.bin") == b"abc" * 100
+    with pytest.raises(CheckpointError, match="no other.bin"):
+        read_checkpoint_file(path, "other.bin")
+    data = bytearray((path / "trainer.bin").read_bytes())
+    data[7] ^= 0x01
+    (path / "trainer.bin").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="trainer.bin: checksum mismatch"):
+        read_checkpoint_file(path, "trainer.bin")
+    for bad in ("meta.json", "SHA256SUMS", "../x", ".hidden"):
+        with pytest.raises(ValueError, match="not allowed"):
+            save_checkpoint(tmp_path / "ck2", _state(), tiny_config(), {}, extra_files={bad: b""})
+    assert not (tmp_path / "ck2").exists()
 
 
 def test_meta_must_be_json(tmp_path: Path) -> None:

@@ -18,10 +18,8 @@ max |difference| <= 1e-6).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset
 
-from fedpanfm.checkpoint import CheckpointError, load_checkpoint, point_latest, save_checkpoint
+from fedpanfm.checkpoint import CheckpointError, load_checkpoint, point_latest, read_checkpoint_file, save_checkpoint
 from fedpanfm.config import ExperimentConfig, config_from_dict
 from fedpanfm.data.collate import make_loader
 from fedpanfm.data.dataset import SiteDataset, list_sites, split_subjects
@@ -125,7 +123,6 @@ def _step_tags(values: dict[str, float]) -> dict[str, float]:
 
 #: The file beside an epoch's weights that lets the run continue exactly (module docstring).
 TRAINER_STATE = "trainer_state.safetensors"
-_STATE_SHA = "trainer_state_sha256"
 
 
 def _trainer_state(trainer: LocalTrainer, loader: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -144,25 +141,14 @@ def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save(tensors)
 
 
-def _save_trainer_state(ckpt: Path, data: bytes) -> None:
-    """Write ``TRAINER_STATE`` (safetensors bytes) atomically into ``ckpt``."""
-    tmp = ckpt / f".{TRAINER_STATE}.tmp-{os.getpid()}"
-    tmp.write_bytes(data)
-    os.replace(tmp, ckpt / TRAINER_STATE)
-
-
 def _restore_trainer_state(ckpt: Path, meta: dict[str, Any], trainer: LocalTrainer, loader: Any) -> None:
     """Put the moments and RNG states saved with ``ckpt`` back (raises CheckpointError when absent
     or changed)."""
     from safetensors.torch import load
 
-    path = ckpt / TRAINER_STATE
-    if not path.is_file() or _STATE_SHA not in meta:
+    if not (ckpt / TRAINER_STATE).is_file():
         raise CheckpointError(f"{ckpt}: no {TRAINER_STATE}: this checkpoint cannot be resumed exactly")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta[_STATE_SHA]:
-        raise CheckpointError(f"{path}: checksum mismatch (file corrupted or changed after saving)")
-    tensors = load(data)
+    tensors = load(read_checkpoint_file(ckpt, TRAINER_STATE))
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):
@@ -256,11 +242,9 @@ def run_pretrain(
             per_epoch["epoch"] = float(epoch)
             tb.scalars(per_epoch, step)
             tb.flush()
-            # The trainer state first (its hash goes into meta.json), so "latest" only ever
-            # points at an epoch that can be resumed.
+            # The trainer state is written (and checksummed) with the checkpoint, so "latest" only
+            # ever points at an epoch that can be resumed.
             resume_tensors, resume_meta = _trainer_state(trainer, loader)
-            resume_bytes = _tensor_bytes(resume_tensors)
-            sha = hashlib.sha256(resume_bytes).hexdigest()
             checkpoint = save_checkpoint(
                 ckpt_root / f"epoch_{epoch}",
                 trainer.export_state(),
@@ -275,10 +259,9 @@ def run_pretrain(
                     "cohort": str(Path(cohort_dir).resolve()),
                     "epoch_scalars": {k: v for k, v in per_epoch.items() if math.isfinite(v)},
                     "optimizer": json.loads(json.dumps(resume_meta)),
-                    _STATE_SHA: sha,
                 },
+                extra_files={TRAINER_STATE: _tensor_bytes(resume_tensors)},
             )
-            _save_trainer_state(checkpoint, resume_bytes)
             point_latest(ckpt_root / "latest", checkpoint)
             loss = last.metrics.get("loss", float("nan"))
             echo(f"epoch {epoch}/{epochs}: step {step}, train loss {loss:.4f}"
