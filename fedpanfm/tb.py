@@ -10,7 +10,8 @@ time, bytes, memory or attempts (``time/round_s``, ``train/time/fit_s``, ``bytes
 ``memory/rss_mb``) is written under ``system/`` (:func:`grouped_tag`), so the Scalars tab shows
 losses, probe AUROC, saliency and experts in their own groups and the run's cost in one
 ``system`` group; the custom-scalars layout (:func:`federation_layout`) lists the science
-charts first, each overlaying the server and every site.
+charts first, each overlaying the server and every site, then each site's per-step curves
+(``site_<name>/steps``, written by ``sites/step_curves.py``) overlaid on the global step.
 """
 
 from __future__ import annotations
@@ -129,7 +130,10 @@ def federation_layout(organs: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
     """The custom-scalars layout of a federated run: the science first, then ``system``.
 
     Multiline charts match their tag regexes in every sub-run, so each chart overlays the
-    server's value with every site's.
+    server's value with every site's. The per-step charts match the tags only a site's
+    ``steps`` sub-run writes (the trainer's step metrics: ``loss/total``, ``loss/dino``,
+    ``schedule/lr`` ...; the per-round runs write ``train/...``), so they overlay the sites'
+    per-step curves on the federation's global step.
     """
     return {
         "1 progress": {
@@ -141,15 +145,22 @@ def federation_layout(organs: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
             "train loss terms": ["Multiline", [r"^train/loss/"]],
             "validation loss terms": ["Multiline", [r"^val/loss/"]],
         },
-        "3 organs": {
+        "3 per step (each site, global step)": {
+            "loss per step": ["Multiline", [r"^loss/total$"]],
+            "loss terms per step": ["Multiline", [r"^loss/(?!total$)"]],
+            "learning rate per step": ["Multiline", [r"^schedule/lr$"]],
+            "teacher momentum and temperature per step": ["Multiline", [r"^schedule/teacher_"]],
+            "masking per step": ["Multiline", [r"^mask/"]],
+        },
+        "4 organs": {
             **{f"saliency and mask rate: {o}": ["Multiline", [rf"^saliency/{o}$", rf"^train/mask_rate/{o}$"]]
                for o in organs},
         },
-        "4 experts": {
+        "5 experts": {
             "expert usage": ["Multiline", [r"^expert_usage/"]],
             "director-expert divergence": ["Multiline", [r"^director_divergence/"]],
         },
-        "5 system": {
+        "6 system": {
             "round time (s)": ["Multiline", [r"^system/time/round_s$"]],
             "site time per call (s)": ["Multiline", [r"^system/train/time/"]],
             "bytes": ["Multiline", [r"^system/bytes/"]],

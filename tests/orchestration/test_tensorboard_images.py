@@ -1,10 +1,11 @@
 """TensorBoard for people: per-round pictures, per-site update-norm histograms, hparams with the
-final metrics, the probe AUROC from round 0, costs grouped under system/, a custom-scalars layout;
-all read back with TensorBoard's own EventAccumulator."""
+final metrics, the probe AUROC from round 0, costs grouped under system/, a custom-scalars layout
+with per-step charts that overlay the sites' step curves; all read back with TensorBoard's own EventAccumulator."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,12 +14,15 @@ import pytest
 import torch
 from conftest import global_model_state, make_site, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 
 from fedpanfm import tb_figures
 from fedpanfm.federation.tensor_codec import state_to_arrayrecord
 from fedpanfm.tb import grouped_tag
+from fedpanfm.train.schedules import Schedules
 from orchestration.server_app import RunRecorder
 from orchestration.strategy import RoundReport
+from sites.step_curves import step_curves
 
 
 def _acc(path: Path) -> EventAccumulator:
@@ -81,6 +85,28 @@ def test_recorder_writes_pictures_histograms_hparams_and_auroc(tmp_path: Path) -
     assert "final/probe_auroc_macro" in tags["scalars"] and "final/train/loss" in tags["scalars"]
     assert "custom_scalars__config__" in server.PluginTagToContent("custom_scalars")
     site = _acc(Path(summary["tensorboard"]) / "site_a")
+
+    # The layout read back: science first, system last, and per-step charts whose tag regexes
+    # match the site's per-step curves (the real step writer fed what LocalTrainer.fit passes
+    # on_step) and nothing in the per-round sub-runs, so each chart overlays the sites' steps.
+    (config,) = server.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    titles = [c.title for c in layout.category]
+    assert titles[0] == "1 progress" and titles[-1].endswith("system")
+    (per_step,) = [c for c in layout.category if "per step" in c.title]
+    step_values = {"loss": 2.0, "loss/dino": 1.2, "loss/ibot": 0.8, "mask/token_ratio": 0.4,
+                   **{f"schedule/{k}": v for k, v in Schedules.for_config(cfg, total_steps=10).at(3).items()}}
+    with step_curves({"site-name": "a", "tensorboard-dir": summary["tensorboard"]}, "a", cfg) as on_step:
+        assert on_step is not None
+        on_step(3, step_values)
+    step_tags = set(_acc(Path(summary["tensorboard"]) / "site_a" / "steps").Tags()["scalars"])
+    round_tags = set(tags["scalars"]) | set(site.Tags()["scalars"])
+    charts = {chart.title: list(chart.multiline.tag) for chart in per_step.chart}
+    assert {"loss per step", "learning rate per step"} <= set(charts)
+    for title, regexes in charts.items():
+        assert any(re.match(r, t) for r in regexes for t in step_tags), title
+        assert not any(re.match(r, t) for r in regexes for t in round_tags), title
+    assert [t for t in step_tags if re.match(charts["loss per step"][0], t)] == ["loss/total"]
     (hist,) = site.Histograms("update/norm_per_tensor")[:1]
     assert hist.step == 1 and hist.histogram_value.num == 3
     assert hist.histogram_value.sum == pytest.approx(0.8)
