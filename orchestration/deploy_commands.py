@@ -4,7 +4,9 @@
 whatever way it ends, nothing it started keeps running (fedpanfm/supervision.py).
 ``federation run`` writes the Flower CLI connection the user needs and submits the run with
 ``flwr run APP CONNECTION``: the experiment YAML travels inside the run config
-(``config-yaml``), because the sites share no filesystem with the coordinator. It prints the run
+(``config-yaml``), because the sites share no filesystem with the coordinator; an experiment
+that sets a key outside the sites' allowlist (fedpanfm/federation/site_allowlist.py) is refused
+before anything is submitted. It prints the run
 folder at once, follows the run's log and ends with fedpanfm's summary; ``--resume RUN_DIR``
 continues a run after its last complete checkpoint (orchestration/resume.py).
 """
@@ -25,6 +27,7 @@ from typing import Any
 
 from fedpanfm.cli import add_file_option
 from fedpanfm.config import ConfigError, config_from_dict, load_config
+from fedpanfm.federation.site_allowlist import check_sites_accept
 from fedpanfm.supervision import AlreadyRunning
 from orchestration.coordinator import (
     CoordinatorConfig,
@@ -178,7 +181,8 @@ def write_run_config(path: Path, experiment: Path, overrides: list[str], run_fol
         run_folder: where the ServerApp writes, on the coordinator.
         resume: continue ``run_folder`` (run config ``resume``) instead of starting it.
     """
-    load_config(experiment, overrides)  # a bad experiment config fails here, not on the coordinator
+    # A bad experiment config, or one that sets a key no site accepts, fails here, not on the coordinator.
+    check_sites_accept(load_config(experiment, overrides), str(experiment))
     values = {"config": str(experiment), "overrides": shlex.join(overrides),
               "run-folder": str(run_folder), "config-yaml": experiment.read_text()}
     if resume:
@@ -370,6 +374,8 @@ def _run_federation(args: argparse.Namespace) -> int:
         overrides = [*cfg.overrides, *args.overrides]
         experiment_cfg = load_config(experiment, overrides)
         run_folder = (args.run_folder or default_run_folder(cfg, experiment_cfg.name)).resolve()
+    # Before anything is written or submitted: every site would refuse a key outside its allowlist.
+    check_sites_accept(experiment_cfg, str(experiment))
     print(f"run folder on the coordinator: {run_folder} (checkpoints/, tensorboard/, summary.json)", flush=True)
     # The operator's command, beside what the ServerApp records of itself (orchestration/deployed_run.py).
     record_provenance(run_folder, experiment_cfg.device)

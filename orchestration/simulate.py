@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpanfm.config import ExperimentConfig, load_config
+from fedpanfm.federation.site_allowlist import refusal, refused_settings
 from orchestration.ray_cluster import SYNTHETIC_MARK
 
 if TYPE_CHECKING:
@@ -115,6 +116,11 @@ def simulate(config: str | Path | None, overrides: list[str] | None = None, run_
     if config is None:
         raise ValueError("simulate: name a config (or --resume a run folder)")
     cfg = load_config(config, overrides)
+    refused = refused_settings(cfg)
+    if refused:
+        # Simulated sites take the config as it is; deployed ones would refuse it (docs/deployment.md).
+        log.warning("%s: simulated sites use it as it is, but every deployed site would refuse it: %s", config,
+                    refusal(*refused[0]))
     address = cfg.federation.ray.address if ray_address is None else ray_address
     run_folder = Path(run_folder) if run_folder is not None else new_run_folder(cfg.logging.run_dir, cfg.name, "simulate")
     site_overrides = list(overrides)

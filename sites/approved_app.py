@@ -12,7 +12,9 @@ by the connected SuperLink"; flwr/supernode/start_client_internal.py). A consort
 SuperLink cannot use it. Our design instead: the site lists the SHA-256 of each FAB it reviewed
 (``approved_apps`` in ``site.yaml``; ``fedpanfm site approve-app`` computes it from the site's
 own checkout, the hash Flower itself computes, ``Fab.hash_str``), and the check runs before any
-of the FAB's files are unpacked or imported:
+of the FAB's files are unpacked or imported. Deny by default: a site that approved none does not
+start (``site check`` and ``site start`` say so) unless its ``site.yaml`` opts out for
+development with ``allow_any_app: true``.
 
 - the SuperNode starts each ClientApp as the command ``flwr-clientapp`` found on its ``PATH``
   (flwr/supercore/superexec/executor/subprocess_executor.py). ``site start`` puts our
@@ -31,6 +33,7 @@ SuperNode started by hand without ``site start``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import stat
@@ -114,7 +117,14 @@ def guard_fab_install(approved: Iterable[str]) -> Callable[..., Any]:
 
     def install_approved(fab_file: bytes | Path, *args: Any, **kwargs: Any) -> Any:
         content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
-        verify_app(content, allowed)
+        try:
+            verify_app(content, allowed)
+        except AppNotApproved as exc:
+            # In the site's log (the SuperNode's output) as well as in the reply the coordinator gets.
+            from flwr.common.logger import log
+
+            log(logging.ERROR, "refused the app the coordinator sent: %s", exc)
+            raise
         return original(fab_file, *args, **kwargs)
 
     runtime.install_from_fab = install_approved
@@ -149,8 +159,9 @@ def write_clientapp_shim(bin_dir: Path) -> Path:
 def approve_in_site_yaml(path: Path, digest: str, current: list[str]) -> list[str]:
     """Add ``digest`` to ``approved_apps`` of the site YAML at ``path``; the list after.
 
-    The ``approved_apps`` entry is rewritten as one line at the end of the file; the rest of
-    the file (comments included) is kept. Load the file again to check it.
+    The ``approved_apps`` entry is rewritten as one line at the end of the file and an
+    ``allow_any_app`` line is dropped (an approved app ends development mode); the rest of the
+    file (comments included) is kept. Load the file again to check it.
 
     Args:
         path: the site YAML.
@@ -165,6 +176,8 @@ def approve_in_site_yaml(path: Path, digest: str, current: list[str]) -> list[st
     for line in lines:
         if line.startswith("approved_apps:"):
             skipping = True
+            continue
+        if line.startswith("allow_any_app:"):
             continue
         if skipping and (line.startswith((" ", "\t", "-")) or not line.strip()):
             continue

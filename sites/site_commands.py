@@ -139,11 +139,10 @@ def run_check(site: SiteConfig, timeout_s: float = 5.0, offline: bool = False) -
 
     step("data", lambda: check_data(site))
     step("keys", lambda: check_keys(site))
-    if site.approved_apps:
-        step("app approval", lambda: check_approval(site))
+    if site.allow_any_app:
+        print(f"[warn] app approval: {site.app_approval()}")
     else:
-        print("[warn] app approval: approved_apps is empty: any app the coordinator sends would run here; pin the "
-              "reviewed release with `fedpanfm site approve-app --site-config <site.yaml> --write`")
+        step("app approval", site.app_approval)
     if not offline:
         step("coordinator", lambda: f"{site.coordinator} presents a certificate for "
              f"{check_tls(site.coordinator, site.ca_cert, timeout_s)} trusted by the CA")
@@ -161,11 +160,6 @@ def _run_check(args: argparse.Namespace) -> int:
         return 1
     print(f"site {site.site_name}: ready to join {site.coordinator}")
     return 0
-
-
-def check_approval(site: SiteConfig) -> str:
-    """Which app bundles this site runs (``approved_apps``, checked when the config loaded)."""
-    return f"only app bundles with SHA-256 {', '.join(h[:12] + '...' for h in site.approved_apps)} run here"
 
 
 def _run_approve(args: argparse.Namespace) -> int:
@@ -213,11 +207,12 @@ def supernode_command(site: SiteConfig, insecure: bool = False, max_wait_s: floa
 def supernode_env(site: SiteConfig) -> dict[str, str]:
     """The environment for the SuperNode (inherited by its ClientApp processes).
 
-    With ``approved_apps``, our ``flwr-clientapp`` (sites/approved_app.py) comes first on ``PATH``
-    and the approved hashes are in its environment: every ClientApp checks its FAB first.
+    Unless ``allow_any_app``, our ``flwr-clientapp`` (sites/approved_app.py) comes first on ``PATH``
+    and the approved hashes are in its environment: every ClientApp checks its FAB first (with
+    none approved it refuses every FAB: fail closed).
     """
     env = dict(os.environ)
-    if site.approved_apps:
+    if not site.allow_any_app:
         shim = write_clientapp_shim(Path(site.worker.state_dir) / "bin")
         env["PATH"] = os.pathsep.join([str(shim.parent), env.get("PATH", "")])
         env[APPROVED_ENV] = ",".join(site.approved_apps)
@@ -234,6 +229,7 @@ def supernode_env(site: SiteConfig) -> dict[str, str]:
 
 def _run_start(args: argparse.Namespace) -> int:
     site = load_site_config(args.config)
+    approval = site.app_approval()  # deny by default: a site that approved no app does not start
     # Data and keys are checked first: a broken kit should fail here, not at round 1.
     check_data(site)
     if not args.insecure:
@@ -241,9 +237,10 @@ def _run_start(args: argparse.Namespace) -> int:
     else:
         print("WARNING: --insecure: no TLS, no site authentication; never use across institutions",
               file=sys.stderr)
-    if not site.approved_apps:
-        print(f"WARNING: {site.source}: approved_apps is empty: this site runs any app the coordinator sends "
-              "(`fedpanfm site approve-app --site-config ... --write` pins a reviewed release)", file=sys.stderr)
+    if site.allow_any_app:
+        print(f"WARNING: {site.source}: {approval}", file=sys.stderr)
+    else:
+        print(f"site {site.site_name}: {approval}", flush=True)
     # ClientApp processes whose SuperNode died are re-parented here, so they are ended below.
     set_child_subreaper()
     log_dir = Path(site.log_dir)

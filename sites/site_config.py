@@ -80,7 +80,10 @@ class SiteConfig:
     tensorboard_dir: str = option("", doc="per-step training curves on this machine, <dir>/site_<name>/steps/ "
                                           "(node config tensorboard-dir); '' = none")
     approved_apps: list[str] = option([], doc="SHA-256 of each app bundle (FAB) this site runs (fedpanfm site "
-                                              "approve-app); [] = any app the coordinator sends (not for production)")
+                                              "approve-app --write); required: with none, site check and site "
+                                              "start refuse, unless allow_any_app")
+    allow_any_app: bool = option(False, doc="development only: run any app the coordinator sends (no approved_apps); "
+                                            "never across institutions")
     resources: SiteResources = field(default_factory=SiteResources)
     statistics: SiteStatistics = field(default_factory=SiteStatistics)
     worker: SiteWorker = field(default_factory=SiteWorker)
@@ -108,11 +111,27 @@ class SiteConfig:
                 check_app_hash(digest, f"{src}: approved_apps[{i}]")
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        if self.allow_any_app and self.approved_apps:
+            raise ConfigError(f"{src}: allow_any_app: true and approved_apps contradict each other: remove "
+                              "allow_any_app (the approved hashes are then enforced)")
         if self.worker.enabled:
             try:
                 check_socket_path(self.worker.socket_path(), f"{src}: worker.state_dir")
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+
+    def app_approval(self) -> str:
+        """Which app bundles this site runs, one line; :class:`ConfigError` naming the file and
+        the key when it approved none and did not opt out for development (deny by default)."""
+        if self.approved_apps:
+            return f"only app bundles with SHA-256 {', '.join(h[:12] + '...' for h in self.approved_apps)} run here"
+        if self.allow_any_app:
+            return ("allow_any_app: true: any app the coordinator sends runs here (development only; "
+                    "`fedpanfm site approve-app --site-config <site.yaml> --write` pins a reviewed release)")
+        raise ConfigError(f"{self.source or '<site config>'}: approved_apps is empty: this site approves no app, so it "
+                          "does not start. Review the release checkout, then run `fedpanfm site approve-app "
+                          f"--site-config {self.source or 'site.yaml'} --write` (its FAB hash is added to "
+                          "approved_apps); for development only, `allow_any_app: true` runs any app")
 
     def experiment_config(self) -> ExperimentConfig:
         """The experiment config used to read this site's data (organ grids, bad-input policy)."""

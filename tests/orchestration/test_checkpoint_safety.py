@@ -1,10 +1,12 @@
 """Checkpoints that survive failures (issue 15, item 6): a failed write stops the run at that round
-with the last good checkpoint intact; replacing a checkpoint leaves no crash window; resume
-continues with the checksummed config and refuses a tampered one."""
+with the last good checkpoint intact (the policy alone, and a whole simulation); replacing a
+checkpoint leaves no crash window; resume continues with the checksummed config and refuses a
+tampered one."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from fedpanfm.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from orchestration.checkpoints import CheckpointPolicy, CheckpointWriteFailed
 from orchestration.deploy_commands import check_resumable
 from orchestration.resume import find_resume_point, resume_config, server_state
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _server(k: int) -> dict:
@@ -129,3 +133,50 @@ def test_resume_uses_the_checksummed_config_and_refuses_a_tampered_one(tmp_path:
     stored.write_text(stored.read_text().replace("rounds: 4", "rounds: 40"))
     point = find_resume_point(run)
     assert point.round == 1 and "round_2/config.yaml: checksum mismatch" in point.skipped[0]
+
+
+@pytest.mark.timeout(600)
+def test_a_failed_write_stops_a_whole_simulation_at_that_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real simulation (Flower's runtime, 2 sites, 3 rounds planned) whose round-2 checkpoint
+    cannot be written: the disk fills while its weights file is written (an injected ENOSPC, which
+    root cannot get around as it can a chmod). The run stops after round 2 with the message naming
+    the round, the last complete checkpoint and the resume command; round 1's checkpoint is intact
+    and verifies; round 3 never runs."""
+    from fedpanfm.tb import read_scalars
+    from orchestration.simulate import simulate
+
+    real_save, written = ckpt_mod.save_file, []
+
+    def disk_full_in_round_2(tensors, filename, *args, **kwargs):  # type: ignore[no-untyped-def]
+        folder = Path(filename).parent.name  # save_checkpoint writes into .round_<k>.tmp-*, then swaps it in
+        written.append(folder.split(".tmp-")[0])
+        real_save(tensors, filename, *args, **kwargs)
+        if folder.startswith(".round_2.tmp-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    # The ServerApp (and so the checkpoint writer) runs in this process under `simulate`.
+    monkeypatch.setattr(ckpt_mod, "save_file", disk_full_in_round_2)
+    run = tmp_path / "run"
+    overrides = [f"cohort={tmp_path / 'cohort'}", "synth.sites=2", "synth.subjects=4", "federation.rounds=3",
+                 "federation.min_sites=2", "data.val_fraction=0", "data.batch_size=2", "evaluation.server_cohort="]
+    with pytest.raises(CheckpointWriteFailed) as info:  # the ServerApp's error, passed on by Flower's runtime
+        simulate(ROOT / "configs" / "quickstart.yaml", overrides, run_folder=run, cpus=2)
+    text = str(info.value)
+    ckpt = run / "checkpoints"
+    assert text.startswith(f"checkpoint of round 2 could not be written to "
+                           f"{ckpt / 'round_2'} (OSError: [Errno 28] No space left on device); the run stops after "
+                           f"round 2: the last complete checkpoint is {ckpt / 'round_1'} (round 1; `latest` still "
+                           "points at it)"), text
+    assert f"then resume with: fedpanfm simulate --resume {run}" in text, text
+
+    # Round 1's checkpoint is complete and verifies (checksums); round 2 left nothing behind.
+    state, _, meta = load_checkpoint(ckpt / "latest")
+    assert meta["round"] == 1 and (ckpt / "latest").resolve() == (ckpt / "round_1").resolve() and state
+    assert find_resume_point(run).round == 1
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "round_1"]
+    # No round 3: the writer saw rounds 1 and 2 only, and the server logged two rounds.
+    assert written == [".round_1", ".round_2"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"] == 2 and len(summary["seconds_per_round"]) == 2
+    assert summary["stopped"] == f"CheckpointWriteFailed: {text}"
+    assert [step for step, _ in read_scalars(run / "tensorboard" / "server")["train/loss"]] == [1, 2]

@@ -1,7 +1,10 @@
 """A deployed federation on loopback, following docs/deployment.md's commands: certificates, a
 coordinator with TLS and site authentication, two sites as separate processes with their own
-data; a site with an unregistered key and one without the CA are refused (and `site check` says
-so). An uninterrupted run, then the same run with the coordinator's supervisor SIGKILLed after
+data, each running only the app it approved (`site approve-app`: the FAB hash of the release
+checkout); a site with an unregistered key and one without the CA are refused (and `site check`
+says so). A third registered site that approved another release refuses the app in every round
+(the run goes on with the two others; nothing of it trains there).
+An uninterrupted run, then the same run with the coordinator's supervisor SIGKILLed after
 its first checkpoint: nothing of the coordinator survives, a restart works at once with the
 registrations kept, the sites reconnect by themselves, ``federation run --resume`` finishes
 the run and its final checkpoint equals the uninterrupted one within docs/reliability.md's
@@ -13,13 +16,17 @@ the fixture's teardown, also when the test fails.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import psutil
@@ -110,15 +117,41 @@ def finish(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
         raise AssertionError(f"{proc.args} still running after {timeout_s} s") from None
 
 
-def site_yaml(folder: Path, name: str, data_dir: Path, key_dir: Path, port: int, experiment: Path) -> Path:
+def site_yaml(folder: Path, name: str, data_dir: Path, key_dir: Path, port: int, experiment: Path,
+              approved: list[str]) -> Path:
+    """A site kit's site.yaml; ``approved``: its approved_apps ([]: `site approve-app --write` adds one)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "site.yaml"
     path.write_text(yaml.safe_dump({
         "site_name": name, "data_dir": str(data_dir), "experiment": str(experiment),
         "coordinator": f"127.0.0.1:{port}", "ca_cert": str(key_dir / "ca.crt"),
         "auth_key": str(key_dir / "auth.key"), "clientapp_port": free_port(), "resources": {"cpus": 1},
+        "approved_apps": approved,
     }))
     return path
+
+
+def approve_app(site_config: Path, *args: str) -> str:
+    """``fedpanfm site approve-app --site-config S ARGS --write``, as a site's operator runs it; the hash."""
+    res = subprocess.run([str(BIN / "fedpanfm"), "site", "approve-app", "--site-config", str(site_config), *args,
+                          "--write"], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    found = re.search(r"app bundle sha256 ([0-9a-f]{64})", res.stdout)
+    assert found and "approves 1 app bundle(s)" in res.stdout, res.stdout
+    return found.group(1)
+
+
+def release_checkout(dest: Path) -> Path:
+    """The project's files as `flwr run` ships them (its FAB's content), frozen in ``dest``: the
+    release both the coordinator submits and the sites review. A copy, so that edits to the
+    working tree while the test runs do not change the app under the sites' approval."""
+    from flwr.cli.build import build_fab_from_disk
+
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))) as fab:
+        for name in fab.namelist():
+            if not name.startswith(".info/"):
+                fab.extract(name, dest)
+    return dest
 
 
 def online_sites(flwr_home: Path) -> int:
@@ -176,25 +209,36 @@ def test_deployed_federation(tmp_path: Path, processes: Processes) -> None:
     # A synthetic cohort's site folders serve as the sites' data folders (docs/deployment.md §3).
     sites = generate_cohort(tmp_path / "cohort", config_from_dict(raw))
     names = [s.name for s in sites]
-    certs = init_certs(tmp_path / "certs", "127.0.0.1", [*names, "rogue"])
+    # Registered like the others, but its site.yaml approves another release than the one submitted.
+    unapproved = "site_unapproved"
+    certs = init_certs(tmp_path / "certs", "127.0.0.1", [*names, unapproved, "rogue"])
     port = free_port()
+    release = release_checkout(tmp_path / "release")
     deployment = tmp_path / "deployment.yaml"
     deployment.write_text(yaml.safe_dump({
         "server_host": "127.0.0.1", "bind_host": "127.0.0.1", "port": port, "certs_dir": str(certs.out),
-        "sites": {n: "" for n in names}, "state_dir": str(tmp_path / "deploy"), "experiment": str(experiment),
-        "run_dir": str(tmp_path / "runs"), "app_dir": str(ROOT),
+        "sites": {n: "" for n in [*names, unapproved]}, "state_dir": str(tmp_path / "deploy"),
+        "experiment": str(experiment), "run_dir": str(tmp_path / "runs"), "app_dir": str(release),
     }))
+    # Each site pins the app it reviewed: the first computes the hash from the release checkout, the
+    # second approves the hash the consortium published (`--hash`).
+    t0 = time.monotonic()
+    kits = [site_yaml(tmp_path / f"kit_{n}", n, s, certs.site_dir(n), port, experiment, [])
+            for n, s in zip(names, sites)]
+    digest = approve_app(kits[0], "--app-dir", str(release))
+    assert approve_app(kits[1], "--hash", digest) == digest
+    print(f"approving the release at both sites: {time.monotonic() - t0:.1f} s")
     coordinator_home = tmp_path / "deploy" / "flwr_home"
     flwr_home = ["--flwr-home", str(tmp_path / "flwr_home")]
 
     server = processes.start([fedpanfm, "server", "start", "--coordinator-config", str(deployment)],
                              tmp_path / "server.out")
     wait_for_text(tmp_path / "server.out", "SuperLink serving", server, 120)
-    for n in names:
+    for n in [*names, unapproved]:
         assert f"site {n}: registered" in (tmp_path / "server.out").read_text()
 
     # A site whose key was never registered: `site check` says so, `site start` is refused and says why.
-    rogue = site_yaml(tmp_path / "kit_rogue", "rogue", sites[0], certs.site_dir("rogue"), port, experiment)
+    rogue = site_yaml(tmp_path / "kit_rogue", "rogue", sites[0], certs.site_dir("rogue"), port, experiment, [digest])
     check = subprocess.run([fedpanfm, "site", "check", "--site-config", str(rogue)], capture_output=True, text=True,
                            timeout=120, cwd=ROOT)
     assert check.returncode == 1 and "[FAIL] registration" in check.stdout, check.stdout + check.stderr
@@ -212,16 +256,23 @@ def test_deployed_federation(tmp_path: Path, processes: Processes) -> None:
     assert finish(p, 90) != 0
     assert "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "noca.out").read_text()
 
-    kits = [site_yaml(tmp_path / f"kit_{n}", n, s, certs.site_dir(n), port, experiment) for n, s in zip(names, sites)]
     check = subprocess.run([fedpanfm, "site", "check", "--site-config", str(kits[0])], capture_output=True, text=True,
                            timeout=120, cwd=ROOT)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "ready to join" in check.stdout and "[ok]   coordinator" in check.stdout
+    assert f"[ok]   app approval: only app bundles with SHA-256 {digest[:12]}... run here" in check.stdout
     assert f"[ok]   registration: the coordinator accepted site {names[0]}'s signed request" in check.stdout
     site_procs = [processes.start([fedpanfm, "site", "start", "--site-config", str(kit)], tmp_path / f"site_{n}.out")
                   for n, kit in zip(names, kits)]
-    # Submit once both are online, so the first round samples every site.
-    wait_online(coordinator_home, len(names), 120)
+    # The unapproved site: its own copy of a data folder, no trainer worker (it never trains).
+    other_release = "0" * 64
+    kit_unapproved = site_yaml(tmp_path / f"kit_{unapproved}", unapproved, Path(shutil.copytree(sites[0], tmp_path / "data_u")),
+                               certs.site_dir(unapproved), port, experiment, [other_release])
+    site_procs.append(processes.start([fedpanfm, "site", "start", "--site-config", str(kit_unapproved), "--no-worker"],
+                                      tmp_path / f"site_{unapproved}.out"))
+    everyone = [*names, unapproved]
+    # Submit once all are online, so the first round samples every site.
+    wait_online(coordinator_home, len(everyone), 120)
 
     # 1. The uninterrupted run: the run folder at once, the summary at the end.
     ref = tmp_path / "runs" / "reference"
@@ -239,11 +290,22 @@ def test_deployed_federation(tmp_path: Path, processes: Processes) -> None:
     assert (tmp_path / "flwr_home" / "config.toml").is_file() and (ref / "federation_run.log").is_file()
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["rounds"] == 3 and sorted(summary["sites"]) == sorted(names), summary
+    # The unapproved site refused the app every time it was sent (the round went on with the
+    # two others): the coordinator was told why, the site's log names the FAB hash, and nothing
+    # of the run trained there.
+    refusal = f"app bundle sha256 {digest} is not approved by this site"
+    assert refusal in (ref / "federation_run.log").read_text(), done.stdout[-4000:]
+    site_log = (tmp_path / f"kit_{unapproved}" / "logs" / "supernode.log").read_text()
+    assert f"refused the app the coordinator sent: {refusal}" in site_log, site_log[-3000:]
+    assert unapproved not in summary["site_steps"] and set(summary["site_steps"]) == set(names), summary
+    assert f"site {unapproved}: only app bundles with SHA-256 {other_release[:12]}... run here" in \
+        (tmp_path / f"site_{unapproved}.out").read_text()
     tb = ref / "tensorboard"
     assert list((tb / "server").glob("events.out.tfevents.*")), f"no server TensorBoard events in {tb}"
     for n in names:  # one sub-run per site (RunLogger names it after the site)
         runs = [d for d in tb.iterdir() if d.name.endswith(n.removeprefix("site_")) and d.name != "server"]
         assert len(runs) == 1 and list(runs[0].glob("events.out.tfevents.*")), f"no TensorBoard events for {n} in {tb}"
+    assert not [d for d in tb.iterdir() if d.name.endswith("unapproved")], sorted(tb.iterdir())
 
     # 2. The same run, its coordinator's supervisor SIGKILLed after the first checkpoint.
     crashed = tmp_path / "runs" / "crashed"
@@ -268,9 +330,9 @@ def test_deployed_federation(tmp_path: Path, processes: Processes) -> None:
     server = processes.start([fedpanfm, "server", "start", "--coordinator-config", str(deployment)],
                              tmp_path / "server2.out")
     wait_for_text(tmp_path / "server2.out", "SuperLink serving", server, 120)
-    for n in names:
+    for n in everyone:
         assert f"site {n}: already registered" in (tmp_path / "server2.out").read_text()
-    wait_online(coordinator_home, len(names), 420)  # a SuperNode's heartbeat retries back off
+    wait_online(coordinator_home, len(everyone), 420)  # a SuperNode's heartbeat retries back off
     resumed = federation_run(["--coordinator-config", str(deployment), *flwr_home, "--resume", str(crashed)], 900)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert f"resuming {crashed} after round" in resumed.stdout and "fedpanfm: 3 rounds" in resumed.stdout
@@ -295,7 +357,7 @@ def test_deployed_federation(tmp_path: Path, processes: Processes) -> None:
     assert any("flower-supernode" in r.name or "supernode" in r.name for r in below), below
     for proc in site_procs:
         proc.terminate()
-    for proc, n in zip(site_procs, names):
+    for proc, n in zip(site_procs, everyone):
         assert finish(proc, 60) == 0
         assert f"site {n}: stopped (SIGTERM)" in (tmp_path / f"site_{n}.out").read_text()
     wait_gone(below, 30)

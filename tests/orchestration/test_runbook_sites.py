@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TINY
-from test_deployment import BIN, ROOT, Processes, finish, free_port, site_yaml, wait_for_text, wait_online
+from test_deployment import BIN, ROOT, Processes, approve_app, finish, free_port, site_yaml, wait_for_text, wait_online
 
 from fedpanfm.config import config_from_dict
 from fedpanfm.data.synthetic import generate_cohort
@@ -61,8 +61,15 @@ def test_add_remove_and_rotate_a_site_as_the_runbook_says(tmp_path: Path, proces
     wait_for_text(tmp_path / "server.out", "SuperLink serving", server, 120)
     assert "site hospital_a: registered as node" in (tmp_path / "server.out").read_text()
 
-    def kit(name: str) -> Path:
-        return site_yaml(tmp_path / f"kit_{name}", name, data, certs / "sites" / name, port, experiment)
+    approved: list[str] = []
+
+    def kit(name: str, approve: bool = True) -> Path:
+        return site_yaml(tmp_path / f"kit_{name}", name, data, certs / "sites" / name, port, experiment,
+                         approved if approve else [])
+
+    # Every kit approves the release it runs (section 3; a site that approved none does not start):
+    # hospital_a from its checkout, the others the hash it published.
+    approved.append(approve_app(kit("hospital_a", approve=False)))
 
     def registered(name: str, yes: bool) -> None:
         out = run("site", "check", "--site-config", str(kit(name)), ok=yes)
@@ -70,6 +77,7 @@ def test_add_remove_and_rotate_a_site_as_the_runbook_says(tmp_path: Path, proces
 
     # Add: a key pair under the same CA, listed in `sites`, registered while the coordinator runs.
     run("certs", "add-site", "--out", str(certs), "--site", "hospital_d")
+    assert approve_app(kit("hospital_d", approve=False), "--hash", approved[0]) == approved[0]
     registered("hospital_d", False)  # not before the coordinator registers it
     write_sites(["hospital_a", "hospital_d"])
     out = run("server", "register", "--coordinator-config", str(deployment))

@@ -31,6 +31,7 @@ def kit(tmp_path: Path) -> Path:
     (folder / "site.yaml").write_text(yaml.safe_dump({
         "site_name": "hosp_a", "data_dir": "data", "organs": ["heart", "liver"],
         "experiment": "experiment.yaml", "coordinator": "127.0.0.1:1", "resources": {"cpus": 2},
+        "approved_apps": ["ab" * 32],
     }))
     return folder
 

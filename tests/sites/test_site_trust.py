@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -220,9 +221,14 @@ def test_site_start_puts_the_checking_clientapp_first(tmp_path: Path) -> None:
     # The shim runs Flower's own flwr-clientapp (here: its --help) under the site's Python.
     out = subprocess.run([shim, "--help"], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and "--runtime-api-address" in out.stdout
-    # Without approved_apps nothing is put on PATH (site check warns instead).
+    # Nothing approved: the checking shim is still first and refuses every FAB (fail closed);
+    # only the development opt-out leaves Flower's own flwr-clientapp in place.
     (kit / "plain.yaml").write_text("site_name: hosp_a\ncoordinator: 127.0.0.1:9092\n")
-    assert APPROVED_ENV not in supernode_env(load_site_config(kit / "plain.yaml"))
+    plain = supernode_env(load_site_config(kit / "plain.yaml"))
+    assert shutil.which("flwr-clientapp", path=plain["PATH"]) == shim and approved_from_env(plain) == []
+    (kit / "dev.yaml").write_text("site_name: hosp_a\ncoordinator: 127.0.0.1:9092\nallow_any_app: true\n")
+    dev = supernode_env(load_site_config(kit / "dev.yaml"))
+    assert APPROVED_ENV not in dev and shutil.which("flwr-clientapp", path=dev["PATH"]) != shim
     (kit / "bad.yaml").write_text("site_name: hosp_a\ncoordinator: 127.0.0.1:9092\napproved_apps: [abc]\n")
     with pytest.raises(ValueError, match=r"approved_apps\[0\]: 'abc' is not a SHA-256"):
         load_site_config(kit / "bad.yaml")
@@ -236,3 +242,36 @@ def test_a_site_name_entering_through_the_node_config_is_checked(deployed, name:
     cfg, _, node, _ = deployed
     with pytest.raises(SiteConfigError, match="node config site-name: .* is not a valid site name"):
         resolve_site({**node, "site-name": name}, cfg)
+
+
+def test_a_site_that_approved_no_app_does_not_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Deny by default: `site check` fails and `site start` refuses (before reading data or starting
+    anything) until the site pins an app, naming the file, the key and the command that approves."""
+    from fedpanfm.cli import main
+    from sites.site_commands import run_check
+
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    path = kit / "site.yaml"
+    path.write_text("site_name: hosp_a\ncoordinator: 127.0.0.1:9092\ndata_dir: nowhere\n")
+    expected = (rf"{path}: approved_apps is empty: this site approves no app, so it does not start\. .*"
+                rf"`fedpanfm site approve-app --site-config {path} --write`.*allow_any_app: true")
+    failures = run_check(load_site_config(path), offline=True)
+    assert [f.split(":")[0] for f in failures] == ["data", "keys", "app approval"]
+    assert re.search(expected, failures[2]) and "[FAIL] app approval" in capsys.readouterr().out
+    assert main(["site", "start", "--site-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(expected, err) and "manifest.csv" not in err  # refused before the data was read
+    assert not (kit / "logs").exists() and not (kit / "state").exists()  # nothing was started
+
+    # Development opt-out: a warning, no failure for the approval.
+    path.write_text(path.read_text() + "allow_any_app: true\n")
+    assert [f.split(":")[0] for f in run_check(load_site_config(path), offline=True)] == ["data", "keys"]
+    assert "[warn] app approval: allow_any_app: true: any app the coordinator sends runs here" in capsys.readouterr().out
+    # Approving an app ends development mode (both set would contradict each other).
+    (kit / "both.yaml").write_text(path.read_text() + f"approved_apps: [{'cd' * 32}]\n")
+    with pytest.raises(ValueError, match="both.yaml: allow_any_app: true and approved_apps contradict"):
+        load_site_config(kit / "both.yaml")
+    assert approve_in_site_yaml(path, "cd" * 32, []) == ["cd" * 32]
+    site = load_site_config(path)
+    assert not site.allow_any_app and site.app_approval().startswith("only app bundles with SHA-256 cdcdcdcdcdcd...")
