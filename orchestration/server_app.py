@@ -50,6 +50,7 @@ from fedpanfm.config import ExperimentConfig, config_from_dict, config_from_run_
 from fedpanfm.console import ROUNDS
 from fedpanfm.federation.accounting import GaussianAccountant
 from fedpanfm.federation.protocol import SiteEvaluation
+from fedpanfm.federation.site_allowlist import check_sites_accept
 from fedpanfm.federation.tensor_codec import arrayrecord_to_state, state_to_arrayrecord
 from fedpanfm.model.meta_arch import PanFMSSL
 from fedpanfm.run_folder import new_run_folder as named_run_folder
@@ -381,6 +382,10 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         log.info("resuming %s after round %d (%s)", folder, resume.round, resume.path)
     else:
         cfg = config_from_run_config(run_config)
+        if not _in_simulation(grid):
+            # `federation run` checks this before it submits; a raw `flwr run` reaches here unchecked,
+            # and every site would refuse the experiment in round 1 anyway.
+            check_sites_accept(cfg, "the run config")
         folder = Path(str(run_config.get("run-folder") or "")) if run_config.get("run-folder") else new_run_folder(cfg)
     if cfg.federation.ray.enabled:
         await_simulation_ray(grid)

@@ -116,3 +116,20 @@ def test_simulate_warns_that_deployed_sites_would_refuse(tmp_path: Path, monkeyp
     with caplog.at_level(logging.WARNING, logger="orchestration.simulate"), pytest.raises(Stop):
         simulate(experiment, ["train.lr=0.5"])
     assert not caplog.records
+
+
+def test_server_app_refuses_a_run_config_no_site_accepts(tmp_path: Path) -> None:
+    """A raw `flwr run` skips `federation run`'s check: the deployed ServerApp makes it before
+    anything is written (a simulation's in-memory Grid is exempt, as in simulate)."""
+    from flower_fakes import FakeGrid
+
+    from orchestration.server_app import run_federation
+
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(yaml.safe_dump(TINY))
+    run = tmp_path / "run"
+    run_config = {"config": str(experiment), "overrides": shlex.join(["data.cache_dir=/srv/x"]),
+                  "run-folder": str(run), "config-yaml": experiment.read_text()}
+    with pytest.raises(ConfigError, match="the run config: sets data.cache_dir = '/srv/x'"):
+        run_federation(FakeGrid([1, 2]), run_config)  # type: ignore[arg-type]
+    assert not run.exists()
