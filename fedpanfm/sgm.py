@@ -20,6 +20,10 @@ negligible cost. The exact rule below is OUR reconstruction (docs/method.md, "SG
 4. Each present organ is masked independently with p_o. A subject never loses all its organs: if
    every organ was drawn, the least salient one is unmasked under ``sgm`` (the one the model uses
    least is the one it should keep seeing), a uniformly drawn one under ``random``.
+
+On a site training on several devices, the batch mean of step 2 is over the site's global batch
+(summed over the ranks, ``fedpanfm/global_batch.py``), and the masks' random numbers are keyed
+by each view's place in it, so the ranks mask as one device would.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import Tensor, nn
 
 from fedpanfm.config import MaskingConfig
 from fedpanfm.data.batch import SubjectBatch
+from fedpanfm.global_batch import all_sum, row_draws
 from fedpanfm.organs import OrganSet
 
 
@@ -135,14 +140,17 @@ class OrganMasker(nn.Module):
         self._check_rows("present", present)
         present = present.to(shares.device)
         relative = shares.float() * present.sum(dim=1, keepdim=True).float()
-        n = present.float().sum(dim=0)
-        batch_mean = (relative * present).sum(dim=0) / n.clamp(min=1)
+        n_here = present.float().sum(dim=0)
+        # Over the global batch: one all-reduce of (sums, counts) when ranks share it.
+        total = all_sum(torch.stack([(relative * present).sum(dim=0), n_here]))
+        n = total[1]
+        batch_mean = total[0] / n.clamp(min=1)
         seen = n > 0
         m = self.cfg.saliency_momentum
         first = seen & (self.local_count == 0)
         ema = m * self.local_saliency + (1.0 - m) * batch_mean
         self.local_saliency.copy_(torch.where(first, batch_mean, torch.where(seen, ema, self.local_saliency)))
-        self.local_count.add_(n)
+        self.local_count.add_(n_here)  # a counter: the ranks' increments are summed after the step
 
     def local_estimate(self) -> Tensor:
         """This site's estimate (O,) in relative units, NaN for organs it never saw (for the server)."""
@@ -201,18 +209,23 @@ class OrganMasker(nn.Module):
 
         Args:
             present: (B, O) bool organ presence (``SubjectBatch.present``).
-            generator: CPU random generator (reproducible masks); None uses the global one.
+            generator: CPU random generator (reproducible masks); None: draws keyed by each row's
+                place in the global batch in a training micro-step, else the global RNG.
         """
         p = self.probabilities(present)
         present = present.bool().to(p.device)
-        u = torch.rand(p.shape, generator=generator).to(p.device)
+        rows = torch.arange(p.shape[0])
+        keyed = row_draws("masks/organs", rows, p.shape[0]) if generator is None else None
+        u = (keyed.rand(p.shape[1]) if keyed is not None else torch.rand(p.shape, generator=generator)).to(p.device)
         mask = (u < p) & present
         lost_all = present.any(dim=1) & (mask.sum(dim=1) == present.sum(dim=1))
         if lost_all.any():
             if self.cfg.policy == "sgm":
                 score = -self.saliency().expand_as(p)
             else:
-                score = torch.rand(p.shape, generator=generator).to(p.device)
+                keep_draws = row_draws("masks/keep", rows, p.shape[0]) if generator is None else None
+                score = (keep_draws.rand(p.shape[1]) if keep_draws is not None
+                         else torch.rand(p.shape, generator=generator)).to(p.device)
             score = torch.where(present, score, torch.full_like(score, -math.inf))
             keep = torch.zeros_like(mask).scatter_(1, score.argmax(dim=1, keepdim=True), True)
             mask = mask & ~(keep & lost_all.unsqueeze(1))
@@ -238,7 +251,7 @@ class OrganMasker(nn.Module):
             batch: the batch being masked.
             organ_mask: (B, O) bool from :meth:`sample`.
             num_patches: organ -> patches per image (``cfg.data.organs[o].num_patches``).
-            generator: CPU random generator.
+            generator: CPU random generator (None: as in :meth:`sample`).
         """
         self._check_rows("organ_mask", organ_mask)
         out: dict[str, Tensor] = {}
@@ -247,7 +260,9 @@ class OrganMasker(nn.Module):
                 raise KeyError(f"OrganMasker.sample_patch_mask: no patch count for organ {organ!r}")
             n_p = num_patches[organ]
             k = min(int(round(self.cfg.patch_mask_ratio * n_p)), n_p - 1)
-            ranks = torch.rand(len(rows), n_p, generator=generator).argsort(dim=1).argsort(dim=1)
+            keyed = row_draws(f"masks/patches/{organ}", rows, batch.size) if generator is None else None
+            u = keyed.rand(n_p) if keyed is not None else torch.rand(len(rows), n_p, generator=generator)
+            ranks = u.argsort(dim=1).argsort(dim=1)
             m = (ranks < k).to(rows.device)
             whole = organ_mask[rows, self.organs.index(organ)].to(rows.device)
             out[organ] = m | whole.unsqueeze(1)

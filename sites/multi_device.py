@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 
 #: Node config key: this site's device count, over ``train.devices_per_site``.
 NODE_DEVICES = "train-devices"
-#: A rank's global-RNG seed is the step's seed plus rank x this (rank 0 draws what one device would).
-RANK_SEED_STRIDE = 1_000_003
 _POLL_S = 0.1
 _LOG_TAIL_LINES = 15
 
@@ -269,9 +267,9 @@ def _rank_main(job_dir: Path, rank: int) -> None:
     trainer.load_state(inputs["state"])
     trainer.reset_optimizer()
     trainer.set_schedule_state(job["position"])
-    # Per-rank draws (views, masks, router noise): rank 0 draws what one device would for its
-    # subjects; docs/scale-out.md says why this is per rank, not per subject.
-    torch.manual_seed(int(job["seed"]) + rank * RANK_SEED_STRIDE)
+    # Every rank seeds as the one-device path does: the trainer derives the step's draw seed from
+    # it, and each draw is keyed by a subject's place in the global batch, not by the rank.
+    torch.manual_seed(int(job["seed"]))
     loader = ShardedLoader(site.loader("train", round_seed=int(job["round_seed"])), rank, world)
     result = trainer.fit(loader, cfg.train.epochs, int(job["position"]["total_steps"]),
                          global_saliency=inputs["saliency"])

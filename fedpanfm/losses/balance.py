@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor
 
+from fedpanfm.global_batch import all_sum
+
 if TYPE_CHECKING:
     from fedpanfm.model.dex import DexAux
 
@@ -32,7 +34,10 @@ def switch_balance(probs: Tensor, topk: Tensor) -> Tensor:
     n_experts = probs.shape[1]
     counts = torch.zeros(n_experts, device=probs.device, dtype=torch.float32)
     counts.index_add_(0, topk.reshape(-1), torch.ones(topk.numel(), device=probs.device))
-    f = counts / topk.numel()
+    # f over the site's global batch when data-parallel ranks share it (fedpanfm/global_batch.py):
+    # with it, the ranks' share-weighted losses are the global batch's (P is a mean over images).
+    counts = all_sum(counts)
+    f = counts / counts.sum()
     p = probs.float().mean(dim=0)
     return n_experts * (f * p).sum()
 

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
+from fedpanfm.global_batch import mean_denominator
+
 if TYPE_CHECKING:
     from fedpanfm.model.dex import DexAux
 
@@ -49,9 +51,11 @@ def token_cross_entropy(student: Tensor, target: Tensor, keep: Tensor, temperatu
     log_s = F.log_softmax(student.float() / temperature, dim=-1)
     ce = -(t * log_s).sum(dim=-1)
     n = keep.sum()
+    # The mean over the site's global batch's tokens when data-parallel ranks share it.
+    denominator = mean_denominator(n)
     if int(n) == 0:
         return student.sum() * 0.0
-    return (ce * keep).sum() / n
+    return (ce * keep).sum() / denominator
 
 
 def dex_distill_loss(aux: Sequence["DexAux | None"], temperature: float) -> Tensor | None:

@@ -7,6 +7,10 @@ by Sinkhorn-Knopp normalisation of the teacher's batch (``centering="sinkhorn_kn
 targets are pushed to use every prototype equally over the batch (no collapse onto a few
 prototypes). It does not sharpen rows that barely differ: measured on the study's tiny encoder
 (docs/results.md), it left the DINO loss at log K just as the running centre did.
+
+On a site training on several devices both are statistics of the site's global batch, as in
+DINOv2 (whose ``SinkhornKnopp`` all-reduces its sums): the prototype sums of Sinkhorn-Knopp and
+the batch mean of the centre are reduced over the ranks (``fedpanfm/global_batch.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fedpanfm.global_batch import all_logsumexp, all_sum, sharing
 
 
 class CenteredDistillLoss(nn.Module):
@@ -55,10 +61,14 @@ class CenteredDistillLoss(nn.Module):
         # Log-domain iterations: exp(logits / 0.04) overflows fp32 for |logits| > ~3.5.
         log_q = flat / teacher_temp
         n, k = flat.shape
+        if sharing() is not None:
+            # N and the prototype sums over every rank's rows; the row sums are each row's own.
+            n = int(all_sum(torch.tensor([float(n)], device=flat.device)).item())
+        log_n = math.log(max(n, 1))
         for _ in range(self.SK_ITERATIONS):
-            log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(k)  # each prototype 1/K
-            log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(n)  # each row 1/N
-        return (log_q + math.log(n)).exp().reshape(t.shape)
+            log_q = log_q - all_logsumexp(log_q, dim=0) - math.log(k)  # each prototype 1/K
+            log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - log_n  # each row 1/N
+        return (log_q + log_n).exp().reshape(t.shape)
 
     def _check(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temp: float) -> None:
         k = self.center.shape[1]
@@ -86,15 +96,25 @@ class CenteredDistillLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_logits: Tensor) -> None:
-        """EMA of the batch mean of the teacher logits (N, K) into ``center``; no-op when N = 0."""
+        """EMA of the batch mean of the teacher logits (N, K) into ``center``; no-op when N = 0.
+
+        Ranks sharing a global batch take its mean (every rank computes the same new centre).
+        """
         if teacher_logits.dim() != 2 or teacher_logits.shape[1] != self.center.shape[1]:
             raise ValueError(
                 f"{type(self).__name__}.update_center: teacher logits {tuple(teacher_logits.shape)} "
                 f"must be (N, {self.center.shape[1]})"
             )
-        if teacher_logits.shape[0] == 0:
+        logits = teacher_logits.detach().float()
+        if sharing() is not None:
+            total = all_sum(torch.cat([logits.sum(dim=0), logits.new_tensor([logits.shape[0]])]))
+            if total[-1] == 0:
+                return
+            batch_center = (total[:-1] / total[-1]).unsqueeze(0)
+        elif logits.shape[0] == 0:
             return
-        batch_center = teacher_logits.detach().float().mean(dim=0, keepdim=True)
+        else:
+            batch_center = logits.mean(dim=0, keepdim=True)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
 

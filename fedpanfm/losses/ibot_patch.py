@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fedpanfm.global_batch import mean_denominator, sharing
 from fedpanfm.losses.dino_cls import CenteredDistillLoss
 
 
@@ -46,13 +47,19 @@ class IBOTPatchLoss(CenteredDistillLoss):
                 f"IBOTPatchLoss: subject_index {tuple(subject_index.shape)} must be (N,) with "
                 f"N = {student_logits.shape[0]} masked positions"
             )
-        if student_logits.shape[0] == 0:
+        if student_logits.shape[0] == 0 and sharing() is None:
             return student_logits.sum() * 0.0
+        # Ranks sharing a global batch all take part in Sinkhorn-Knopp's and the mean's
+        # reductions, a rank without masked tokens too.
         per_token = self.row_losses(student_logits, teacher_logits, teacher_temp)
-        n_rows = int(subject_index.max()) + 1
+        n_rows = int(subject_index.max()) + 1 if subject_index.numel() else 0
         sums = torch.zeros(n_rows, device=per_token.device, dtype=per_token.dtype).index_add(0, subject_index, per_token)
         counts = torch.zeros(n_rows, device=per_token.device, dtype=per_token.dtype).index_add(
             0, subject_index, torch.ones_like(per_token)
         )
         has = counts > 0
-        return (sums[has] / counts[has]).mean()
+        # The mean over rows with masked tokens is over the global batch's such rows.
+        denominator = mean_denominator(has.sum())
+        if not bool(has.any()):
+            return student_logits.sum() * 0.0
+        return (sums[has] / counts[has]).sum() / denominator

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedpanfm.config import DexConfig
+from fedpanfm.global_batch import RowDraws, all_sum, current
 from fedpanfm.model.group_ema import group_ema_module_
 
 INIT_STD = 0.02
@@ -138,10 +139,20 @@ class DEXLayer(nn.Module):
         At balanced usage this is plain exploration noise; an expert used less than its fair
         share 1/E gets a positive shift of up to sigma (an unused one exactly sigma), so it
         enters some images' top-k and receives gradient. sigma decays to 0, so the bias vanishes.
+
+        Without a generator, inside a training micro-step (``fedpanfm/global_batch.py``), eps of
+        an image is keyed by its place in the site's global batch and by the call's order in
+        the step (layer by layer, global views before local ones), as one device would draw it.
         """
         share = self.usage.float() / self.usage.float().sum().clamp_min(1e-12)
         deficit = (1.0 - self.num_experts * share).clamp(0.0, 1.0)
-        eps = torch.randn(batch, self.num_experts, device=self.usage.device, generator=generator)
+        part = current() if generator is None else None
+        if part is not None:
+            draws = RowDraws(part, f"router/{part.noise_calls}", torch.arange(batch), batch)
+            part.noise_calls += 1
+            eps = draws.randn(self.num_experts).to(self.usage.device)
+        else:
+            eps = torch.randn(batch, self.num_experts, device=self.usage.device, generator=generator)
         return self.noise_std * (eps + deficit[None])
 
     def route(self, cls: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -195,7 +206,10 @@ class DEXLayer(nn.Module):
     def _account(self, gates: Tensor) -> None:
         """Update the usage EMA and the gate-mass accumulator with one batch's gates."""
         mass = gates.detach().float().sum(dim=0)
-        share = mass / mass.sum().clamp_min(1e-12)
+        # The usage share is the site's global batch's (all ranks alike: the next forward's noise
+        # reads it); the accumulator counts this process's own mass (the ranks' are summed).
+        total = all_sum(mass)
+        share = total / total.sum().clamp_min(1e-12)
         m = self.usage_momentum
         self.usage.copy_(m * self.usage.float() + (1.0 - m) * share)
         self.gate_mass_acc.add_(mass.to(self.gate_mass_acc.dtype))

@@ -148,7 +148,8 @@ class PanFMSSL(nn.Module):
             sched: this step's schedule values; needs ``teacher_temp`` and ``noise_std``
                 (``Schedules.at(step)``).
             generator: CPU generator for the views (organ subsets, augmentations) and the masks
-                (None: the global RNG).
+                (None: inside a training micro-step, draws keyed by each row's place in the site's
+                global batch, fedpanfm/global_batch.py; elsewhere the global RNG).
 
         In training mode the teacher centres and the masker's saliency estimate are updated;
         in eval mode no state changes (masks are still drawn, so the loss is comparable).

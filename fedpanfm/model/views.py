@@ -11,6 +11,11 @@ each image; the teacher sees the global crops only. Our subjects are sets of org
 
 All views of one kind are stacked into ONE :class:`SubjectBatch`, view-major (row ``v * B + b``
 is subject ``b`` in view ``v``), so the encoder runs once per kind of view, not once per view.
+
+Random draws: from the caller's generator; with none, inside a training micro-step
+(:func:`fedpanfm.global_batch.global_batch`), each draw is keyed by the row's place in the
+site's global batch (a data-parallel rank draws for its subjects what one device would);
+otherwise from torch's global RNG.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedpanfm.augment import OrganAugmenter
+from fedpanfm.augment import Draws, OrganAugmenter
 from fedpanfm.data.batch import SubjectBatch
+from fedpanfm.global_batch import row_draws
 
 
 @dataclass
@@ -64,12 +70,22 @@ def stack_views(batch: SubjectBatch, n: int) -> SubjectBatch:
     )
 
 
-def augment_batch(batch: SubjectBatch, augmenter: OrganAugmenter, generator: torch.Generator | None = None) -> SubjectBatch:
-    """``batch`` with every image independently augmented: one batched call per organ stack."""
+def augment_batch(batch: SubjectBatch, augmenter: OrganAugmenter, generator: torch.Generator | None = None,
+                  purpose: str = "views") -> SubjectBatch:
+    """``batch`` with every image independently augmented: one batched call per organ stack.
+
+    ``purpose`` names the keyed draws (generator None, in a training micro-step): stacks of
+    different kinds of view must use different names.
+    """
+    def draws(organ: str) -> Draws:
+        if generator is not None:
+            return generator
+        return row_draws(f"{purpose}/augment/{organ}", batch.index[organ], batch.size)
+
     return SubjectBatch(
         subject_ids=batch.subject_ids,
         organ_names=batch.organ_names,
-        images={o: augmenter(o, x, generator) for o, x in batch.images.items()},
+        images={o: augmenter(o, x, draws(o)) for o, x in batch.images.items()},
         index=batch.index,
         present=batch.present,
         labels=batch.labels,
@@ -87,16 +103,22 @@ def organ_subsets(present: Tensor, keep_ratio: tuple[float, float], generator: t
     Args:
         present: (B, O) bool organ presence.
         keep_ratio: (low, high) share of the present organs kept.
-        generator: CPU generator.
+        generator: CPU generator (None: keyed draws in a training micro-step, else the global RNG).
     """
     lo, hi = keep_ratio
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"organ_subsets: keep_ratio {keep_ratio} must satisfy 0 <= low <= high <= 1")
     present_cpu = present.bool().cpu()
     n_present = present_cpu.sum(dim=1)
-    r = lo + (hi - lo) * torch.rand(present_cpu.shape[0], generator=generator)
+    n, n_organs = present_cpu.shape
+    keyed = row_draws("views/local/subsets", torch.arange(n), n) if generator is None else None
+    if keyed is not None:
+        u, score = keyed.rand(), keyed.rand(n_organs)
+    else:
+        u = torch.rand(n, generator=generator)
+        score = torch.rand(present_cpu.shape, generator=generator)
+    r = lo + (hi - lo) * u
     k = torch.minimum(torch.clamp((r * n_present).round().long(), min=1), n_present)
-    score = torch.rand(present_cpu.shape, generator=generator)
     score = torch.where(present_cpu, score, torch.full_like(score, 2.0))  # absent organs rank last
     rank = score.argsort(dim=1).argsort(dim=1)
     return ((rank < k[:, None]) & present_cpu).to(present.device)
@@ -118,7 +140,8 @@ def make_views(
         n_local: organ-subset views (0 = none).
         keep_ratio: (low, high) share of a subject's organs each local view keeps.
         augmenter: per-organ augmentation (None: views differ only in their organ subsets).
-        generator: CPU generator for the subsets and the augmentations.
+        generator: CPU generator for the subsets and the augmentations (None: keyed draws in a
+            training micro-step, else the global RNG).
     """
     if not bool(batch.present.any(dim=1).all()):
         raise ValueError("make_views: a subject of the batch has no organ (nothing to view)")
@@ -130,8 +153,9 @@ def make_views(
         # Subsets first, augmentation after: only the kept images are transformed.
         local_views = stacked.drop_per_subject(stacked.present & ~keep)
     if augmenter is not None:
-        global_views = augment_batch(global_views, augmenter, generator)
-        local_views = augment_batch(local_views, augmenter, generator) if local_views is not None else None
+        global_views = augment_batch(global_views, augmenter, generator, "views/global")
+        if local_views is not None:
+            local_views = augment_batch(local_views, augmenter, generator, "views/local")
     return Views(global_views, local_views, n_global, n_local, batch.size)
 
 

@@ -11,6 +11,10 @@ round-off wherever the step is a mean over subjects (docs/scale-out.md, "Multi-d
 - **Weighted losses.** DeepSpeed averages the ranks' gradients; a rank holding ``n_r`` of the
   batch's ``n`` subjects scales its (per-subject mean) loss by ``N n_r / n``, which is 1 when the
   batch splits evenly, so the average is the gradient of the global batch's mean loss.
+- **The same draws and batch statistics.** The trainer runs each forward inside a
+  :func:`fedpanfm.global_batch.global_batch` context naming the rank's slice (``offset``, ``size``):
+  random draws are keyed by a subject's place in the global batch, not by the rank, and the
+  losses' batch statistics are reduced over the ranks.
 - **Shared statistics.** The forward updates buffers from the rank's subjects (teacher centres,
   DEX usage, SGM saliency, counters). After every micro-step the ranks combine the changes
   (:class:`BufferSync`): ``old + sum_r c_r (new_r - old)`` with ``c_r = n_r / n`` for running
@@ -57,10 +61,14 @@ class RankShard:
     Args:
         batch: the rank's subjects (a stand-in subject when it has none).
         weight: ``n_r / n``, the rank's share of the global batch; 0 for a stand-in.
+        offset: index in the global batch of the rank's first subject (0 for a stand-in).
+        size: ``n``, subjects of the global batch (0: the batch itself is the global batch).
     """
 
     batch: SubjectBatch
     weight: float
+    offset: int = 0
+    size: int = 0
 
     def loss_scale(self, world: int) -> float:
         """Multiplier of the rank's mean loss so the ranks' averaged gradient is the batch's."""
@@ -70,18 +78,19 @@ class RankShard:
 class _RankBatchSampler:
     """Yields this rank's slice of each index list of a world-size-1 batch sampler."""
 
-    def __init__(self, inner: Iterable[list[int]], rank: int, world: int, weights: deque[float]) -> None:
-        self.inner, self.rank, self.world, self.weights = inner, rank, world, weights
+    def __init__(self, inner: Iterable[list[int]], rank: int, world: int,
+                 places: deque[tuple[float, int, int]]) -> None:
+        self.inner, self.rank, self.world, self.places = inner, rank, world, places
 
     def __iter__(self) -> Iterator[list[int]]:
         for indices in self.inner:
             indices = list(indices)
             lo, hi = shard_bounds(len(indices), self.rank, self.world)
             if hi > lo:
-                self.weights.append((hi - lo) / len(indices))
+                self.places.append(((hi - lo) / len(indices), lo, len(indices)))
                 yield indices[lo:hi]
             else:
-                self.weights.append(0.0)
+                self.places.append((0.0, 0, len(indices)))
                 yield indices[:1]
 
     def __len__(self) -> int:
@@ -109,17 +118,18 @@ class ShardedLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[RankShard]:
-        weights: deque[float] = deque()
+        places: deque[tuple[float, int, int]] = deque()
         inner = self.loader
-        sampler = _RankBatchSampler(self.batch_sampler, self.rank, self.world, weights)
+        sampler = _RankBatchSampler(self.batch_sampler, self.rank, self.world, places)
         # The same generator object as the world-size-1 loader: its per-epoch draws (worker base
         # seed, then the shuffle) happen in the same order, so the permutations agree.
         rank_loader = DataLoader(inner.dataset, batch_sampler=sampler, num_workers=inner.num_workers,
                                  collate_fn=inner.collate_fn, generator=inner.generator,
                                  persistent_workers=False)
         for batch in rank_loader:
-            # Batches arrive in sampler order (workers included), so the weights line up.
-            yield RankShard(batch, weights.popleft())
+            # Batches arrive in sampler order (workers included), so the places line up.
+            weight, offset, size = places.popleft()
+            yield RankShard(batch, weight, offset, size)
 
 
 class BufferSync:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from fedpanfm.config import ExperimentConfig
 from fedpanfm.data.batch import SubjectBatch
+from fedpanfm.global_batch import GlobalBatch, global_batch
 from fedpanfm.train.data_parallel import BufferSync, RankShard, gather_objects
 from fedpanfm.train.distributed import autocast_dtype, data_parallel_world, init_single_process, pick_device
 from fedpanfm.train.schedules import Schedules
@@ -181,6 +182,11 @@ class LocalTrainer:
         self._clip = cfg.deepspeed.gradient_clipping if cfg.deepspeed.zero_stage == 0 else 0.0
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._buffer_sync = BufferSync(self.model) if self.world > 1 else None
+        # ZeRO 1/2 reduce gradients from hooks, bucketed in the order they fire; ranks whose
+        # batches use different organs, experts or organ subsets fire different hooks in
+        # different orders, and their collectives no longer match (a gloo size error, or worse,
+        # misaligned sums). Such ranks backpropagate a fixed-order surrogate (_fixed_order).
+        self._fixed_order = self.world > 1 and cfg.deepspeed.zero_stage > 0
         self._grad_seen: list[float] | None = None
         if self.world > 1 and cfg.deepspeed.zero_stage == 0:
             # DeepSpeed's stage-0 all-reduce gives a parameter without gradient a zero one (all
@@ -217,8 +223,9 @@ class LocalTrainer:
             yield batch
 
     def _weighted_batches(self, loader: Iterable[SubjectBatch | RankShard],
-                          what: str) -> Iterator[tuple[SubjectBatch, float]]:
-        """(batch on the device, its share of the global batch): 1 alone, ``RankShard.weight`` on a rank."""
+                          what: str) -> Iterator[tuple[SubjectBatch, RankShard]]:
+        """(batch on the device, its place in the global batch): the whole of it alone, the
+        ``RankShard`` on a rank (``weight`` its share)."""
         n = 0
         for item in loader:
             # A rank must get its shard: a whole batch on every rank would count each subject N times.
@@ -226,9 +233,9 @@ class LocalTrainer:
             if not isinstance(item, want):
                 raise TypeError(f"{what}: the loader yielded {type(item).__name__}, expected {want.__name__}"
                                 + (" (a data-parallel rank: ShardedLoader)" if self.world > 1 else ""))
-            batch, weight = (item.batch, item.weight) if isinstance(item, RankShard) else (item, 1.0)
+            place = item if isinstance(item, RankShard) else RankShard(item, 1.0, 0, item.size)
             n += 1
-            yield batch.to(self.device), weight
+            yield place.batch.to(self.device), place
         if n == 0:
             raise ValueError(f"{what}: the loader yielded no batch (no subjects?)")
 
@@ -301,18 +308,29 @@ class LocalTrainer:
         seen: set[tuple[str, str]] = set()
         steps0 = self.step
         history: list[dict[str, float]] = []
+        # The call's draws (views, masks, router noise) are keyed by (this seed, micro-step, a
+        # subject's place in the global batch): one device draws what the ranks draw together
+        # (fedpanfm/global_batch.py). The seed comes from torch's global RNG, which the caller
+        # seeds per site and round (every rank alike).
+        draw_seed = int(torch.randint(0, 1 << 62, (1,)).item())
+        micro = 0
         for _ in tqdm(range(epochs), desc="local epochs", disable=not self.cfg.train.progress, leave=False):
-            for batch, weight in self._weighted_batches(loader, "fit"):
+            for batch, place in self._weighted_batches(loader, "fit"):
+                weight = place.weight
                 s = sched.at(self.step)
                 self._set_optim_hparams(s["lr"], s["weight_decay"])
                 self._freeze_last = self.step < freeze_steps
                 before = self._buffer_sync.snapshot() if self._buffer_sync is not None else None
-                with self._autocast():
+                part = GlobalBatch(size=place.size or batch.size, offset=place.offset, held=batch.size,
+                                   count=batch.size if weight > 0 else 0, seed=draw_seed + micro, ranks=self.world)
+                micro += 1
+                with self._autocast(), global_batch(part):
                     out = self.engine(batch, {"teacher_temp": s["teacher_temp"], "noise_std": s["noise_std"]})
                 if not torch.isfinite(out.loss.detach()):
                     raise FloatingPointError(f"fit: non-finite loss {out.loss.item()} at step {self.step}")
                 scale = weight * self.world
-                self.engine.backward(out.loss if scale == 1.0 else out.loss * scale)
+                loss = out.loss if scale == 1.0 else out.loss * scale
+                self.engine.backward(self._fixed_order_surrogate(loss) if self._fixed_order else loss)
                 if self._buffer_sync is not None and before is not None:
                     self._buffer_sync.combine(before, weight)
                 if self._freeze_last and self.cfg.deepspeed.zero_stage == 0:
@@ -362,6 +380,17 @@ class LocalTrainer:
             seconds=time.perf_counter() - t0,
             history=history,
         )
+
+    def _fixed_order_surrogate(self, loss: torch.Tensor) -> torch.Tensor:
+        """A loss whose gradient is ``loss``'s, reaching every trainable parameter in one order.
+
+        The real backward runs as ``autograd.grad`` (no accumulation hooks fire); the surrogate
+        ``sum_p <p, g_p>`` then hands each parameter exactly ``g_p`` (zero where ``loss`` does not
+        reach it, which ZeRO would fill in anyway) through a graph that is the same on every rank.
+        """
+        grads = torch.autograd.grad(loss, self._trainable, allow_unused=True)
+        return torch.stack([(p * (torch.zeros_like(p) if g is None else g)).sum()
+                            for p, g in zip(self._trainable, grads)]).sum()
 
     def _drop_unused_grads(self, seen: list[float]) -> None:
         used = torch.tensor(seen, device=self.device)
