@@ -142,6 +142,10 @@ def save_checkpoint(path_dir: Path, state: dict[str, torch.Tensor], cfg: Experim
     path_dir = Path(path_dir)
     path_dir.parent.mkdir(parents=True, exist_ok=True)
     recover_checkpoint(path_dir)
+    if path_dir.is_symlink() or (path_dir.exists() and not path_dir.is_dir()):
+        # Not a checkpoint of ours: replacing it would delete something we did not write.
+        raise FileExistsError(f"checkpoint {path_dir}: a file, not a checkpoint folder, is in the way; "
+                              "move it elsewhere and write (or resume) again")
     for stale in path_dir.parent.glob(f".{path_dir.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by a crashed write (or the old half of a swap)
     try:

@@ -50,6 +50,15 @@ def test_overwrite_replaces_whole_folder(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
 
 
+def test_a_file_in_the_way_is_refused_and_kept(tmp_path: Path) -> None:
+    """A file where a checkpoint folder goes is not ours to delete: the write is refused, naming it."""
+    (tmp_path / "ck").write_text("an operator's notes")
+    with pytest.raises(FileExistsError, match=r"ck: a file, not a checkpoint folder, is in the way"):
+        save_checkpoint(tmp_path / "ck", {"a": torch.zeros(2)}, tiny_config(), {"v": 1})
+    assert (tmp_path / "ck").read_text() == "an operator's notes"
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary folder left behind
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "config.yaml", "meta.json"])
 def test_corrupted_file_is_named(tmp_path: Path, name: str) -> None:
     path = save_checkpoint(tmp_path / "ck", _state(), tiny_config(), {"epoch": 1})
