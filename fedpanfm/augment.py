@@ -31,10 +31,10 @@ from monai.networks.layers import AffineTransform
 from torch import Tensor
 
 from fedpanfm.config import AugmentConfig, AugmentRanges
-from fedpanfm.global_batch import RowDraws
+from fedpanfm.global_batch import Draws, GeneratorDraws, RowDraws
 
-#: Where the random numbers come from: a generator, per-image keyed draws, or None (global RNG).
-Draws = torch.Generator | RowDraws | None
+#: Where the random numbers come from: a generator, per-image draws, or None (global RNG).
+DrawSource = torch.Generator | Draws | None
 
 # Normalised coordinates (F.affine_grid convention, align_corners=False): theta maps output to
 # input grid positions in [-1, 1] per axis, listed in image axis order (MONAI reverses them).
@@ -43,22 +43,13 @@ _RESAMPLE = AffineTransform(normalized=True, mode="bilinear", padding_mode="bord
 _BIAS_FIELD_POINTS = 3
 
 
-def _rand(n: int, draws: Draws, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """(n, *shape) uniform numbers, one row per image (CPU)."""
-    if isinstance(draws, RowDraws):
-        return draws.rand(*shape, dtype=dtype)
-    return torch.rand((n, *shape), generator=draws, dtype=dtype)
+def _draws(n: int, source: DrawSource) -> Draws:
+    """Per-image draws for ``n`` images from a generator, the global RNG or draws already made."""
+    return source if isinstance(source, (RowDraws, GeneratorDraws)) else GeneratorDraws(n, source)
 
 
-def _randn(n: int, draws: Draws, *shape: int) -> Tensor:
-    """(n, *shape) standard normal numbers, one row per image (CPU)."""
-    if isinstance(draws, RowDraws):
-        return draws.randn(*shape)
-    return torch.randn((n, *shape), generator=draws)
-
-
-def _uniform(n: int, lo: float, hi: float, generator: Draws, *shape: int) -> Tensor:
-    return lo + (hi - lo) * _rand(n, generator, *shape, dtype=torch.float64)
+def _uniform(draws: Draws, lo: float, hi: float, *shape: int) -> Tensor:
+    return lo + (hi - lo) * draws.rand(*shape, dtype=torch.float64)
 
 
 def _rotation(angles: Tensor, ndim: int) -> Tensor:
@@ -75,7 +66,7 @@ def _rotation(angles: Tensor, ndim: int) -> Tensor:
     return rot
 
 
-def affine_thetas(n: int, grid: tuple[int, ...], ranges: AugmentRanges, generator: Draws) -> Tensor:
+def affine_thetas(n: int, grid: tuple[int, ...], ranges: AugmentRanges, generator: DrawSource) -> Tensor:
     """(n, ndim, ndim + 1) float32 normalised affines: rotation, zoom and shift about the centre.
 
     The rotation acts in voxel units (``D^-1 R D`` with ``D`` the half-sizes), so a non-cubic grid
@@ -83,28 +74,26 @@ def affine_thetas(n: int, grid: tuple[int, ...], ranges: AugmentRanges, generato
     """
     ndim = len(grid)
     n_angles = 1 if ndim == 2 else 3
+    draws = _draws(n, generator)
     limit = math.radians(ranges.rotate_deg)
-    angles = _uniform(n, -limit, limit, generator, n_angles)
+    angles = _uniform(draws, -limit, limit, n_angles)
     rot = _rotation(angles.squeeze(1) if ndim == 2 else angles, ndim)
-    zoom = _uniform(n, ranges.scale[0], ranges.scale[1], generator)
+    zoom = _uniform(draws, ranges.scale[0], ranges.scale[1])
     half = torch.tensor(grid, dtype=torch.float64) / 2
     linear = (rot / zoom[:, None, None]) * half[None, None, :] / half[None, :, None]
-    shift = _uniform(n, -ranges.translate, ranges.translate, generator, ndim) * 2
+    shift = _uniform(draws, -ranges.translate, ranges.translate, ndim) * 2
     return torch.cat([linear, shift[..., None]], dim=-1).float()
 
 
-def quarter_turn(x: Tensor, generator: Draws = None) -> Tensor:
+def quarter_turn(x: Tensor, generator: DrawSource = None) -> Tensor:
     """Each image of ``x`` (n, 1, *grid) turned by its own random k x 90 degrees in the last two axes.
 
     A square plane takes k in {0, 1, 2, 3}; a non-square one k in {0, 2} (a quarter turn would
     change the grid's shape).
     """
     n, (h, w) = x.shape[0], x.shape[-2:]
-    if isinstance(generator, RowDraws):
-        u = generator.rand()
-        k = (u * 4).long().clamp(max=3) if h == w else 2 * (u * 2).long().clamp(max=1)
-    else:
-        k = torch.randint(0, 4, (n,), generator=generator) if h == w else 2 * torch.randint(0, 2, (n,), generator=generator)
+    draws = _draws(n, generator)
+    k = draws.randint(4) if h == w else 2 * draws.randint(2)
     out = x.clone()
     for turns in k.unique().tolist():
         rows = (k == turns).nonzero().squeeze(1).to(x.device)
@@ -112,7 +101,7 @@ def quarter_turn(x: Tensor, generator: Draws = None) -> Tensor:
     return out
 
 
-def augment_stack(images: Tensor, ranges: AugmentRanges, generator: Draws = None) -> Tensor:
+def augment_stack(images: Tensor, ranges: AugmentRanges, generator: DrawSource = None) -> Tensor:
     """One random transform per image of ``images`` (n, 1, *grid), 2D or 3D; same shape and device.
 
     Args:
@@ -133,29 +122,30 @@ def augment_stack(images: Tensor, ranges: AugmentRanges, generator: Draws = None
         return images
     dev, dtype = images.device, images.dtype
     x = images.float()
-    theta = affine_thetas(n, grid, ranges, generator).to(dev)
+    draws = _draws(n, generator)
+    theta = affine_thetas(n, grid, ranges, draws).to(dev)
     x = _RESAMPLE(x, theta)
     for axis in ranges.flip_axes:
-        flip = (_rand(n, generator) < 0.5).to(dev).view(n, *([1] * (ndim + 1)))
+        flip = (draws.rand() < 0.5).to(dev).view(n, *([1] * (ndim + 1)))
         x = torch.where(flip, x.flip(2 + axis), x)
     if ranges.quarter_turns:
-        x = quarter_turn(x, generator)
+        x = quarter_turn(x, draws)
     dims = tuple(range(1, ndim + 2))
     per_image = (n,) + (1,) * (ndim + 1)
-    gamma = _uniform(n, ranges.gamma[0], ranges.gamma[1], generator).float().to(dev).view(per_image)
+    gamma = _uniform(draws, ranges.gamma[0], ranges.gamma[1]).float().to(dev).view(per_image)
     lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
     span = (hi - lo).clamp(min=1e-6)
     x = ((x - lo) / span).clamp(0.0, 1.0).pow(gamma) * span + lo
     if ranges.bias_field > 0:
-        coarse = _randn(n, generator, 1, *([_BIAS_FIELD_POINTS] * ndim)) * ranges.bias_field
+        coarse = draws.randn(1, *([_BIAS_FIELD_POINTS] * ndim)) * ranges.bias_field
         field = F.interpolate(coarse.to(dev), size=grid, mode="bilinear" if ndim == 2 else "trilinear", align_corners=True)
         x = x * field.exp()
-    gain = _uniform(n, ranges.gain[0], ranges.gain[1], generator).float().to(dev).view(per_image)
-    bias = _uniform(n, -ranges.shift, ranges.shift, generator).float().to(dev).view(per_image)
+    gain = _uniform(draws, ranges.gain[0], ranges.gain[1]).float().to(dev).view(per_image)
+    bias = _uniform(draws, -ranges.shift, ranges.shift).float().to(dev).view(per_image)
     x = x * gain + bias
     if ranges.noise_std > 0:
-        std = _uniform(n, 0.0, ranges.noise_std, generator).float().view(per_image)
-        x = x + (_randn(n, generator, *x.shape[1:]) * std).to(dev)
+        std = _uniform(draws, 0.0, ranges.noise_std).float().view(per_image)
+        x = x + (draws.randn(*x.shape[1:]) * std).to(dev)
     return x.to(dtype)
 
 
@@ -172,11 +162,11 @@ class OrganAugmenter:
     def ranges(self, organ: str) -> AugmentRanges:
         return self.cfg.organs.get(organ, self.cfg.ranges)
 
-    def __call__(self, organ: str, images: Tensor, generator: Draws = None) -> Tensor:
+    def __call__(self, organ: str, images: Tensor, generator: DrawSource = None) -> Tensor:
         """``images`` of ``organ`` (n, 1, *grid) augmented, or unchanged when augmentation is off."""
         if not self.cfg.enabled:
             return images
         return augment_stack(images, self.ranges(organ), generator)
 
 
-__all__ = ["Draws", "OrganAugmenter", "affine_thetas", "augment_stack", "quarter_turn"]
+__all__ = ["DrawSource", "OrganAugmenter", "affine_thetas", "augment_stack", "quarter_turn"]

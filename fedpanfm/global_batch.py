@@ -133,11 +133,50 @@ class RowDraws:
         """(m, *shape) standard normal, on the CPU."""
         return torch.randn((self.n_slots, *shape), generator=self.generator)[self.slots]
 
+    def randint(self, high: int) -> Tensor:
+        """(m,) integers in [0, high), from one uniform draw per row."""
+        return (self.rand() * high).long().clamp(max=high - 1)
+
+
+class GeneratorDraws:
+    """:class:`RowDraws`' interface over a caller's generator (None: torch's global RNG), ``m`` rows.
+
+    Each call is the plain ``torch.rand`` / ``randn`` / ``randint`` of ``(m, *shape)`` on the
+    generator, so callers that pass a generator get the numbers they always got.
+    """
+
+    def __init__(self, rows: int, generator: torch.Generator | None) -> None:
+        self.rows = rows
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def rand(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.rand((self.rows, *shape), generator=self.generator, dtype=dtype)
+
+    def randn(self, *shape: int) -> Tensor:
+        return torch.randn((self.rows, *shape), generator=self.generator)
+
+    def randint(self, high: int) -> Tensor:
+        return torch.randint(0, high, (self.rows,), generator=self.generator)
+
+
+#: Random numbers for the rows of a stack: keyed by their global places, or a generator's.
+Draws = RowDraws | GeneratorDraws
+
 
 def row_draws(purpose: str, rows: Tensor, n_rows: int) -> RowDraws | None:
     """:class:`RowDraws` for ``rows`` of an ``n_rows`` stack in the current global batch; None outside one."""
     part = current()
     return None if part is None else RowDraws(part, purpose, rows, n_rows)
+
+
+def draws_for(purpose: str, rows: Tensor, n_rows: int, generator: torch.Generator | None) -> Draws:
+    """The draws for ``rows`` of an ``n_rows`` stack: keyed (:func:`row_draws`) when no generator is
+    given inside a training micro-step, else the generator's (or the global RNG's)."""
+    keyed = row_draws(purpose, rows, n_rows) if generator is None else None
+    return keyed if keyed is not None else GeneratorDraws(len(rows), generator)
 
 
 def sharing() -> GlobalBatch | None:
@@ -189,5 +228,5 @@ def mean_denominator(count: Tensor) -> Tensor:
     return total * part.share if part.count > 0 else count
 
 
-__all__ = ["GlobalBatch", "RowDraws", "all_logsumexp", "all_sum", "current", "global_batch", "mean_denominator",
-           "row_draws", "sharing"]
+__all__ = ["Draws", "GeneratorDraws", "GlobalBatch", "RowDraws", "all_logsumexp", "all_sum", "current", "draws_for",
+           "global_batch", "mean_denominator", "row_draws", "sharing"]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from fedpanfm.config import MaskingConfig
 from fedpanfm.data.batch import SubjectBatch
-from fedpanfm.global_batch import all_sum, row_draws
+from fedpanfm.global_batch import all_sum, draws_for
 from fedpanfm.organs import OrganSet
 
 
@@ -215,17 +215,14 @@ class OrganMasker(nn.Module):
         p = self.probabilities(present)
         present = present.bool().to(p.device)
         rows = torch.arange(p.shape[0])
-        keyed = row_draws("masks/organs", rows, p.shape[0]) if generator is None else None
-        u = (keyed.rand(p.shape[1]) if keyed is not None else torch.rand(p.shape, generator=generator)).to(p.device)
+        u = draws_for("masks/organs", rows, p.shape[0], generator).rand(p.shape[1]).to(p.device)
         mask = (u < p) & present
         lost_all = present.any(dim=1) & (mask.sum(dim=1) == present.sum(dim=1))
         if lost_all.any():
             if self.cfg.policy == "sgm":
                 score = -self.saliency().expand_as(p)
             else:
-                keep_draws = row_draws("masks/keep", rows, p.shape[0]) if generator is None else None
-                score = (keep_draws.rand(p.shape[1]) if keep_draws is not None
-                         else torch.rand(p.shape, generator=generator)).to(p.device)
+                score = draws_for("masks/keep", rows, p.shape[0], generator).rand(p.shape[1]).to(p.device)
             score = torch.where(present, score, torch.full_like(score, -math.inf))
             keep = torch.zeros_like(mask).scatter_(1, score.argmax(dim=1, keepdim=True), True)
             mask = mask & ~(keep & lost_all.unsqueeze(1))
@@ -260,8 +257,7 @@ class OrganMasker(nn.Module):
                 raise KeyError(f"OrganMasker.sample_patch_mask: no patch count for organ {organ!r}")
             n_p = num_patches[organ]
             k = min(int(round(self.cfg.patch_mask_ratio * n_p)), n_p - 1)
-            keyed = row_draws(f"masks/patches/{organ}", rows, batch.size) if generator is None else None
-            u = keyed.rand(n_p) if keyed is not None else torch.rand(len(rows), n_p, generator=generator)
+            u = draws_for(f"masks/patches/{organ}", rows, batch.size, generator).rand(n_p)
             ranks = u.argsort(dim=1).argsort(dim=1)
             m = (ranks < k).to(rows.device)
             whole = organ_mask[rows, self.organs.index(organ)].to(rows.device)

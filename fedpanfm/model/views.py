@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedpanfm.augment import Draws, OrganAugmenter
+from fedpanfm.augment import OrganAugmenter
 from fedpanfm.data.batch import SubjectBatch
-from fedpanfm.global_batch import row_draws
+from fedpanfm.global_batch import draws_for
 
 
 @dataclass
@@ -77,15 +77,11 @@ def augment_batch(batch: SubjectBatch, augmenter: OrganAugmenter, generator: tor
     ``purpose`` names the keyed draws (generator None, in a training micro-step): stacks of
     different kinds of view must use different names.
     """
-    def draws(organ: str) -> Draws:
-        if generator is not None:
-            return generator
-        return row_draws(f"{purpose}/augment/{organ}", batch.index[organ], batch.size)
-
     return SubjectBatch(
         subject_ids=batch.subject_ids,
         organ_names=batch.organ_names,
-        images={o: augmenter(o, x, draws(o)) for o, x in batch.images.items()},
+        images={o: augmenter(o, x, draws_for(f"{purpose}/augment/{o}", batch.index[o], batch.size, generator))
+                for o, x in batch.images.items()},
         index=batch.index,
         present=batch.present,
         labels=batch.labels,
@@ -111,12 +107,8 @@ def organ_subsets(present: Tensor, keep_ratio: tuple[float, float], generator: t
     present_cpu = present.bool().cpu()
     n_present = present_cpu.sum(dim=1)
     n, n_organs = present_cpu.shape
-    keyed = row_draws("views/local/subsets", torch.arange(n), n) if generator is None else None
-    if keyed is not None:
-        u, score = keyed.rand(), keyed.rand(n_organs)
-    else:
-        u = torch.rand(n, generator=generator)
-        score = torch.rand(present_cpu.shape, generator=generator)
+    draws = draws_for("views/local/subsets", torch.arange(n), n, generator)
+    u, score = draws.rand(), draws.rand(n_organs)
     r = lo + (hi - lo) * u
     k = torch.minimum(torch.clamp((r * n_present).round().long(), min=1), n_present)
     score = torch.where(present_cpu, score, torch.full_like(score, 2.0))  # absent organs rank last
