@@ -159,6 +159,8 @@ class ModelConfig:
     head_bottleneck_dim: int = option(64, lo=8)
     head_out_dim: int = option(256, lo=8, doc="number of DINO prototypes")
     stem_channels: int = option(0, lo=0, doc="channels of the two 3x3 convolutions before each organ's patch embedding; 0 = linear patch embedding")
+    organ_proj_hidden_dim: int = option(256, lo=8, doc="hidden width of the organ-contrast projector (train.loss.organ_contrast)")
+    organ_proj_dim: int = option(64, lo=8, doc="output width of the organ-contrast projector")
     dex: DexConfig = field(default_factory=DexConfig)
 
 
@@ -185,6 +187,8 @@ class LossWeights:
     balance: float = option(0.01, lo=0.0)
     koleo: float = option(0.0, lo=0.0, doc="KoLeo spread of the student CLS (DINOv2); 0 = off")
     mae: float = option(0.0, lo=0.0, doc="masked-patch pixel reconstruction (MAE-style) from the student's masked tokens; 0 = off")
+    organ_contrast: float = option(0.0, lo=0.0, doc="InfoNCE from each organ of a local view to the same organ in the "
+                                                    "global views (ours, docs/method.md); 0 = off")
 
 
 @dataclass
@@ -245,6 +249,7 @@ class TrainConfig:
         "centre", doc="teacher normalisation of the DINO and iBOT targets: DINO's running centre, or DINOv2's "
         "Sinkhorn-Knopp batch equipartition (3 iterations)"
     )
+    organ_contrast_temp: float = option(0.2, lo=1e-3, doc="temperature of the organ-contrast InfoNCE (train.loss.organ_contrast)")
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     progress: bool = True
@@ -511,6 +516,8 @@ def validate(cfg: ExperimentConfig, src: str) -> None:
     lo_hi = cfg.train.local_keep_ratio
     if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
         raise ConfigError(f"{src}: train.local_keep_ratio: need [low, high] with low <= high, got {lo_hi}")
+    if cfg.train.loss.organ_contrast > 0 and cfg.train.local_views == 0:
+        raise ConfigError(f"{src}: train.loss.organ_contrast needs local views (its queries); train.local_views is 0")
     cfg.train.augment.ranges.check(f"{src}: train.augment.ranges")
     for name, ranges in cfg.train.augment.organs.items():
         if name not in organs:

@@ -25,6 +25,7 @@ import hashlib
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -214,6 +215,48 @@ def all_logsumexp(x: Tensor, dim: int = 0) -> Tensor:
     return torch.logsumexp(rows, dim=0)
 
 
+class _GatherRows(torch.autograd.Function):
+    """Rows of every rank, concatenated in rank order; the backward returns each rank the
+    gradient of the SUM of all ranks' losses with respect to its own rows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, sizes: list[int]) -> Tensor:
+        rank, widest = dist.get_rank(), max(sizes)
+        ctx.start, ctx.n = sum(sizes[:rank]), x.shape[0]
+        # Ranks hold different numbers of rows: each fills its own slot of a zero buffer and an
+        # all-reduce (which gloo and NCCL both have) assembles the gather.
+        buf = x.new_zeros((len(sizes), widest, *x.shape[1:]))
+        buf[rank, : x.shape[0]] = x
+        dist.all_reduce(buf)
+        return torch.cat([buf[r, : sizes[r]] for r in range(len(sizes))])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total[ctx.start: ctx.start + ctx.n], None
+
+
+def all_gather_rows(x: Tensor) -> tuple[Tensor, int]:
+    """The rows of ``x`` of every rank sharing the global batch, in rank order, with gradient;
+    and the index of this rank's first row among them. Alone: ``(x, 0)``.
+
+    The gradient is exact for losses that are sums over the ranks: each rank's own rows receive
+    the gradient of every rank's loss terms that used them (DeepSpeed's gradient average then
+    equals one device's gradient, as for the other losses; fedpanfm/train/data_parallel.py). A
+    rank's weightless stand-in contributes no rows.
+    """
+    part = sharing()
+    if part is None:
+        return x, 0
+    n = x.shape[0] if part.count > 0 else 0
+    counts = torch.zeros(dist.get_world_size(), device=x.device)
+    counts[dist.get_rank()] = n
+    sizes = [int(c) for c in all_sum(counts).tolist()]
+    offset = sum(sizes[: dist.get_rank()])
+    return _GatherRows.apply(x[:n], sizes), offset
+
+
 def mean_denominator(count: Tensor) -> Tensor:
     """The denominator that makes a rank's sum over ``count`` items a share of the global mean.
 
@@ -228,5 +271,5 @@ def mean_denominator(count: Tensor) -> Tensor:
     return total * part.share if part.count > 0 else count
 
 
-__all__ = ["Draws", "GeneratorDraws", "GlobalBatch", "RowDraws", "all_logsumexp", "all_sum", "current", "draws_for",
+__all__ = ["Draws", "GeneratorDraws", "GlobalBatch", "RowDraws", "all_gather_rows", "all_logsumexp", "all_sum", "current", "draws_for",
            "global_batch", "mean_denominator", "row_draws", "sharing"]

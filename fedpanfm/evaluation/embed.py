@@ -20,7 +20,7 @@ from fedpanfm.config import ExperimentConfig, config_from_dict
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.data.collate import collate_subjects, dataset_label_names
 from fedpanfm.data.dataset import SiteDataset
-from fedpanfm.model.encoder import PanOrganEncoder
+from fedpanfm.model.encoder import PanOrganEncoder, organ_token_means
 from fedpanfm.model.meta_arch import PanFMSSL
 from fedpanfm.sgm import organ_attention_shares
 
@@ -210,21 +210,6 @@ def embed_batches(
         organ_names=first.organ_names,
         organ_mean=torch.cat(organ_mean) if organ_mean else torch.zeros(0, n_organs, 0),
     )
-
-
-def organ_token_means(tokens: Tensor, organ_id: Tensor, pad: Tensor, n_organs: int) -> Tensor:
-    """(B, O, D) mean of each organ's final tokens per subject; zero for an organ a subject lacks.
-
-    Args:
-        tokens: (B, 1+T, D) the encoder's normed tokens (CLS first).
-        organ_id: (B, 1+T) organ index per token, -1 for CLS and padding.
-        pad: (B, 1+T) True at padding.
-        n_organs: O, the vocabulary size.
-    """
-    valid = (organ_id >= 0) & ~pad
-    onehot = torch.nn.functional.one_hot(organ_id.clamp(min=0), n_organs).float() * valid[..., None]
-    sums = torch.einsum("bto,btd->bod", onehot, tokens.float())
-    return sums / onehot.sum(1).clamp(min=1.0)[..., None]
 
 
 __all__ = [

@@ -39,15 +39,16 @@ class MLP(nn.Module):
     """Linear -> GELU -> Linear.
 
     Args:
-        dim: input and output width.
+        dim: input width (and output width unless ``out_dim`` is given).
         hidden: hidden width.
+        out_dim: output width (the organ-contrast projector's embedding; default ``dim``).
     """
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim if out_dim is None else out_dim)
         init_linear(self.fc1)
         init_linear(self.fc2)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from fedpanfm.config import ExperimentConfig
@@ -104,4 +105,19 @@ class PanOrganEncoder(nn.Module):
         return self.forward(batch).cls
 
 
-__all__ = ["EncoderOutput", "PanOrganEncoder"]
+def organ_token_means(tokens: Tensor, organ_id: Tensor, pad: Tensor, n_organs: int) -> Tensor:
+    """(B, O, D) mean of each organ's final tokens per subject; zero for an organ a subject lacks.
+
+    Args:
+        tokens: (B, 1+T, D) the encoder's normed tokens (CLS first).
+        organ_id: (B, 1+T) organ index per token, -1 for CLS and padding.
+        pad: (B, 1+T) True at padding.
+        n_organs: O, the vocabulary size.
+    """
+    valid = (organ_id >= 0) & ~pad
+    onehot = torch.nn.functional.one_hot(organ_id.clamp(min=0), n_organs).float() * valid[..., None]
+    sums = torch.einsum("bto,btd->bod", onehot, tokens.float())
+    return sums / onehot.sum(1).clamp(min=1.0)[..., None]
+
+
+__all__ = ["EncoderOutput", "PanOrganEncoder", "organ_token_means"]

@@ -12,7 +12,8 @@ One training forward (DINO multi-crop + iBOT + DINOv2 layout, REFERENCES.md; doc
 5. losses: DINO across views (teacher global view g -> every student view v != g), iBOT within
    each global view (teacher tokens of view v at the positions masked in the student's view v),
    DEX director -> expert distillation and load balance on the student's DEX layers, optional
-   KoLeo and MAE-style reconstruction; total = cfg.train.loss weights.
+   KoLeo, MAE-style reconstruction and organ contrast (ours: each organ of a local view against
+   every organ of the student's global views); total = cfg.train.loss weights.
 The teacher is kept in eval mode at all times: no router noise (a noisy target is a worse
 target), no director distillation output and no usage accounting in the teacher.
 """
@@ -24,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedpanfm.augment import OrganAugmenter
@@ -35,7 +37,9 @@ from fedpanfm.losses.dino_cls import DINOClsLoss
 from fedpanfm.losses.ibot_patch import IBOTPatchLoss
 from fedpanfm.losses.koleo import koleo_loss
 from fedpanfm.losses.mae import masked_patch_mse, patchify
-from fedpanfm.model.encoder import EncoderOutput, PanOrganEncoder
+from fedpanfm.losses.organ_contrast import organ_contrast_loss
+from fedpanfm.model.dex import MLP
+from fedpanfm.model.encoder import EncoderOutput, PanOrganEncoder, organ_token_means
 from fedpanfm.model.heads import DINOHead
 from fedpanfm.model.tokenizer import gather_organ_tokens
 from fedpanfm.model.views import make_views
@@ -52,15 +56,20 @@ class SSLNetwork(nn.Module):
     Args:
         encoder: the pan-organ encoder.
         head: the projection head mapping D-wide tokens to K prototype logits.
+        pixel_decoder: organ -> linear patch decoder (MAE-style loss only).
+        organ_projector: organ mean token -> contrastive embedding (organ contrast only).
     """
 
-    def __init__(self, encoder: PanOrganEncoder, head: DINOHead, pixel_decoder: nn.ModuleDict | None = None) -> None:
+    def __init__(self, encoder: PanOrganEncoder, head: DINOHead, pixel_decoder: nn.ModuleDict | None = None,
+                 organ_projector: MLP | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
+        # Each only when its loss is on: the default state keys stay those of earlier runs.
         if pixel_decoder is not None:
-            # Only with train.loss.mae > 0: the default state keys stay those of earlier runs.
             self.pixel_decoder = pixel_decoder
+        if organ_projector is not None:
+            self.organ_projector = organ_projector
 
     def forward(
         self, batch: SubjectBatch, organ_mask: Tensor | None = None, patch_mask: dict[str, Tensor] | None = None
@@ -112,8 +121,10 @@ class PanFMSSL(nn.Module):
             pixel_decoder = nn.ModuleDict({
                 o: nn.Linear(m.dim, math.prod(cfg.data.organs[o].patch)) for o in cfg.data.organ_set()
             })
+        projector = MLP(m.dim, m.organ_proj_hidden_dim, m.organ_proj_dim) if t.loss.organ_contrast > 0 else None
         self.student = SSLNetwork(
-            PanOrganEncoder(cfg), DINOHead(m.dim, m.head_hidden_dim, m.head_bottleneck_dim, m.head_out_dim), pixel_decoder
+            PanOrganEncoder(cfg), DINOHead(m.dim, m.head_hidden_dim, m.head_bottleneck_dim, m.head_out_dim),
+            pixel_decoder, projector,
         )
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
@@ -220,6 +231,10 @@ class PanFMSSL(nn.Module):
             loss_mae = self._mae_loss(gv, s_out, patch_mask)
             total = total + w.mae * loss_mae
             metrics["loss/mae"] = loss_mae.item()
+        if w.organ_contrast > 0 and s_local is not None and views.local_views is not None:
+            loss_con = self._organ_contrast(gv, s_out, views.local_views, s_local, B)
+            total = total + w.organ_contrast * loss_con
+            metrics["loss/organ_contrast"] = loss_con.item()
         metrics["loss"] = total.item()
         n_present = int(present.sum())
         metrics["mask/organ_ratio"] = float(organ_mask.sum()) / max(n_present, 1)
@@ -256,6 +271,35 @@ class PanFMSSL(nn.Module):
         if n == 0:
             return out.cls.sum() * 0.0
         return sum(masked_patch_mse(p, t) * p.shape[0] for p, t in zip(preds, targets)) / n
+
+    def _organ_contrast(self, gv: SubjectBatch, g_out: EncoderOutput, lv: SubjectBatch, l_out: EncoderOutput,
+                        n_subjects: int) -> Tensor:
+        """InfoNCE from each organ of each local view to the same organ of the student's global views.
+
+        The key of (subject, organ) is the mean over the global views of the organ's mean output
+        token, over the views where the masker left at least one of its tokens visible (a wholly
+        masked organ's outputs are predictions, not an encoding); queries without a key are left out.
+        """
+        n_organs, dim = len(self.organs), g_out.tokens.shape[-1]
+        g_means = organ_token_means(g_out.tokens, g_out.organ_id, g_out.pad, n_organs).view(-1, n_subjects, n_organs, dim)
+        visible = (g_out.organ_id >= 0) & ~g_out.pad & ~g_out.masked
+        seen = F.one_hot(g_out.organ_id.clamp(min=0), n_organs).mul(visible[..., None]).sum(1) > 0
+        seen = (seen & gv.present.to(seen.device).bool()).view(-1, n_subjects, n_organs)
+        n_seen = seen.sum(0)
+        has_key = n_seen > 0  # (B, O)
+        key_means = (g_means * seen[..., None]).sum(0) / n_seen.clamp(min=1)[..., None]
+        key_index = torch.full(has_key.shape, -1, dtype=torch.long, device=has_key.device)
+        key_index[has_key] = torch.arange(int(has_key.sum()), device=has_key.device)
+
+        l_means = organ_token_means(l_out.tokens, l_out.organ_id, l_out.pad, n_organs)
+        l_present = lv.present.to(l_means.device).bool()
+        n_local = l_means.shape[0] // n_subjects
+        subject = torch.arange(n_local * n_subjects, device=l_means.device).remainder(n_subjects)
+        positive = key_index[subject[:, None].expand_as(l_present), torch.arange(n_organs, device=l_means.device)]
+        take = l_present & (positive >= 0)
+        projector = self.student.organ_projector
+        return organ_contrast_loss(projector(l_means[take]), projector(key_means[has_key]), positive[take],
+                                   self.cfg.train.organ_contrast_temp)
 
     def _gate_mass(self, out: EncoderOutput) -> Tensor:
         n_experts = self.cfg.model.dex.experts

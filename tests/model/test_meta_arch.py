@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import make_batch, tiny_config
 
+from fedpanfm.config import ConfigError
+from fedpanfm.model.encoder import EncoderOutput
 from fedpanfm.model.meta_arch import GLOBAL_VIEWS, PanFMSSL
 from fedpanfm.model.views import make_views
 
@@ -199,15 +202,75 @@ def test_koleo_weight_enters_the_total() -> None:
     assert koleo_loss(torch.zeros(1, 4)) is None
 
 
-def test_mae_weight_adds_a_pixel_decoder_and_enters_the_total() -> None:
+@pytest.mark.parametrize(("loss", "module", "param"), [("mae", "pixel_decoder", "pixel_decoder.heart.weight"),
+                                                      ("organ_contrast", "organ_projector", "organ_projector.fc1.weight")])
+def test_an_optional_loss_adds_its_module_and_enters_the_total(loss: str, module: str, param: str) -> None:
     base = _model(tiny_config())
-    assert not any("pixel_decoder" in k for k in base.state_dict())  # default state keys unchanged
-    cfg = tiny_config(["train.loss.mae=0.5"])
+    assert not any(module in k for k in base.state_dict())  # default state keys unchanged
+    cfg = tiny_config([f"train.loss.{loss}=0.5"])
     model = _model(cfg)
-    assert "student.pixel_decoder.heart.weight" in model.state_dict()
+    assert {f"student.{param}", f"teacher.{param}"} <= set(model.state_dict())
     out = model(make_batch(cfg, ORGAN_SETS, seed=2), SCHED, generator=torch.Generator().manual_seed(1))
     m, w = out.metrics, cfg.train.loss
     want = w.dino * m["loss/dino"] + w.ibot * m["loss/ibot"] + w.dex * m["loss/dex"] + w.balance * m["loss/balance"]
-    assert out.loss.item() == pytest.approx(want + 0.5 * m["loss/mae"], rel=1e-5)
+    assert out.loss.item() == pytest.approx(want + 0.5 * m[f"loss/{loss}"], rel=1e-5)
     out.loss.backward()
-    assert model.student.pixel_decoder["heart"].weight.grad is not None
+    grads = dict(model.named_parameters())
+    assert grads[f"student.{param}"].grad is not None and grads[f"teacher.{param}"].grad is None
+
+
+def test_organ_contrast_needs_local_views() -> None:
+    with pytest.raises(ConfigError, match="local_views"):
+        tiny_config(["train.loss.organ_contrast=1.0", "train.local_views=0"])
+
+
+def _layout(rows: list[list[tuple[int, bool]]], dim: int, seed: int) -> EncoderOutput:
+    """An encoder output whose row r holds the tokens rows[r] = [(organ id, masked), ...] after a CLS."""
+    width = 1 + max(len(r) for r in rows)
+    organ_id = torch.full((len(rows), width), -1, dtype=torch.long)
+    masked = torch.zeros(len(rows), width, dtype=torch.bool)
+    pad = torch.ones(len(rows), width, dtype=torch.bool)
+    pad[:, 0] = False
+    for i, r in enumerate(rows):
+        for j, (organ, is_masked) in enumerate(r, start=1):
+            organ_id[i, j], masked[i, j], pad[i, j] = organ, is_masked, False
+    tokens = torch.randn(len(rows), width, dim, generator=torch.Generator().manual_seed(seed))
+    return EncoderOutput(cls=tokens[:, 0], tokens=tokens, pad=pad, organ_id=organ_id, masked=masked,
+                         cls_attn=torch.zeros(len(rows), width), dex=[], positions={})
+
+
+def test_organ_contrast_pairs_each_local_organ_with_its_subjects_visible_global_organ() -> None:
+    from fedpanfm.losses.organ_contrast import organ_contrast_loss
+
+    cfg = tiny_config(["train.loss.organ_contrast=1.0"])
+    model = _model(cfg)
+    model.student.organ_projector = torch.nn.Identity()  # type: ignore[assignment]
+    n_organs, dim = len(model.organs), cfg.model.dim
+    # Subject 0 holds organs 0 and 1, subject 1 organs 1 and 2; rows are view-major (v0b0, v0b1, v1b0, v1b1).
+    # Organ 0 of subject 0 is wholly masked in global view 0, so its key is view 1's alone; organ 2 of
+    # subject 1 is wholly masked in both views: no key, and its local query is left out.
+    g_rows = [[(0, True), (0, True), (1, False), (1, True)], [(1, False), (2, True)],
+              [(0, False), (0, True), (1, False)], [(1, False), (2, True), (2, True)]]
+    l_rows = [[(1, False)], [(2, False), (1, False)], [(0, False), (1, False)], [(1, False)]]
+    g_out, l_out = _layout(g_rows, dim, 0), _layout(l_rows, dim, 1)
+
+    def present(rows: list[list[tuple[int, bool]]]) -> SimpleNamespace:
+        p = torch.zeros(len(rows), n_organs, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            for organ, _ in r:
+                p[i, organ] = True
+        return SimpleNamespace(present=p)
+
+    def mean(out: EncoderOutput, row: int, organ: int) -> torch.Tensor:
+        # The organ's mean output token over all its tokens, masked ones too (a visible token only
+        # decides whether the view counts).
+        return out.tokens[row][out.organ_id[row] == organ].mean(0)
+
+    keys = torch.stack([mean(g_out, 2, 0),                                   # subject 0, organ 0: view 1 only
+                        (mean(g_out, 0, 1) + mean(g_out, 2, 1)) / 2,         # subject 0, organ 1
+                        (mean(g_out, 1, 1) + mean(g_out, 3, 1)) / 2])        # subject 1, organ 1
+    queries = torch.stack([mean(l_out, 0, 1), mean(l_out, 1, 1), mean(l_out, 2, 0), mean(l_out, 2, 1),
+                           mean(l_out, 3, 1)])
+    want = organ_contrast_loss(queries, keys, torch.tensor([1, 2, 0, 1, 2]), cfg.train.organ_contrast_temp)
+    got = model._organ_contrast(present(g_rows), g_out, present(l_rows), l_out, 2)  # type: ignore[arg-type]
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)

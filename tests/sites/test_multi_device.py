@@ -93,13 +93,15 @@ def test_deepspeed_micro_batch_is_the_site_batch_split_across_devices() -> None:
 
 #: The study recipe's training settings (configs/study.yaml) on the tiny model: organ-subset local
 #: views (default 2), quarter turns and intensity augmentation, SGM organ masks and patch masks,
-#: Sinkhorn-Knopp targets at teacher temperature 0.01, DEX router noise and load balance. Every
+#: Sinkhorn-Knopp targets at teacher temperature 0.01, DEX router noise and load balance, the organ
+#: contrast (its keys gathered across the ranks with gradient). Every
 #: random draw and batch statistic of the step is in play: world size 2 must still reproduce
 #: world size 1 to round-off (fedpanfm/global_batch.py).
 RECIPE = ["train.augment.ranges.rotate_deg=0", "train.augment.ranges.translate=0", "train.augment.ranges.scale=[1.0,1.0]",
           "train.augment.ranges.noise_std=0", "train.augment.ranges.quarter_turns=true",
           "train.centering=sinkhorn_knopp", "train.teacher_temp_start=0.01", "train.teacher_temp_end=0.01",
-          "train.lr=0.002", "train.warmup_fraction=0", "train.epochs=2", "train.cpu_threads=1", "data.val_fraction=0"]
+          "train.lr=0.002", "train.warmup_fraction=0", "train.epochs=2", "train.cpu_threads=1", "data.val_fraction=0",
+          "train.loss.organ_contrast=3.0"]
 #: Subjects with different organs: unequal token counts per subject and per rank.
 ORGAN_SETS = [["brain", "heart", "liver"], ["heart", "liver"], ["brain", "heart", "liver"], ["brain", "heart"],
               ["heart"], ["brain", "liver"], ["brain", "heart", "liver"]]
