@@ -58,7 +58,13 @@ from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.data.dataset import SiteDataset, list_sites, pooled_dataset, split_subjects
 from fedpanfm.evaluation.attention import normalised_entropy
 from fedpanfm.evaluation.baselines import feature_baseline_scores
-from fedpanfm.evaluation.embed import collate_dataset, embed_batches, encoder_from_checkpoint, random_encoder
+from fedpanfm.evaluation.embed import (
+    Embeddings,
+    collate_dataset,
+    embed_batches,
+    encoder_from_checkpoint,
+    random_encoder,
+)
 from fedpanfm.evaluation.factors import CohortFactors, load_cohort_factors
 from fedpanfm.evaluation.probe import ProbeScores, fit_and_score, probe_split, score_probes
 from fedpanfm.evaluation.readouts import readout
@@ -193,6 +199,8 @@ class ArmScore:
         participation_ratio: effective number of directions of the CLS embedding.
         readouts: readout -> test macro AUROC of probes fitted on it (same split).
         readout: the primary readout ``macro`` is measured with.
+        dominant_by_subject: subject id -> its adipose + heart CLS-attention share, every
+            evaluation subject (the attention claims compare arms subject by subject).
     """
 
     macro: float
@@ -210,6 +218,7 @@ class ArmScore:
     participation_ratio: float = math.nan
     readouts: dict[str, float] = field(default_factory=dict)
     readout: str = "cls"
+    dominant_by_subject: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def auroc_cls(self) -> float:
@@ -268,7 +277,15 @@ def score_arm(result: EvaluationResult, encoder: PanOrganEncoder, batches: Seque
         participation_ratio=math.nan if f is None else f.participation_ratio,
         readouts={r: s.macro for r, s in result.readouts.items()},
         readout=result.readout,
+        dominant_by_subject=dominant_shares(full),
     )
+
+
+def dominant_shares(emb: Embeddings) -> dict[str, float]:
+    """subject id -> the CLS-attention share of adipose + heart (0 for a subject with neither)."""
+    columns = [emb.organ_names.index(o) for o in DOMINANT if o in emb.organ_names]
+    shares = emb.shares[:, columns].sum(dim=1) if columns else torch.zeros(len(emb.subject_ids))
+    return dict(zip(emb.subject_ids, shares.double().tolist()))
 
 
 def token_reference(batches: Sequence[SubjectBatch], cfg: ExperimentConfig) -> dict[str, float]:

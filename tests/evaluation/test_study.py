@@ -25,7 +25,14 @@ from fedpanfm.evaluation.study import (
     plan_budget,
     token_reference,
 )
-from fedpanfm.evaluation.study_report import TABLE_HEADER, check_targets, headroom_line, targets_table, write_study
+from fedpanfm.evaluation.study_report import (
+    TABLE_HEADER,
+    check_targets,
+    headroom_line,
+    paired_gap,
+    targets_table,
+    write_study,
+)
 from fedpanfm.evaluation.supervised_reference import train_factor_encoder
 from fedpanfm.train.pretrain import pooled_split
 
@@ -91,9 +98,13 @@ def test_federated_steps_sums_every_site_and_round() -> None:
             federated_steps(bad)
 
 
-def _score(macro: float, no_dom: float = math.nan, att: float = 0.5, info: float = 0.3) -> ArmScore:
+def _score(macro: float, no_dom: float = math.nan, att: float = 0.5, info: float = 0.3,
+           spread: float = 0.0) -> ArmScore:
+    # 100 evaluation subjects whose adipose + heart shares average `att` (+- spread).
+    per_subject = {f"s{i}": att + spread * (1 if i % 2 else -1) for i in range(100)}
     return ArmScore(macro=macro, val_macro=macro, macro_no_dominant=no_dom, full_same_subjects=macro, entropy=0.9,
-                    dominant_attention=att, dominant_info=info, readouts={"cls": macro})
+                    dominant_attention=att, dominant_info=info, readouts={"cls": macro},
+                    dominant_by_subject=per_subject)
 
 
 def test_targets_are_checked_per_seed_with_margins() -> None:
@@ -115,9 +126,13 @@ def test_targets_are_checked_per_seed_with_margins() -> None:
     drop = "adipose + heart removed: fed_sgm - fed_none >= 0.02"
     assert got[(drop, 0)].holds is True and got[(drop, 1)].holds is False
     assert got[(drop, 1)].margin == pytest.approx(-0.01)
-    shortcut = next(t for t in got.values() if t.claim.startswith("fed_none shows"))
-    assert shortcut.holds is True and shortcut.margin == pytest.approx(0.70 - 0.30)
-    assert got[("SGM lowers adipose + heart attention: fed_sgm < fed_none", 0)].margin == pytest.approx(0.30)
+    info_share = got[("fed_none shows the shortcut: adipose + heart attention > 1.5 x their information share", 0)]
+    assert info_share.holds is True and info_share.margin == pytest.approx(0.70 - 0.30)
+    # Subject by subject, fed_none attends 0.70 - 0.50 more than random_init, fed_sgm 0.30 less.
+    beyond = got[("fed_none shows the shortcut: adipose + heart attention > random_init's (95 % paired bootstrap)", 0)]
+    assert beyond.holds is True and beyond.margin == pytest.approx(0.20)
+    lowers = "SGM lowers adipose + heart attention: fed_sgm < fed_none (95 % paired bootstrap)"
+    assert got[(lowers, 0)].holds is True and got[(lowers, 0)].margin == pytest.approx(0.30)
     md = targets_table(check_targets(runs))
     assert "| fed_sgm >= random_init + 0.10 | pass (+0.080) | **miss** (-0.020) | **miss** |" in md
     # An arm not run leaves its claims "not run"; a NaN value leaves them "not measured".
@@ -275,7 +290,7 @@ def test_report_of_a_subset_of_arms(tmp_path) -> None:
     paths = write_study(runs, tmp_path, budget, {"total": 2.0, "prepare": 1.0}, {}, "fedpanfm study (test)")
     md = paths["results.md"].read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and ("fed_sgm" in line or "fed_none" in line)]
-    assert len(rows) == 6 and all(r.endswith("| not run | not run | n/a |") for r in rows)
+    assert len(rows) == 7 and all(r.endswith("| not run | not run | n/a |") for r in rows)
     # (0.70 + 0.74) / 2 - (0.55 + 0.57) / 2 = 0.16
     assert ("Headroom: supervised_factors - random_init = +0.160 macro AUROC (the most a linear probe on this "
             "architecture gained here when told the factors)") in md
@@ -288,3 +303,30 @@ def test_report_of_a_subset_of_arms(tmp_path) -> None:
     alone = write_study(runs[::2], tmp_path / "alone", budget, {}, {})
     assert "Headroom" not in alone["results.md"].read_text()
     assert headroom_line({"random_init": {"macro_auroc_mean": 0.5}}) == ""
+
+
+def test_paired_attention_gap_is_a_bootstrap_interval_over_subjects() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = _score(0.6), _score(0.6)
+    noise = torch.randn(400, generator=g, dtype=torch.float64)
+    a.dominant_by_subject = {f"s{i}": 0.40 + 0.01 + 0.1 * float(noise[i]) for i in range(400)}
+    b.dominant_by_subject = {f"s{i}": 0.40 for i in range(400)} | {"only_b": 0.9}
+    mean, lo, hi = paired_gap(a, b)
+    gap = 0.01 + 0.1 * noise.numpy()
+    assert mean == pytest.approx(gap.mean())
+    # The percentile interval of a mean: about mean +- 1.96 standard errors.
+    se = gap.std(ddof=1) / math.sqrt(len(gap))
+    assert lo == pytest.approx(gap.mean() - 1.96 * se, abs=0.3 * se)
+    assert hi == pytest.approx(gap.mean() + 1.96 * se, abs=0.3 * se)
+    # A 0.002 difference within that noise is no evidence either way: the SGM claim misses.
+    none = _score(0.6, att=0.402, spread=0.1)
+    sgm = _score(0.6, att=0.400)
+    sgm.dominant_by_subject = {k: v - 0.002 + (0.05 if int(k[1:]) % 3 else -0.1) for k, v in
+                               none.dominant_by_subject.items()}
+    runs = [ArmRun("fed_none", 0, none, 18, 1.0), ArmRun("fed_sgm", 0, sgm, 18, 1.0)]
+    lowers = next(t for t in check_targets(runs) if t.claim.startswith("SGM lowers"))
+    assert lowers.holds is False
+    # No subject in common: not measured, never a pass.
+    none.dominant_by_subject = {}
+    lowers = next(t for t in check_targets(runs) if t.claim.startswith("SGM lowers"))
+    assert lowers.holds is None and lowers.verdict == "not measured"
