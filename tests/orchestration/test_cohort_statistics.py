@@ -242,7 +242,10 @@ def test_simulated_federation_writes_one_row_per_site_and_drops_a_bad_reply(tmp_
     for site in sites:
         steps = [s for s, _ in read_scalars(run / "tensorboard" / site_run_name(site) / "steps")["loss/total"]]
         per_round = len(steps) // 2
-        assert per_round >= 1 and steps == list(range(2 * per_round)), (site, steps)
+        # Each round's actor writes its own event file, named by the second it opened; two rounds
+        # opened within one second are read in process-id order, so compare the steps as a set
+        # of places (each once, no gap), not in file order.
+        assert per_round >= 1 and sorted(steps) == list(range(2 * per_round)), (site, steps)
         rounds = [s for s, _ in read_scalars(run / "tensorboard" / site_run_name(site))["train/loss"]]
         assert rounds == [1, 2]
 
