@@ -220,21 +220,20 @@ class _GatherRows(torch.autograd.Function):
     gradient of the SUM of all ranks' losses with respect to its own rows."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, sizes: list[int]) -> Tensor:
-        rank, widest = dist.get_rank(), max(sizes)
-        ctx.start, ctx.n = sum(sizes[:rank]), x.shape[0]
+    def forward(ctx: Any, x: Tensor, sizes: list[int], start: int) -> Tensor:
+        ctx.start, ctx.n = start, x.shape[0]
         # Ranks hold different numbers of rows: each fills its own slot of a zero buffer and an
         # all-reduce (which gloo and NCCL both have) assembles the gather.
-        buf = x.new_zeros((len(sizes), widest, *x.shape[1:]))
-        buf[rank, : x.shape[0]] = x
+        buf = x.new_zeros((len(sizes), max(sizes), *x.shape[1:]))
+        buf[dist.get_rank(), : x.shape[0]] = x
         dist.all_reduce(buf)
         return torch.cat([buf[r, : sizes[r]] for r in range(len(sizes))])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         total = grad.contiguous().clone()
         dist.all_reduce(total)
-        return total[ctx.start: ctx.start + ctx.n], None
+        return total[ctx.start: ctx.start + ctx.n], None, None
 
 
 def all_gather_rows(x: Tensor) -> tuple[Tensor, int]:
@@ -254,7 +253,7 @@ def all_gather_rows(x: Tensor) -> tuple[Tensor, int]:
     counts[dist.get_rank()] = n
     sizes = [int(c) for c in all_sum(counts).tolist()]
     offset = sum(sizes[: dist.get_rank()])
-    return _GatherRows.apply(x[:n], sizes), offset
+    return _GatherRows.apply(x[:n], sizes, offset), offset
 
 
 def mean_denominator(count: Tensor) -> Tensor:
@@ -271,5 +270,5 @@ def mean_denominator(count: Tensor) -> Tensor:
     return total * part.share if part.count > 0 else count
 
 
-__all__ = ["Draws", "GeneratorDraws", "GlobalBatch", "RowDraws", "all_gather_rows", "all_logsumexp", "all_sum", "current", "draws_for",
-           "global_batch", "mean_denominator", "row_draws", "sharing"]
+__all__ = ["Draws", "GeneratorDraws", "GlobalBatch", "RowDraws", "all_gather_rows", "all_logsumexp", "all_sum", "current",
+           "draws_for", "global_batch", "mean_denominator", "row_draws", "sharing"]
