@@ -373,6 +373,9 @@ class StudyConfig:
     eval_subjects: int = option(150, lo=4, doc="subjects per evaluation site")
     eval_seed: int = option(1000, doc="synth seed of the evaluation cohort (differs from synth.seed)")
     cpus: int = option(0, lo=0, doc="CPUs for the federated arms' Ray; 0 = all cores")
+    workers: int = option(0, lo=0, doc="worker processes for the arms that train on one core (single-site "
+                          "candidates, centralized, the supervised reference), side by side with the federated "
+                          "arms; 0 = as many as cpus; 1 = one after another in the study's own process")
     quick: list[str] = option([], doc="KEY=VALUE overrides applied by --quick")
     primary_readout: Literal["cls", "organ_mean", "both"] = option(
         "cls", doc="encoder readout that decides macro_auroc, the same for every arm (docs/evaluation.md)")

@@ -156,33 +156,49 @@ def fit_logistic(x: Tensor, y: Tensor, l2: Tensor, max_iter: int, tol: float = 1
     theta = torch.zeros(g, d1, dtype=torch.float64)
     steps = 0.5 ** torch.arange(30, dtype=torch.float64)
     f = _objective(x1, y, c, theta, l2)
+    # Only the problems not yet converged take another step: a strong L2 converges in 1-3
+    # iterations, the weakest in ~12, and the (G, D, D) Hessians are nearly all of the cost
+    # (measured: 0.48 s for the nine fits of a 519-dim probe against 1.42 s stepping all nine).
+    active = torch.ones(g, dtype=torch.bool)
     for _ in range(max_iter):
-        p = torch.sigmoid(x1 @ theta.T)  # (n, G)
-        grad = (x1.T @ (c[:, None] * (p - y[:, None]))).T / len(y) + ridge * theta
-        if grad.abs().max() < tol:
-            break
-        # (G, D+1, n) @ (n, D+1): one batched matmul (an einsum over n, G, D, D was 4x slower).
-        h = (x1.T[None] * (c[:, None] * p * (1 - p)).T[:, None, :]) @ x1 / len(y)
-        h.diagonal(dim1=-2, dim2=-1).add_(ridge)
+        idx = torch.nonzero(active).flatten()
+        th, rd, lam, fa = theta[idx], ridge[idx], l2[idx], f[idx]
+        p = torch.sigmoid(x1 @ th.T)  # (n, A)
+        grad = (x1.T @ (c[:, None] * (p - y[:, None]))).T / len(y) + rd * th
+        done = grad.abs().amax(1) < tol
+        if bool(done.any()):
+            active[idx[done]] = False
+            keep = ~done
+            idx, th, rd, lam, fa, p, grad = idx[keep], th[keep], rd[keep], lam[keep], fa[keep], p[:, keep], grad[keep]
+            if not len(idx):
+                break
+        a = len(idx)
+        # One (D+1, n) @ (n, D+1) GEMM per problem: 25 % faster than one broadcast batched matmul
+        # (its (A, D+1, n) temporary), 4x faster than an einsum over n, A, D, D; same numbers.
+        weight = c[:, None] * p * (1 - p)
+        h = torch.stack([(x1 * wk[:, None]).T @ x1 for wk in weight.T]) / len(y)
+        h.diagonal(dim1=-2, dim2=-1).add_(rd)
         direction = _spd_solve(h, grad)
         # Armijo: the largest halving of the Newton step that decreases f enough, per problem.
         # The full step nearly always passes: try it alone first, the 30 halvings only if needed.
         slope = 1e-4 * (grad * direction).sum(1)
-        full = theta - direction
-        f_full = _objective(x1, y, c, full, l2)
-        if bool((f_full <= f - slope).all()):
-            theta, f = full, f_full
+        full = th - direction
+        f_full = _objective(x1, y, c, full, lam)
+        if bool((f_full <= fa - slope).all()):
+            theta[idx], f[idx] = full, f_full
             continue
-        cand = theta[None] - steps[:, None, None] * direction[None]  # (S, G, D+1)
-        f_cand = _objective(x1, y, c, cand.reshape(-1, d1), l2.repeat(len(steps))).reshape(len(steps), g)
-        ok = f_cand <= f[None] - steps[:, None] * slope[None]
-        first = torch.where(ok.any(0), ok.float().argmax(0), torch.full((g,), -1))
+        cand = th[None] - steps[:, None, None] * direction[None]  # (S, A, D+1)
+        f_cand = _objective(x1, y, c, cand.reshape(-1, d1), lam.repeat(len(steps))).reshape(len(steps), a)
+        ok = f_cand <= fa[None] - steps[:, None] * slope[None]
+        first = torch.where(ok.any(0), ok.float().argmax(0), torch.full((a,), -1))
         moved = first >= 0
         pick = first.clamp(min=0)
-        theta = torch.where(moved[:, None], cand[pick, torch.arange(g)], theta)
-        f = torch.where(moved, f_cand[pick, torch.arange(g)], f)
-        if not moved.any():
-            break  # no decrease possible in floating point: at the optimum
+        theta[idx] = torch.where(moved[:, None], cand[pick, torch.arange(a)], th)
+        f[idx] = torch.where(moved, f_cand[pick, torch.arange(a)], fa)
+        # No decrease possible in floating point: that problem is at its optimum.
+        active[idx[~moved]] = False
+        if not bool(active.any()):
+            break
     return theta[:, :-1].clone(), theta[:, -1].clone()
 
 

@@ -43,13 +43,15 @@ the library never imports ``orchestration`` (architecture.md).
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -85,6 +87,7 @@ FEDERATED_ARMS: dict[str, list[str]] = {
 #: ``federate(config_path, overrides, run_folder, cpus) -> run summary`` (orchestration.simulate).
 Federate = Callable[..., Mapping[str, Any]]
 Echo = Callable[[str], None]
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- budget
@@ -357,6 +360,24 @@ class ArmRun:
     note: str = ""
 
 
+@dataclass
+class Candidate:
+    """A trained single-site candidate: its validation macro AUROC and where its weights are."""
+
+    site: str
+    val_macro: float
+    steps: int
+    checkpoint: Path
+    seconds: float
+
+
+def choose_candidate(candidates: Sequence[Candidate]) -> Candidate:
+    """The single-site candidate with the best validation macro AUROC; the first of equals."""
+    if not candidates:
+        raise ValueError("choose_candidate: no single-site candidate was trained")
+    return max(candidates, key=lambda c: c.val_macro)  # max keeps the first of equals
+
+
 def derive(cfg: ExperimentConfig, overrides: Sequence[str], src: str = "study") -> ExperimentConfig:
     """``cfg`` with ``KEY=VALUE`` overrides, checked as ``--set`` items are."""
     return config_from_dict(cfg.to_dict(), src, list(overrides))
@@ -464,13 +485,13 @@ class Study:
 
     # ---------------------------------------------------------------- arms
 
-    def _pretrain(self, cohort: Path, run_dir: Path, overrides: list[str]) -> tuple[PanOrganEncoder, int]:
+    def _pretrain(self, cohort: Path, run_dir: Path, overrides: list[str]) -> tuple[PanOrganEncoder, int, Path]:
         from fedpanfm.train.pretrain import run_pretrain
 
         cfg = derive(self.cfg, overrides)
         summary = run_pretrain(cfg, cohort, run_dir, echo=lambda _m: None)
         encoder, _ = encoder_from_checkpoint(summary.checkpoint)
-        return encoder, summary.steps
+        return encoder, summary.steps, summary.checkpoint
 
     def _check_steps(self, arm: str, planned: int, done: int) -> None:
         if planned != done:
@@ -492,11 +513,14 @@ class Study:
         if arm == "random_init":
             encoder, steps = random_encoder(self.cfg, seed), 0
         elif arm == "centralized":
-            encoder, steps = self._pretrain(Path(self.cfg.cohort), folder / "train",
-                                            base + ["train.masking.policy=sgm", f"train.epochs={rounds_epochs}"])
+            encoder, steps, _ = self._pretrain(Path(self.cfg.cohort), folder / "train",
+                                               base + ["train.masking.policy=sgm", f"train.epochs={rounds_epochs}"])
             self._check_steps(arm, self.budget[arm].steps, steps)
         elif arm == "single_site":
-            return self._single_site(seed, batches, folder, t0)
+            candidates = [self.train_candidate(seed, site.name, batches) for site in list_sites(Path(self.cfg.cohort))]
+            for c in candidates:
+                self.echo(f"  single site {c.site}: val macro {c.val_macro:.3f}")
+            return self.report_single_site(seed, candidates, batches)
         elif arm == "supervised_factors":
             from fedpanfm.evaluation.supervised_reference import train_factor_encoder
 
@@ -524,31 +548,36 @@ class Study:
                              self.factors)
         return ArmRun(arm, seed, score, steps, time.perf_counter() - t0, note)
 
-    def _single_site(self, seed: int, batches: Sequence[SubjectBatch], folder: Path, t0: float) -> ArmRun:
-        # Every candidate is trained and scored by its validation probes only; the full report
-        # (robustness, attention, information drops) is written for the chosen site alone: it was
-        # three quarters of a candidate's evaluation time and decides nothing.
-        best: tuple[float, str, PanOrganEncoder, int] | None = None
-        for site in list_sites(Path(self.cfg.cohort)):
-            key = f"single_site:{site.name}"
-            # A cohort folder holding only this site (a link: the files and their cache are shared).
-            cohort = folder / "cohorts" / site.name
-            cohort.mkdir(parents=True, exist_ok=True)
-            (cohort / site.name).symlink_to(site, target_is_directory=True)
-            encoder, steps = self._pretrain(cohort, folder / site.name / "train",
-                                            [f"seed={seed}", "train.masking.policy=sgm",
-                                             f"train.epochs={self.budget[key].epochs}"])
-            self._check_steps(key, self.budget[key].steps, steps)
-            val = validation_macro(encoder, self.arm_cfg, batches, seed)
-            self.echo(f"  single site {site.name}: val macro {val:.3f}")
-            if best is None or val > best[0]:
-                best = (val, site.name, encoder, steps)
-        assert best is not None  # list_sites never returns an empty list
-        self.single_site_choice[seed] = best[1]
-        score = evaluate_arm(best[2], self.arm_cfg, batches, seed, folder / best[1] / "evaluation",
-                             f"single site {best[1]}, seed {seed}", self.factors)
-        return ArmRun("single_site", seed, score, best[3], time.perf_counter() - t0,
-                      f"best by validation AUROC: {best[1]}")
+    def train_candidate(self, seed: int, site: str, batches: Sequence[SubjectBatch]) -> Candidate:
+        """Pre-train one single-site candidate on ``site`` alone and score it by its validation
+        probes only (the full report is written for the chosen candidate alone: it was three
+        quarters of a candidate's evaluation time and decides nothing)."""
+        t0 = time.perf_counter()
+        folder = self.out / "arms" / f"single_site_seed{seed}"
+        key = f"single_site:{site}"
+        # A cohort folder holding only this site (a link: the files and their cache are shared).
+        cohort = folder / "cohorts" / site
+        cohort.mkdir(parents=True, exist_ok=True)
+        (cohort / site).symlink_to(Path(self.cfg.cohort) / site, target_is_directory=True)
+        encoder, steps, checkpoint = self._pretrain(cohort, folder / site / "train",
+                                                    [f"seed={seed}", "train.masking.policy=sgm",
+                                                     f"train.epochs={self.budget[key].epochs}"])
+        self._check_steps(key, self.budget[key].steps, steps)
+        val = validation_macro(encoder, self.arm_cfg, batches, seed)
+        return Candidate(site, val, steps, checkpoint, time.perf_counter() - t0)
+
+    def report_single_site(self, seed: int, candidates: Sequence[Candidate], batches: Sequence[SubjectBatch]) -> ArmRun:
+        """The ``single_site`` arm: the candidate with the best validation macro (the first of
+        equals, in site order), its full report, and the candidates' cost summed."""
+        t0 = time.perf_counter()
+        best = choose_candidate(candidates)
+        self.single_site_choice[seed] = best.site
+        encoder, _ = encoder_from_checkpoint(best.checkpoint)
+        folder = self.out / "arms" / f"single_site_seed{seed}" / best.site / "evaluation"
+        score = evaluate_arm(encoder, self.arm_cfg, batches, seed, folder, f"single site {best.site}, seed {seed}",
+                             self.factors)
+        seconds = sum(c.seconds for c in candidates) + time.perf_counter() - t0
+        return ArmRun("single_site", seed, score, best.steps, seconds, f"best by validation AUROC: {best.site}")
 
     def run_baselines(self, seed: int, batches: Sequence[SubjectBatch]) -> dict[str, ProbeScores]:
         """The feature baseline rows at ``seed`` (the split every arm of the seed is probed on)."""
@@ -560,7 +589,15 @@ class Study:
         return rows
 
     def run(self) -> list[ArmRun]:
-        """Prepare, then every arm at every seed (seed-major, so a partial study has whole seeds)."""
+        """Prepare, then every arm at every seed; :attr:`runs` and the result are seed-major.
+
+        The arms that train on one core (single-site candidates, centralized, the supervised
+        reference, random init's evaluation) run side by side in ``evaluation.study.workers``
+        worker processes while this process runs the federated arms one after another on Ray
+        (:func:`_study_pool`). Each job is single-threaded and seeded, so the numbers do not depend
+        on the schedule; an arm's ``seconds`` is the wall time of its own jobs while others share
+        the cores.
+        """
         t0 = time.perf_counter()
         # One intra-op thread here: the federated arms' site actors also run one each, and on a
         # shared small machine extra threads oversubscribe the cores (measured on 2 busy cores:
@@ -568,28 +605,76 @@ class Study:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         batches = self.prepare()
+        _EVAL_BATCHES[self.out] = list(batches)
         st = self.cfg.evaluation.study
-        ray_started = self._start_ray() if any(a in FEDERATED_ARMS for a in st.arms) else False
+        done: dict[tuple[str, int], ArmRun] = {}
+        pool = _study_pool(st.workers or st.cpus or os.cpu_count() or 1)
+        ray_started = False
         try:
+            # The longest jobs first (candidates, then centralized and the reference, random init's
+            # evaluation last), so that the cores do not end the study waiting on one long job.
+            candidates = {seed: [pool.submit(_candidate_job, self, seed, site.name)
+                                 for site in list_sites(Path(self.cfg.cohort))]
+                          for seed in st.seeds if "single_site" in st.arms}
+            local = {(arm, seed): pool.submit(_run_arm_job, self, arm, seed)
+                     for arm in sorted((a for a in st.arms if a not in FEDERATED_ARMS and a != "single_site"),
+                                       key=lambda a: a == "random_init")
+                     for seed in st.seeds}
+            single: dict[int, Future[ArmRun]] = {}
             for seed in st.seeds:
                 self.run_baselines(seed, batches)
+            for seed in st.seeds:
                 for arm in st.arms:
-                    run = self.run_arm(arm, seed, batches)
-                    self.runs.append(run)
-                    self.seconds[f"{arm}:{seed}"] = run.seconds
-                    s = run.score
-                    self.echo(f"{arm} seed {seed}: macro AUROC {s.macro:.3f}, without adipose+heart "
-                              f"{s.macro_no_dominant:.3f}, entropy {s.entropy:.3f}, adipose+heart attention "
-                              f"{s.dominant_attention:.2f}, {run.steps} steps, {run.seconds:.1f}s"
-                              + (f" ({run.note})" if run.note else ""))
+                    if arm in FEDERATED_ARMS:
+                        ray_started = ray_started or self._start_ray()
+                        self._record(self.run_arm(arm, seed, batches), done)
+                    self._collect(pool, local, candidates, single, done, wait=False)
+            self._collect(pool, local, candidates, single, done, wait=True)
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(threads)
             if ray_started:
                 import ray
 
                 ray.shutdown()
+        self.runs = [done[(arm, seed)] for seed in st.seeds for arm in st.arms]
         self.seconds["total"] = time.perf_counter() - t0
         return self.runs
+
+    def _collect(self, pool: Executor, local: dict[tuple[str, int], Future[ArmRun]],
+                 candidates: dict[int, list[Future[Candidate]]], single: dict[int, Future[ArmRun]],
+                 done: dict[tuple[str, int], ArmRun], wait: bool) -> None:
+        """Record the finished local jobs (all of them with ``wait``) and submit each seed's
+        single-site report once its candidates are trained."""
+        for seed, futures in list(candidates.items()):
+            if wait or all(f.done() for f in futures):
+                trained = [f.result() for f in futures]
+                for c in trained:
+                    self.echo(f"  single site {c.site}: val macro {c.val_macro:.3f}")
+                # The report runs in a worker: the choice is recorded here too.
+                self.single_site_choice[seed] = choose_candidate(trained).site
+                single[seed] = pool.submit(_single_site_job, self, seed, trained)
+                del candidates[seed]
+        finished = [*local.items(), *((("single_site", s), f) for s, f in single.items())]
+        for key, future in finished:
+            if key not in done and (wait or future.done()):
+                self._record(future.result(), done)
+
+    def _record(self, run: ArmRun, done: dict[tuple[str, int], ArmRun]) -> None:
+        done[(run.arm, run.seed)] = run
+        self.seconds[f"{run.arm}:{run.seed}"] = run.seconds
+        s = run.score
+        self.echo(f"{run.arm} seed {run.seed}: macro AUROC {s.macro:.3f}, without adipose+heart "
+                  f"{s.macro_no_dominant:.3f}, entropy {s.entropy:.3f}, adipose+heart attention "
+                  f"{s.dominant_attention:.2f}, {run.steps} steps, {run.seconds:.1f}s"
+                  + (f" ({run.note})" if run.note else ""))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What a worker process needs: the config, folders, budget and factors; not the
+        # federation runner or the echo (callables of this process), nor the results so far.
+        state = dict(self.__dict__)
+        state.update(federate=None, echo=_silent, runs=[], baselines={})
+        return state
 
     def _start_ray(self) -> bool:
         # One Ray for all federated arms (simulate reuses a running one): saves a Ray start per arm.
@@ -605,14 +690,69 @@ class Study:
         return True
 
 
+# --------------------------------------------------------------------------- worker processes
+
+#: study folder -> the collated evaluation cohort, once per process (a worker re-reads it from
+#: ``<study>/cohort_eval`` rather than receiving ~40 MB of tensors with every job).
+_EVAL_BATCHES: dict[Path, list[SubjectBatch]] = {}
+
+
+def _silent(_message: str) -> None:
+    return None
+
+
+def _eval_batches(study: Study) -> list[SubjectBatch]:
+    if study.out not in _EVAL_BATCHES:
+        _EVAL_BATCHES[study.out] = collate_dataset(pooled_dataset(study.out / "cohort_eval", study.cfg), study.cfg)
+    return _EVAL_BATCHES[study.out]
+
+
+def _run_arm_job(study: Study, arm: str, seed: int) -> ArmRun:
+    return study.run_arm(arm, seed, _eval_batches(study))
+
+
+def _candidate_job(study: Study, seed: int, site: str) -> Candidate:
+    return study.train_candidate(seed, site, _eval_batches(study))
+
+
+def _single_site_job(study: Study, seed: int, candidates: list[Candidate]) -> ArmRun:
+    return study.report_single_site(seed, candidates, _eval_batches(study))
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+class _InlineExecutor(Executor):
+    """Runs each job at submission, in this process (``workers = 1``: no process start-up)."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the caller by future.result(), as a pool would
+            future.set_exception(exc)
+        return future
+
+
+def _study_pool(workers: int) -> Executor:
+    """``workers`` single-threaded processes (spawned: no copy of this process's Ray or torch
+    threads), or this process alone for ``workers <= 1``."""
+    if workers <= 1:
+        return _InlineExecutor()
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
+
+
 __all__ = [
     "DOMINANT",
     "FEDERATED_ARMS",
     "ArmBudget",
     "ArmRun",
     "ArmScore",
+    "Candidate",
     "Study",
     "check_study",
+    "choose_candidate",
     "default_federate",
     "derive",
     "eval_cohort_config",
