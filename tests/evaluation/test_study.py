@@ -214,6 +214,36 @@ def test_micro_study_end_to_end(tmp_path) -> None:
         Study(cfg, study.out)
 
 
+def test_study_numbers_do_not_depend_on_the_worker_processes(tmp_path) -> None:
+    """The same micro study in two worker processes and in this process alone: every number,
+    the single-site choice and each candidate's echoed validation figure agree exactly."""
+    cfg = _cfg([
+        "synth.sites=2", "synth.subjects=8", "data.val_fraction=0.25", "federation.rounds=1",
+        "evaluation.study.seeds=[3, 4]", "evaluation.study.arms=[single_site, centralized]",
+        "evaluation.study.eval_sites=1", "evaluation.study.eval_subjects=40", "evaluation.bootstrap=20",
+        "evaluation.random_draws=1",
+    ])
+    results = {}
+    for workers in (2, 1):
+        lines: list[str] = []
+        study = Study(derive(cfg, [f"evaluation.study.workers={workers}"]), tmp_path / f"w{workers}",
+                      echo=lines.append)
+        runs = study.run()
+        results[workers] = (runs, study.single_site_choice, sorted(x for x in lines if x.startswith("  single site")))
+        # Seed-major whatever order the jobs finished in.
+        assert [(r.arm, r.seed) for r in runs] == [("single_site", 3), ("centralized", 3),
+                                                    ("single_site", 4), ("centralized", 4)]
+        # Two candidates per seed, each echoed once.
+        assert len(results[workers][2]) == 4
+    (pool_runs, pool_choice, pool_lines), (inline_runs, inline_choice, inline_lines) = results[2], results[1]
+    assert pool_choice == inline_choice and pool_lines == inline_lines
+    for a, b in zip(pool_runs, inline_runs, strict=True):
+        assert (a.arm, a.seed, a.steps, a.note) == (b.arm, b.seed, b.steps, b.note)
+        assert a.score.macro == b.score.macro and a.score.val_macro == b.score.val_macro
+        assert a.score.readouts == b.score.readouts and a.score.attention == b.score.attention
+        assert a.score.dominant_by_subject == b.score.dominant_by_subject
+
+
 # --------------------------------------------------------------------------- the supervised reference
 
 
