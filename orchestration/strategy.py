@@ -489,7 +489,9 @@ class FedPanFM(FedAvg):
             collected = TrainReplies()
             self.check_attempt(server_round, messages, self._sampled or [int(m.metadata.src_node_id) for m in messages],
                                collected)
-        updates, failures = collected.updates, collected.failures
+        # In site order, not arrival order: the weighted sums are float sums, whose last bits depend
+        # on the order, so the same seeded run gave different models (macro AUROC apart by 2e-4).
+        updates, failures = sorted(collected.updates, key=lambda u: u.site), collected.failures
         spans.mark("decode")
         log(INFO, "aggregate_train: round %d, %d site updates, %d dropped", server_round, len(updates),
             len(collected.dropped))

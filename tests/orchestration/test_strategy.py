@@ -182,6 +182,25 @@ def test_malformed_replies_are_dropped_and_the_rest_aggregated(caplog):
     assert metrics["sites"] == 2 and report.site_metrics["good1"]["subjects"] == 5.0
 
 
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in():
+    cfg = tiny_config()
+    g = global_model_state(cfg)
+    updates = [fake_site_update(cfg, g, f"site{i}", 3 + 2 * i, seed=i) for i in range(4)]
+    results = []
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]):
+        REGISTERED.clear()
+        strategy, _ = start(cfg, g, n_nodes=4)
+        arrays, _ = aggregate(strategy, [reply(updates[i].to_recorddict(), i + 1) for i in order])
+        results.append(arrayrecord_to_state(arrays))
+    for other in results[1:]:
+        assert all(torch.equal(results[0][k], other[k]) for k in results[0])
+    # The float sums do depend on the order: this is what the sort buys, not a no-op.
+    forward, _ = aggregate_round(g, updates, cfg, 1)
+    backward, _ = aggregate_round(g, updates[::-1], cfg, 1)
+    assert any(not torch.equal(forward[k], backward[k]) for k in forward)
+    assert all(torch.equal(results[0][k], forward[k]) for k in forward)
+
+
 def test_no_usable_reply_keeps_the_global_model():
     cfg = tiny_config()
     g = global_model_state(cfg)
