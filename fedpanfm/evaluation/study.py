@@ -460,6 +460,11 @@ class Study:
         # Baseline rows are scored once per seed (run_baselines), not beside every arm.
         self.arm_cfg = derive(self.cfg, ["evaluation.baselines=false"])
 
+    @property
+    def cpus(self) -> int:
+        """Cores the study uses: ``evaluation.study.cpus``, or all of them for 0."""
+        return self.cfg.evaluation.study.cpus or os.cpu_count() or 1
+
     # ---------------------------------------------------------------- setup
 
     def prepare(self) -> list[SubjectBatch]:
@@ -501,7 +506,8 @@ class Study:
         """Train (unless ``random_init``) and evaluate one arm at one seed.
 
         Args:
-            arm: a name of ``STUDY_ARMS``.
+            arm: a name of ``STUDY_ARMS`` other than ``single_site`` (:meth:`train_candidate`,
+                :meth:`report_single_site`).
             seed: the arm's seed (``seed`` override: init, shuffling, masks, train / val split).
             batches: the collated evaluation cohort.
         """
@@ -517,10 +523,8 @@ class Study:
                                                base + ["train.masking.policy=sgm", f"train.epochs={rounds_epochs}"])
             self._check_steps(arm, self.budget[arm].steps, steps)
         elif arm == "single_site":
-            candidates = [self.train_candidate(seed, site.name, batches) for site in list_sites(Path(self.cfg.cohort))]
-            for c in candidates:
-                self.echo(f"  single site {c.site}: val macro {c.val_macro:.3f}")
-            return self.report_single_site(seed, candidates, batches)
+            # Its candidates are jobs of their own (run() schedules them): see train_candidate.
+            raise ValueError("study arm single_site runs as train_candidate per site, then report_single_site")
         elif arm == "supervised_factors":
             from fedpanfm.evaluation.supervised_reference import train_factor_encoder
 
@@ -534,7 +538,7 @@ class Study:
         elif arm in FEDERATED_ARMS:
             federate = self.federate or default_federate()
             summary = federate(self.out / "experiment.yaml", base + FEDERATED_ARMS[arm], run_folder=folder / "train",
-                               cpus=self.cfg.evaluation.study.cpus or os.cpu_count() or 1)
+                               cpus=self.cpus)
             if summary.get("rounds") != self.cfg.federation.rounds:
                 raise RuntimeError(f"study arm {arm} seed {seed}: the federation ran {summary.get('rounds')} of "
                                    f"{self.cfg.federation.rounds} rounds (see {folder / 'train'})")
@@ -571,7 +575,6 @@ class Study:
         equals, in site order), its full report, and the candidates' cost summed."""
         t0 = time.perf_counter()
         best = choose_candidate(candidates)
-        self.single_site_choice[seed] = best.site
         encoder, _ = encoder_from_checkpoint(best.checkpoint)
         folder = self.out / "arms" / f"single_site_seed{seed}" / best.site / "evaluation"
         score = evaluate_arm(encoder, self.arm_cfg, batches, seed, folder, f"single site {best.site}, seed {seed}",
@@ -608,7 +611,7 @@ class Study:
         _EVAL_BATCHES[self.out] = list(batches)
         st = self.cfg.evaluation.study
         done: dict[tuple[str, int], ArmRun] = {}
-        pool = _study_pool(st.workers or st.cpus or os.cpu_count() or 1)
+        pool = _study_pool(st.workers or self.cpus)
         ray_started = False
         try:
             # The longest jobs first (candidates, then centralized and the reference, random init's
@@ -652,7 +655,7 @@ class Study:
                 trained = [f.result() for f in futures]
                 for c in trained:
                     self.echo(f"  single site {c.site}: val macro {c.val_macro:.3f}")
-                # The report runs in a worker: the choice is recorded here too.
+                # The report runs in a worker: the choice is recorded here.
                 self.single_site_choice[seed] = choose_candidate(trained).site
                 single[seed] = pool.submit(_single_site_job, self, seed, trained)
                 del candidates[seed]
@@ -686,7 +689,7 @@ class Study:
         if ray.is_initialized():
             return False
         # address="local": a private Ray even where a cluster is discoverable (issue 17).
-        ray.init(address="local", num_cpus=self.cfg.evaluation.study.cpus or os.cpu_count() or 1,
+        ray.init(address="local", num_cpus=self.cpus,
                  include_dashboard=False, logging_level=logging.WARNING)
         return True
 
