@@ -9,6 +9,7 @@ applied on top of the file and checked the same way.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from fedpanfm.typed_yaml import (
     read_yaml_mapping,
     to_plain,
 )
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- data
 
@@ -102,7 +105,9 @@ class DataConfig:
     on_bad: Literal["error", "skip"] = "error"
     cache: bool = True
     cache_dir: str = option("", doc="preprocessed-array cache; '' means <site>/.fedpanfm_cache")
-    memory_cache: bool = False  # also keep preprocessed subjects in RAM (per DataLoader worker)
+    memory_cache_mib: float = option(
+        512.0, lo=0.0, doc="keep preprocessed subjects in RAM up to this many MiB per site and process (each "
+                           "DataLoader worker its own); the first ones read stay; 0 = read every batch from disk")
     batch_size: int = option(16, lo=1)
     num_workers: int = option(0, lo=0)
     val_fraction: float = option(0.2, lo=0.0, hi=0.9, doc="held-out share of each site's subjects")
@@ -228,6 +233,8 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     epochs: int = option(2, lo=1, doc="local epochs (per round in a federation)")
+    checkpoint_every: int = option(1, lo=1, doc="pre-training validates and checkpoints every this many epochs and "
+                                                "after the last; --resume restarts after the last checkpoint")
     lr: float = option(5e-4, lo=0.0, doc="peak lr at lr_reference_batch; scaled by sqrt(effective batch / reference)")
     lr_reference_batch: int = option(16, lo=1, doc="batch at which train.lr holds (square-root rule, DINOv2)")
     min_lr: float = option(1e-5, lo=0.0)
@@ -436,11 +443,32 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------- loading
 
 
+def _retire_memory_cache(raw: dict[str, Any], src: str) -> None:
+    """Read ``data.memory_cache`` (a switch until the twelfth session) as ``data.memory_cache_mib``.
+
+    Every run folder and checkpoint written before stores the switch, usually ``false``; resuming
+    such a run must not fail on it. ``false`` keeps nothing in RAM, as it did; ``true`` kept every
+    subject, now up to the default budget.
+    """
+    data = raw.get("data")
+    if not isinstance(data, dict) or "memory_cache" not in data:
+        return
+    old = data.pop("memory_cache")
+    if not isinstance(old, bool):
+        raise ConfigError(f"{src}: data.memory_cache = {old!r} must be true or false (the key is now "
+                          "data.memory_cache_mib, a budget in MiB)")
+    if old is False and "memory_cache_mib" not in data:
+        data["memory_cache_mib"] = 0.0
+    log.info("%s: data.memory_cache is now data.memory_cache_mib (read %r as %s MiB)", src, old,
+             data.get("memory_cache_mib", "the default"))
+
+
 def config_from_dict(raw: dict[str, Any], src: str = "<dict>", overrides: list[str] | None = None) -> ExperimentConfig:
     """Build and check an :class:`ExperimentConfig` from a plain mapping plus ``--set`` overrides."""
     raw = to_plain(dict(raw or {}))
     if not isinstance(raw, dict):
         raise ConfigError(f"{src}: the top level must be a mapping")
+    _retire_memory_cache(raw, src)
     for text in overrides or []:
         parts, value = parse_override(text)
         apply_override(raw, parts, value, text)

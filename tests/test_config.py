@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpanfm.config import ConfigError, ExperimentConfig, load_config
+from fedpanfm.config import ConfigError, DataConfig, ExperimentConfig, config_from_dict, load_config
 from fedpanfm.organs import DEFAULT_ORGANS, OrganSet
 
 
@@ -105,3 +105,11 @@ def test_site_subjects_keys_are_checked_site_names(tmp_path, name):
 def test_site_subjects_accepts_plain_names(tmp_path):
     cfg = load_config(write(tmp_path, "federation:\n  site_subjects:\n    hospital_a: 5\n    site-02: 7\n"))
     assert cfg.federation.site_subjects == {"hospital_a": 5, "site-02": 7}
+
+
+def test_a_run_folder_written_with_the_old_memory_cache_switch_still_loads() -> None:
+    # Run folders and checkpoints written before store data.memory_cache (a switch).
+    assert config_from_dict({"data": {"memory_cache": False}}).data.memory_cache_mib == 0.0
+    assert config_from_dict({"data": {"memory_cache": True}}).data.memory_cache_mib == DataConfig().memory_cache_mib
+    with pytest.raises(ConfigError, match="data.memory_cache = 'yes'"):
+        config_from_dict({"data": {"memory_cache": "yes"}})

@@ -26,7 +26,7 @@ import os
 import random
 import tempfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,28 @@ class _Entry:
     subject_id: str
     labels: dict[str, float]
     images: list[_Image]
+
+
+@dataclass
+class SubjectMemory:
+    """Preprocessed subjects kept in RAM up to ``budget`` bytes.
+
+    Our policy: the first subjects read stay and none is ever evicted. Training reads every
+    subject once per epoch in a new order, so a least-recently-used cache smaller than the site
+    would evict each subject before its next use and never hit; keeping the first ones hits on
+    ``budget / site size`` of the reads every epoch. Callers must not modify a returned subject.
+    """
+
+    budget: int
+    used: int = 0
+    subjects: dict[str, Subject] = field(default_factory=dict)
+
+    def offer(self, subject: Subject) -> None:
+        """Keep ``subject`` if it still fits."""
+        size = sum(t.numel() * t.element_size() for t in subject.images.values())
+        if self.used + size <= self.budget:
+            self.subjects[subject.subject_id] = subject
+            self.used += size
 
 
 class SiteDataset(Dataset[Subject]):
@@ -113,9 +135,9 @@ class SiteDataset(Dataset[Subject]):
                 self._skip(sid, str(exc))
                 continue
             self._entries.append(_Entry(sid, labels, images))
-        # Keyed by subject id and shared with subsets, so the train and validation loaders of
-        # every round read a subject from disk once when ``data.memory_cache`` is on.
-        self._memory: dict[str, Subject] = {}
+        # Shared with subsets, so the train and validation loaders of every round read a subject
+        # from disk once while it fits in ``data.memory_cache_mib``.
+        self._memory = SubjectMemory(int(cfg.data.memory_cache_mib * 2**20))
 
     # ------------------------------------------------------------------ dataset protocol
 
@@ -124,12 +146,12 @@ class SiteDataset(Dataset[Subject]):
 
     def __getitem__(self, i: int) -> Subject:
         e = self._entries[i]
-        if e.subject_id in self._memory:
-            return self._memory[e.subject_id]
+        kept = self._memory.subjects.get(e.subject_id)
+        if kept is not None:
+            return kept
         images = {im.organ: torch.from_numpy(self._load(im)) for im in e.images}
         subject = Subject(subject_id=e.subject_id, images=images, labels=dict(e.labels), site=self.site)
-        if self.cfg.data.memory_cache:
-            self._memory[e.subject_id] = subject
+        self._memory.offer(subject)
         return subject
 
     # ------------------------------------------------------------------ views

@@ -15,6 +15,7 @@ the teacher's token layouts are identical, so their tokens align position by pos
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -67,6 +68,27 @@ def sequence_layout(present: Tensor, num_patches: Tensor) -> tuple[Tensor, int]:
     return offsets, length
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def patch_embedding(x: Tensor, conv: nn.Conv2d | nn.Conv3d) -> Tensor:
+    """``conv`` (kernel = stride = the patch, no padding) applied to (n, C, *S) as one matrix product.
+
+    Returns (n, P, D), patches in row-major order of the patch grid: the same numbers as
+    ``conv(x).flatten(2).transpose(1, 2)`` up to float rounding. Why not the convolution: a
+    non-overlapping patch convolution is a GEMM over unfolded patches, and on CPU the GEMM with its
+    backward took a fraction of oneDNN's strided convolution (docs/method.md).
+    """
+    patch = tuple(int(k) for k in conv.kernel_size)
+    n, c, *size = x.shape
+    grid = [s // p for s, p in zip(size, patch)]
+    k = len(patch)
+    # (n, C, g1, p1, g2, p2, ...) -> (n, g1, g2, ..., C, p1, p2, ...): the weight's (D, C, p1, ...) order.
+    x = x.reshape(n, c, *[v for gp in zip(grid, patch) for v in gp])
+    x = x.permute(0, *range(2, 2 + 2 * k, 2), 1, *range(3, 3 + 2 * k, 2))
+    return nn.functional.linear(x.reshape(n, -1, c * math.prod(patch)), conv.weight.flatten(1), conv.bias)
+
+
 class OrganTokenizer(nn.Module):
     """Patch embedding of one organ's grid plus its positional and organ embeddings.
 
@@ -104,8 +126,10 @@ class OrganTokenizer(nn.Module):
         """(n, 1, *grid) images -> (n, P, D) patch embeddings (no position / organ added)."""
         x = images.to(self.patch_embed.weight.dtype)
         if self.stem is not None:
-            x = self.stem(x)
-        return self.patch_embed(x).flatten(2).transpose(1, 2)
+            # Channels-last: with 16 channels oneDNN's NCHW convolutions (and their backward) took
+            # about twice as long on CPU, a quarter of a training step (docs/method.md).
+            x = self.stem(x.contiguous(memory_format=_CHANNELS_LAST[x.dim()]))
+        return patch_embedding(x, self.patch_embed)
 
     def forward(self, images: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
         """Embed ``images`` (n, 1, *grid) into (n, P, D) tokens.

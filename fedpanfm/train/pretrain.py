@@ -6,11 +6,12 @@ Each site's subjects are split into train / validation with the same ``split_sub
 trains on exactly the union of what the sites train on and validates on the union of their
 held-out subjects.
 
-Resuming (``fedpanfm pretrain --resume RUN_DIR``): every epoch's checkpoint holds, beside the
+Resuming (``fedpanfm pretrain --resume RUN_DIR``): every checkpoint (every
+``train.checkpoint_every`` epochs and the last) holds, beside the
 model, what training needs to continue exactly as if it had not stopped: the AdamW moments, the
 schedule position, torch's global RNG (masking, views) and the shuffling generator of the
 loader, in ``trainer_state.safetensors`` (tensors only, no pickle; its SHA-256 is in the
-checkpoint's ``meta.json``). A resumed run continues after the last complete epoch; its
+checkpoint's ``meta.json``). A resumed run continues after the last checkpoint; its
 TensorBoard continues at the next step (events the interrupted epoch wrote are hidden). On CPU
 the result equals the uninterrupted run's to float rounding (tests/train/test_pretrain_resume.py:
 max |difference| <= 1e-6).
@@ -183,7 +184,8 @@ def run_pretrain(
     echo: Callable[[str], None] = print,
     resume: bool = False,
 ) -> PretrainSummary:
-    """Train ``cfg.train.epochs`` epochs on the pooled cohort, logging and checkpointing each epoch.
+    """Train ``cfg.train.epochs`` epochs on the pooled cohort, logging each epoch; validating and
+    checkpointing every ``cfg.train.checkpoint_every`` epochs and after the last.
 
     Args:
         cfg: the experiment config (with ``resume``: the checkpoint's; see :func:`resume_point`).
@@ -234,7 +236,10 @@ def run_pretrain(
 
         for epoch in range(first, epochs + 1):
             last = trainer.fit(loader, epochs=1, total_steps=total_steps, on_step=on_step)
-            val_metrics = trainer.evaluate(val_loader) if val_loader is not None else {}
+            # A small site's epoch is a few steps: validating and checkpointing after every one
+            # cost as much as a fifth of its training and ~0.5 GB of checkpoints per run.
+            due = epoch == epochs or epoch % cfg.train.checkpoint_every == 0
+            val_metrics = trainer.evaluate(val_loader) if due and val_loader is not None else {}
             step = trainer.step
             per_epoch = {k: v for k, v in last.metrics.items() if k.startswith(("saliency/", "mask_rate/"))}
             per_epoch.update(expert_usage_scalars(last.gate_mass))
@@ -242,6 +247,12 @@ def run_pretrain(
             per_epoch["epoch"] = float(epoch)
             tb.scalars(per_epoch, step)
             tb.flush()
+            loss = last.metrics.get("loss", float("nan"))
+            echo(f"epoch {epoch}/{epochs}: step {step}, train loss {loss:.4f}"
+                 + (f", val loss {val_metrics['loss']:.4f}" if "loss" in val_metrics else "")
+                 + f", {last.seconds:.1f}s")
+            if not due:
+                continue
             # The trainer state is written (and checksummed) with the checkpoint, so "latest" only
             # ever points at an epoch that can be resumed.
             resume_tensors, resume_meta = _trainer_state(trainer, loader)
@@ -263,10 +274,6 @@ def run_pretrain(
                 extra_files={TRAINER_STATE: _tensor_bytes(resume_tensors)},
             )
             point_latest(ckpt_root / "latest", checkpoint)
-            loss = last.metrics.get("loss", float("nan"))
-            echo(f"epoch {epoch}/{epochs}: step {step}, train loss {loss:.4f}"
-                 + (f", val loss {val_metrics['loss']:.4f}" if "loss" in val_metrics else "")
-                 + f", {last.seconds:.1f}s")
         assert last is not None  # epochs >= 1 by config
         final = {f"final/train_{k}": v for k, v in last.metrics.items() if "/" not in k}
         final.update({f"final/val_{k}": v for k, v in val_metrics.items() if "/" not in k})

@@ -146,12 +146,22 @@ def test_cache_dir_setting_and_cache_off(tmp_path):
     assert not (tmp_path / "site_a" / ".fedpanfm_cache").exists()
 
 
-def test_memory_cache_returns_the_same_subject(tmp_path):
-    cfg = tiny_config(["data.memory_cache=true"])
-    make_site(tmp_path / "site_a", cfg, {"s0": ["brain"]})
+def test_memory_cache_keeps_subjects_up_to_its_budget(tmp_path):
+    cfg = tiny_config()
+    make_site(tmp_path / "site_a", cfg, {"s0": ["brain"], "s1": ["brain"], "s2": ["brain"]})
     ds = SiteDataset(tmp_path / "site_a", cfg)
-    assert ds[0] is ds[0]
+    assert ds[0] is ds[0]  # the default budget holds this site
     assert ds.subset(["s0"])[0] is ds[0]  # subsets share the parent's memory
+    one = ds[0].images["brain"]
+    size = one.numel() * one.element_size()
+    # A budget of two subjects keeps the first two read, and reads the third from disk each time.
+    tight = tiny_config([f"data.memory_cache_mib={2.5 * size / 2**20}"])
+    ds = SiteDataset(tmp_path / "site_a", tight)
+    first, second, third = ds[0], ds[1], ds[2]
+    assert ds[0] is first and ds[1] is second and ds[2] is not third
+    assert torch.equal(ds[2].images["brain"], third.images["brain"])
+    off = SiteDataset(tmp_path / "site_a", tiny_config(["data.memory_cache_mib=0"]))
+    assert off[0] is not off[0]
 
 
 def test_open_site_dataset_reuses_until_the_manifest_or_data_config_changes(tmp_path, monkeypatch):

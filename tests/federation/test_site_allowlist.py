@@ -82,8 +82,8 @@ def test_federation_run_refuses_an_experiment_no_site_accepts_before_submitting(
     # --set is checked the same way; so is a run config written by other callers.
     experiment.write_text(yaml.safe_dump(TINY))
     assert main(["federation", "run", "--coordinator-config", str(deployment), "--run-folder", str(run),
-                 "--set", "data.memory_cache=true"]) == 2
-    assert "sets data.memory_cache = True" in capsys.readouterr().err and not run.exists()
+                 "--set", "data.memory_cache_mib=0"]) == 2
+    assert "sets data.memory_cache_mib = 0.0" in capsys.readouterr().err and not run.exists()
     with pytest.raises(ConfigError, match="sets data.cache_dir = '/x'"):
         write_run_config(tmp_path / "rc.toml", experiment, ["data.cache_dir=/x"], run)
     written = tomllib.loads(write_run_config(tmp_path / "rc.toml", experiment, ["train.lr=0.5"], run).read_text())

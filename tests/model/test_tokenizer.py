@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_batch, tiny_config
+from torch import nn
 
-from fedpanfm.model.tokenizer import OrganTokenizer, PanOrganTokenizer, gather_organ_tokens
+from fedpanfm.model.tokenizer import OrganTokenizer, PanOrganTokenizer, gather_organ_tokens, patch_embedding
 
 ORGAN_SETS = [["brain", "heart"], ["liver"], ["heart", "adipose", "pancreas"], ["kidney", "spleen", "brain"]]
 
@@ -134,3 +135,23 @@ def test_bad_masks_name_the_fault():
         tz(batch, patch_mask={"brain": torch.zeros(1, 8, dtype=torch.bool)})
     with pytest.raises(ValueError, match="patch_mask\\['heart'\\]"):
         tz(batch, patch_mask={"heart": torch.zeros(1, 5, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("conv,shape", [
+    (nn.Conv2d(16, 64, (8, 4), stride=(8, 4)), (5, 16, 32, 24)),
+    (nn.Conv3d(3, 32, (2, 4, 4), stride=(2, 4, 4)), (2, 3, 8, 16, 12)),
+])
+def test_patch_embedding_is_the_patch_convolution(conv: nn.Module, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    ref = conv(x).flatten(2).transpose(1, 2)
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    for inp in (x, x.contiguous(memory_format=fmt)):  # the stem hands it channels-last tensors
+        out = patch_embedding(inp, conv)
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # The same gradients reach the conv's weight and the input.
+    grads = torch.autograd.grad(ref.square().sum(), [conv.weight, x])
+    mine = torch.autograd.grad(patch_embedding(x, conv).square().sum(), [conv.weight, x])
+    for a, b in zip(mine, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

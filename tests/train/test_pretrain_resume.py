@@ -29,10 +29,10 @@ def run_cli(argv: list[str]) -> int:
     return args.func(args)
 
 
-@pytest.mark.timeout(600)
-def test_resumed_pretrain_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+def two_runs(tmp_path: Path, **train: int) -> tuple[Path, Path]:
+    """Two identical pretrain runs of the tiny config with ``train`` overrides: (whole, parted)."""
     raw = yaml.safe_load(yaml.safe_dump(TINY))
-    raw["train"]["epochs"] = 2
+    raw["train"].update(train)
     raw["device"] = "cpu"
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -41,6 +41,12 @@ def test_resumed_pretrain_equals_the_uninterrupted_run(tmp_path: Path) -> None:
     whole, parted = tmp_path / "whole", tmp_path / "parted"
     for out in (whole, parted):
         assert run_cli(["pretrain", "--config", str(config), "--cohort", str(cohort), "--out", str(out)]) == 0
+    return whole, parted
+
+
+@pytest.mark.timeout(600)
+def test_resumed_pretrain_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    whole, parted = two_runs(tmp_path, epochs=2)
     # ``parted`` stops after epoch 1: its epoch-2 checkpoint never happened (its TensorBoard events
     # of epoch 2 stay on disk, as an interrupted epoch's would, and must be hidden on resume).
     shutil.rmtree(parted / "checkpoints" / "epoch_2")
@@ -70,3 +76,22 @@ def test_resumed_pretrain_equals_the_uninterrupted_run(tmp_path: Path) -> None:
     assert (parted / "config.yaml").is_file()
     with pytest.raises(ValueError, match="all 2 epochs are done"):
         run_cli(["pretrain", "--resume", str(parted)])
+
+
+@pytest.mark.timeout(600)
+def test_checkpoint_every_validates_and_checkpoints_every_kth_epoch_and_the_last(tmp_path: Path) -> None:
+    whole, parted = two_runs(tmp_path, epochs=3, checkpoint_every=2)
+    assert sorted(p.name for p in (whole / "checkpoints").glob("epoch_*")) == ["epoch_2", "epoch_3"]
+    scalars = read_scalars(whole / "pretrain")
+    per_epoch = [v for _, v in scalars["epoch"]]
+    assert per_epoch == [1.0, 2.0, 3.0]  # training scalars every epoch ...
+    val_steps = [s for s, _ in scalars["val/loss/total"]]
+    assert val_steps == [s for s, v in scalars["epoch"] if v in (2.0, 3.0)]  # ... validation when due
+    # Resuming after the epoch-2 checkpoint replays epoch 3 and ends where the whole run did.
+    shutil.rmtree(parted / "checkpoints" / "epoch_3")
+    point_latest(parted / "checkpoints" / "latest", parted / "checkpoints" / "epoch_2")
+    assert run_cli(["pretrain", "--resume", str(parted)]) == 0
+    a, _, _ = load_checkpoint(whole / "checkpoints" / "latest")
+    b, _, meta_b = load_checkpoint(parted / "checkpoints" / "latest")
+    assert meta_b["epoch"] == 3
+    assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point()) <= TOLERANCE
