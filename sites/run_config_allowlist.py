@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Node-config key naming the site's preprocessed-array cache (from ``site.yaml`` ``cache_dir``).
 NODE_CACHE_DIR = "cache-dir"
+#: Node-config key of the site's in-RAM subject budget in MiB (``site.yaml`` ``memory_cache_mib``).
+NODE_MEMORY_CACHE = "memory-cache-mib"
 
 
 class RunConfigRefused(PublicError, ValueError):
@@ -53,7 +55,8 @@ def site_experiment_config(run_config: Mapping[str, Any], node_config: Mapping[s
     Args:
         run_config: the run config the coordinator sent (``config``, ``overrides``,
             ``config-yaml``, ``run-folder``, ``resume``).
-        node_config: the site's own node config (``site-name``, ``data-dir``, ``cache-dir``);
+        node_config: the site's own node config (``site-name``, ``data-dir``, ``cache-dir``,
+            ``memory-cache-mib``);
             a simulated partition (``partition-id``) uses the run config as it is.
 
     Raises:
@@ -80,7 +83,9 @@ def site_experiment_config(run_config: Mapping[str, Any], node_config: Mapping[s
         raise RunConfigRefused(f"run config {refusal(*refused[0])}")
     raw = site_view(sent)
     raw["data"]["cache_dir"] = str(node_config.get(NODE_CACHE_DIR, ""))
+    if NODE_MEMORY_CACHE in node_config:
+        raw["data"]["memory_cache_mib"] = node_config[NODE_MEMORY_CACHE]
     return config_from_dict(raw, f"{run_config.get('config', '')} (sent by the coordinator, site allowlist applied)")
 
 
-__all__ = ["NODE_CACHE_DIR", "RunConfigRefused", "is_deployed", "site_experiment_config"]
+__all__ = ["NODE_CACHE_DIR", "NODE_MEMORY_CACHE", "RunConfigRefused", "is_deployed", "site_experiment_config"]

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Literal
 
 from fedpanfm.certs import split_address
-from fedpanfm.config import ExperimentConfig, load_config
+from fedpanfm.config import DataConfig, ExperimentConfig, load_config
 from fedpanfm.site_names import check_site_name
 from fedpanfm.typed_yaml import ConfigError, load_yaml_dataclass, option
 from sites.approved_app import check_app_hash
 from sites.cohort_statistics import NODE_MIN_CELL, NODE_SWITCH
+from sites.run_config_allowlist import NODE_MEMORY_CACHE
 from sites.step_curves import NODE_TB_DIR
 from sites.worker.wire import check_socket_path
 
@@ -70,6 +71,8 @@ class SiteConfig:
     data_dir: str = option("data", doc="the site folder: manifest.csv and the images it names")
     cache_dir: str = option("", doc="preprocessed-array cache ('' = <data_dir>/.fedpanfm_cache); the coordinator "
                                    "cannot set it (sites/run_config_allowlist.py)")
+    memory_cache_mib: float = option(DataConfig.memory_cache_mib, lo=0.0, doc="preprocessed subjects kept in RAM per training process, "
+                                                        "MiB (0 = none); the coordinator cannot set it")
     organs: list[str] = option([], doc="organs this site holds; site check compares them with the data")
     experiment: str = option("", doc="the federation's experiment YAML (organ preprocessing); '' = defaults")
     coordinator: str = option("", doc="HOST:PORT of the coordinator's SuperLink")
@@ -150,6 +153,8 @@ class SiteConfig:
         text = f"site-name='{self.site_name}' data-dir='{self.data_dir}'"
         if self.cache_dir:
             text += f" cache-dir='{self.cache_dir}'"
+        if self.memory_cache_mib != DataConfig.memory_cache_mib:
+            text += f" {NODE_MEMORY_CACHE}={self.memory_cache_mib}"
         stats = self.statistics
         text += f" {NODE_SWITCH}='{'on' if stats.share else 'off'}' {NODE_MIN_CELL}={stats.min_cell}"
         if self.tensorboard_dir:

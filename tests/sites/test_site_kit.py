@@ -59,6 +59,7 @@ def test_node_config_carries_what_the_site_decides(kit: Path) -> None:
 
     from sites.cohort_statistics import StatisticsDeclined, answer_statistics, release_threshold
     from sites.multi_device import site_devices
+    from sites.run_config_allowlist import site_experiment_config
     from sites.step_curves import curves_root
 
     cfg = tiny_config()  # data.batch_size 4: two devices take 2 subjects each
@@ -69,10 +70,14 @@ def test_node_config_carries_what_the_site_decides(kit: Path) -> None:
     raw = yaml.safe_load((kit / "site.yaml").read_text())
     (kit / "own.yaml").write_text(yaml.safe_dump({
         **raw, "statistics": {"share": False, "min_cell": 12}, "tensorboard_dir": "curves",
-        "resources": {"cpus": 2, "train_devices": 2}}))
+        "resources": {"cpus": 2, "train_devices": 2}, "memory_cache_mib": 64}))
     site = load_site_config(kit / "own.yaml")
     node_config = parse_config_args([site.node_config(worker=True)])
     assert node_config["statistics-min-cell"] == 12 and node_config["train-devices"] == 2
+    # The site's RAM budget is what its trainer uses, whatever the coordinator's experiment says.
+    sent = {"config": "e.yaml", "overrides": "", "config-yaml": cfg.to_yaml(), "run-folder": "", "resume": ""}
+    assert site_experiment_config(sent, node_config).data.memory_cache_mib == 64.0
+    assert site_experiment_config(sent, default).data.memory_cache_mib == cfg.data.memory_cache_mib == 512.0
     assert release_threshold({"min-cell": 6}, node_config, 5) == 12  # the server may ask more, never less
     assert curves_root(node_config) == kit.resolve() / "curves"  # relative to the kit folder
     assert site_devices(cfg, node_config) == 2
@@ -83,6 +88,7 @@ def test_node_config_carries_what_the_site_decides(kit: Path) -> None:
     for change, match in (({"tensorboard_dir": "it's"}, "tensorboard_dir .* must not contain a single quote"),
                           ({"resources": {"train_devices": -1}}, "train_devices = -1 is below the minimum 0"),
                           ({"statistics": {"min_cell": -1}}, "min_cell = -1 is below the minimum 0"),
+                          ({"memory_cache_mib": -1}, "memory_cache_mib = -1.0 is below the minimum 0"),
                           ({"statistics": {"share": "maybe"}}, "statistics.share")):
         (kit / "bad.yaml").write_text(yaml.safe_dump({**raw, **change}))
         with pytest.raises(ConfigError, match=match):
