@@ -71,8 +71,9 @@ class SiteConfig:
     data_dir: str = option("data", doc="the site folder: manifest.csv and the images it names")
     cache_dir: str = option("", doc="preprocessed-array cache ('' = <data_dir>/.fedpanfm_cache); the coordinator "
                                    "cannot set it (sites/run_config_allowlist.py)")
-    memory_cache_mib: float = option(DataConfig.memory_cache_mib, lo=0.0, doc="preprocessed subjects kept in RAM per training process, "
-                                                        "MiB (0 = none); the coordinator cannot set it")
+    memory_cache_mib: float = option(DataConfig.memory_cache_mib, lo=0.0,
+                                     doc="preprocessed subjects kept in RAM per training process, MiB (0 = none); "
+                                         "the coordinator cannot set it (data.memory_cache_mib)")
     organs: list[str] = option([], doc="organs this site holds; site check compares them with the data")
     experiment: str = option("", doc="the federation's experiment YAML (organ preprocessing); '' = defaults")
     coordinator: str = option("", doc="HOST:PORT of the coordinator's SuperLink")
