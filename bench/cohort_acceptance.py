@@ -6,7 +6,7 @@ project's probes (split and L2 as every study arm) at 3 probe seeds, and, indepe
 project's probe code, of presence, per-organ pixel statistics, PCA-32 of the pixels + presence and
 the oracle with scikit-learn's 5-fold cross-validated ``LogisticRegressionCV``. ``--supervised
 DIR`` also trains the supervised reference on the training cohort DIR (>= 768 subjects) and probes
-it. The targets are in docs/synthetic-cohort.md ("Acceptance figures").
+it; ``--set evaluation.study.supervised_epochs=N`` gives it N epochs (the study's 30 by default). The targets are in docs/synthetic-cohort.md ("Acceptance figures").
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def supervised_row(cfg: ExperimentConfig, train_cohort: Path, batches: list, see
     plan = plan_budget(cfg, site_train_counts(train_cohort, cfg))["supervised_factors"]  # the study's own
     encoder = train_factor_encoder(cfg, train_cohort, plan.steps, seed=0)
     emb = embed_batches(encoder, batches)
-    scores = {r: [] for r in READOUTS}
+    scores: dict[str, list[float]] = {r: [] for r in READOUTS}
     for seed in seeds:
         split = probe_split(emb.subject_ids, cfg.evaluation, seed)
         for r in READOUTS:
@@ -99,18 +99,26 @@ def supervised_row(cfg: ExperimentConfig, train_cohort: Path, batches: list, see
     return {f"supervised:{r}": float(np.mean(v)) for r, v in scores.items()}
 
 
+def acceptance_configs(path: str, overrides: list[str]) -> tuple[ExperimentConfig, ExperimentConfig]:
+    """The config the encoders and probes use, and the one the evaluation cohort is written with
+    (the same overrides, then the evaluation-cohort settings, which win)."""
+    return load_config(path, overrides), load_config(path, overrides + EVAL_SETTINGS)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.cohort_acceptance", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/study.yaml")
     p.add_argument("--cohort", default="", help="an existing evaluation cohort (default: write one to a temp folder)")
     p.add_argument("--supervised", default="", help="training cohort for the supervised reference (optional)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, repeatable (e.g. evaluation.study.supervised_epochs=90)")
     a = p.parse_args(argv)
-    cfg = load_config(a.config)
+    cfg, eval_cfg = acceptance_configs(a.config, a.set)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         cohort = Path(a.cohort) if a.cohort else Path(tmp) / "eval"
         if not a.cohort:
-            generate_cohort(cohort, load_config(a.config, EVAL_SETTINGS))
+            generate_cohort(cohort, eval_cfg)
         batches = collate_dataset(pooled_dataset(cohort, cfg), cfg)
         factors = load_cohort_factors(cohort)
         if factors is None:
@@ -118,16 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [0, 1, 2]
         rows: dict[str, list[float]] = {}
         for seed in seeds:
-            for k, v in baseline_macro_aurocs(batches, cfg, seed=seed, factors=factors).items():
-                rows.setdefault(k, []).append(v)
+            for k, auroc in baseline_macro_aurocs(batches, cfg, seed=seed, factors=factors).items():
+                rows.setdefault(k, []).append(auroc)
         print(f"{'row':28s} {'project probes (3 seeds)':28s} sklearn 5-fold CV")
         independent = sklearn_rows(batches, factors, batches[0].label_names)
         for k, v in rows.items():
             ind = independent.get(k)
             print(f"{k:28s} {np.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})      {'' if ind is None else f'{ind:.3f}'}")
         if a.supervised:
-            for k, v in supervised_row(cfg, Path(a.supervised), batches, seeds).items():
-                print(f"{k:28s} {v:.3f}")
+            for k, mean in supervised_row(cfg, Path(a.supervised), batches, seeds).items():
+                print(f"{k:28s} {mean:.3f}")
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 
