@@ -6,7 +6,8 @@ project's probes (split and L2 as every study arm) at 3 probe seeds, and, indepe
 project's probe code, of presence, per-organ pixel statistics, PCA-32 of the pixels + presence and
 the oracle with scikit-learn's 5-fold cross-validated ``LogisticRegressionCV``. ``--supervised
 DIR`` also trains the supervised reference on the training cohort DIR (>= 768 subjects) and probes
-it; ``--set evaluation.study.supervised_epochs=N`` gives it N epochs (the study's 30 by default). The targets are in docs/synthetic-cohort.md ("Acceptance figures").
+it; ``--set evaluation.study.supervised_epochs=N`` gives it N epochs (the study's 30 by default).
+The targets are in docs/synthetic-cohort.md ("Acceptance figures").
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpanfm.cli import add_config_args
 from fedpanfm.config import ExperimentConfig, load_config
 from fedpanfm.data.dataset import pooled_dataset
 from fedpanfm.data.synthetic import generate_cohort
@@ -107,13 +109,12 @@ def acceptance_configs(path: str, overrides: list[str]) -> tuple[ExperimentConfi
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.cohort_acceptance", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/study.yaml")
+    add_config_args(p)
+    p.set_defaults(config="configs/study.yaml")
     p.add_argument("--cohort", default="", help="an existing evaluation cohort (default: write one to a temp folder)")
     p.add_argument("--supervised", default="", help="training cohort for the supervised reference (optional)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable (e.g. evaluation.study.supervised_epochs=90)")
     a = p.parse_args(argv)
-    cfg, eval_cfg = acceptance_configs(a.config, a.set)
+    cfg, eval_cfg = acceptance_configs(a.config, a.overrides)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         cohort = Path(a.cohort) if a.cohort else Path(tmp) / "eval"
