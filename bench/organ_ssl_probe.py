@@ -11,7 +11,10 @@ cross-validated ridge R^2 of the latent factors read from its pooled features, b
 The encoder has the shape of the study's organ tokenizer (``--arch stem``: two 3x3 convolutions of
 16 channels, an 8x8 patch embedding to 64, one residual token MLP, the mean over tokens) or a
 deeper plain CNN (``--arch cnn``). Crops are exact pixels (no resampling: it blurs the texture
-that carries disease) with random quarter turns and flips. Everything here is our design.
+that carries disease) with random quarter turns and flips. ``--pair crop-whole`` pairs a crop
+(the query) with its whole image (the key, turned and flipped), InfoNCE from the queries to the
+batch's keys only: the pair the recipe's organ contrast makes when local views hold crops
+(``train.local_crop``). Everything here is our design.
 """
 
 from __future__ import annotations
@@ -88,6 +91,18 @@ def crops(x: Tensor, size: int, gen: torch.Generator) -> Tensor:
     return out.flip(3) if bool(torch.rand(1, generator=gen) < 0.5) else out
 
 
+def info_nce(encoder: nn.Module, projector: nn.Module, x: Tensor, size: int, pair: str, gen: torch.Generator) -> Tensor:
+    """The InfoNCE (temperature 0.2) of one batch ``x`` under ``pair`` (``crops`` or ``crop-whole``)."""
+    b = x.shape[0]
+    if pair == "crops":
+        z = F.normalize(projector(encoder(torch.cat([crops(x, size, gen), crops(x, size, gen)]))), dim=1)
+        logits = (z @ z.T / 0.2).fill_diagonal_(-torch.inf)
+        return F.cross_entropy(logits, torch.cat([torch.arange(b) + b, torch.arange(b)]))
+    query = F.normalize(projector(encoder(crops(x, size, gen))), dim=1)
+    key = F.normalize(projector(encoder(crops(x, x.shape[-1], gen))), dim=1)
+    return F.cross_entropy(query @ key.T / 0.2, torch.arange(b))
+
+
 def factor_r2(encoder: nn.Module, images: Tensor, factors: dict[str, np.ndarray], names: tuple[str, ...]) -> dict[str, float]:
     """5-fold cross-validated ridge R^2 of each named factor from the standardised pooled features."""
     from sklearn.linear_model import RidgeCV
@@ -107,6 +122,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--crop", type=float, default=2 / 3, help="crop side as a share of the grid")
+    ap.add_argument("--pair", default="crops", choices=["crops", "crop-whole"],
+                    help="positive pair: two crops (SimCLR), or a crop against its whole image")
     ap.add_argument("--train", type=int, default=1600)
     ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
@@ -127,16 +144,13 @@ def main() -> None:
     t0 = time.perf_counter()
     for step in range(args.steps):
         x = x_train[torch.randint(0, len(x_train), (args.batch,), generator=gen)]
-        z = F.normalize(projector(encoder(torch.cat([crops(x, size, gen), crops(x, size, gen)]))), dim=1)
-        logits = (z @ z.T / 0.2).fill_diagonal_(-torch.inf)
-        b = args.batch
-        loss = F.cross_entropy(logits, torch.cat([torch.arange(b) + b, torch.arange(b)]))
+        loss = info_nce(encoder, projector, x, size, args.pair, gen)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == args.steps - 1:
             print(f"step {step}: InfoNCE {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    print(f"SimCLR {args.steps} steps  R^2 {factor_r2(encoder, x_eval, f_eval, names)}")
+    print(f"{'SimCLR' if args.pair == 'crops' else 'crop-whole'} {args.steps} steps  R^2 {factor_r2(encoder, x_eval, f_eval, names)}")
 
 
 if __name__ == "__main__":

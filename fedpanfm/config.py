@@ -244,6 +244,8 @@ class TrainConfig:
     freeze_last_layer_epochs: int = option(1, lo=0, doc="epochs of the run with the head's prototypes frozen (DINO)")
     local_views: int = option(2, lo=0, hi=16, doc="organ-subset (local) views per subject; 0 = two global views only")
     local_keep_ratio: list[float] = option([0.3, 0.6], lo=0.0, hi=1.0, doc="[low, high] share of its organs a local view keeps")
+    local_crop: float = option(1.0, lo=0.01, hi=1.0, doc="each organ of a local view is a crop of this share of each grid "
+                                                         "axis (whole patches, random offset, exact pixels); 1 = the whole image")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     teacher_momentum_start: float = option(0.996, lo=0.0, hi=1.0)
     teacher_momentum_end: float = option(1.0, lo=0.0, hi=1.0)

@@ -10,7 +10,7 @@ from fedpanfm.augment import OrganAugmenter
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.global_batch import GlobalBatch, all_sum, global_batch, mean_denominator, row_draws
 from fedpanfm.model.dex import DEXLayer
-from fedpanfm.model.views import make_views
+from fedpanfm.model.views import crop_size, make_views
 from fedpanfm.sgm import OrganMasker
 from tests.conftest import make_batch, tiny_config
 
@@ -59,10 +59,11 @@ def test_views_and_masks_of_the_parts_are_those_of_the_whole() -> None:
                   make_views(batch, 2, 0, (0.3, 0.6), None).global_views.present)
     num_patches = {o: cfg.data.organs[o].num_patches for o in organs}
     dex = DEXLayer(cfg.model.dim, 16, cfg.model.dex).train()
+    crops = {o: crop_size(tuple(s.grid), tuple(s.patch), 0.5) for o, s in cfg.data.organs.items()}
 
     def draw(part: GlobalBatch, b: SubjectBatch):
         with global_batch(part):
-            views = make_views(b, 2, 2, (0.3, 0.6), augmenter)
+            views = make_views(b, 2, 2, (0.3, 0.6), augmenter, crop_sizes=crops)
             organ_mask = masker.sample(views.global_views.present)
             patch_mask = masker.sample_patch_mask(views.global_views, organ_mask, num_patches)
             assert views.local_views is not None

@@ -41,3 +41,19 @@ def test_a_tiny_run_prints_both_readings(monkeypatch: pytest.MonkeyPatch, capsys
     probe.main()
     out = capsys.readouterr().out
     assert "random init (stem)  R^2 {'splenic':" in out and "SimCLR 2 steps  R^2 {'splenic':" in out
+
+
+
+def test_crop_whole_pairs_each_crop_with_its_own_whole_image() -> None:
+    # Image k has mean k; an "encoder" mapping the mean to an angle tells the six images apart, so
+    # with the right pairs the loss is near 0 (about 0.3), with any wrong pair above log 6.
+    x = 0.1 * torch.randn(6, 1, 24, 24, generator=torch.Generator().manual_seed(0)) + torch.arange(6.0).view(6, 1, 1, 1)
+
+    class MeanAngle(torch.nn.Module):
+        def forward(self, im: torch.Tensor) -> torch.Tensor:
+            m = im.mean(dim=(1, 2, 3))
+            return torch.stack([torch.cos(m), torch.sin(m)], dim=1)
+
+    for pair in ("crop-whole", "crops"):
+        loss = probe.info_nce(MeanAngle(), torch.nn.Identity(), x, 16, pair, torch.Generator().manual_seed(1))
+        assert 0.0 < float(loss) < 0.6, pair

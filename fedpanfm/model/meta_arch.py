@@ -2,7 +2,8 @@
 
 One training forward (DINO multi-crop + iBOT + DINOv2 layout, REFERENCES.md; docs/method.md):
 1. views (``model/views.py``): two augmented GLOBAL views of every subject (all its organs) and
-   ``train.local_views`` LOCAL views (organ subsets, independently augmented);
+   ``train.local_views`` LOCAL views (organ subsets, each organ a crop at ``train.local_crop`` < 1,
+   independently augmented);
 2. teacher (no grad, eval mode) on the two global views, unmasked -> CLS / token features and
    the last-layer CLS attention;
 3. SGM: the attention shares update the masker's saliency estimate, the masker draws whole-organ
@@ -42,7 +43,7 @@ from fedpanfm.model.dex import MLP
 from fedpanfm.model.encoder import EncoderOutput, PanOrganEncoder, organ_token_means
 from fedpanfm.model.heads import DINOHead
 from fedpanfm.model.tokenizer import gather_organ_tokens
-from fedpanfm.model.views import make_views
+from fedpanfm.model.views import crop_size, make_views
 from fedpanfm.sgm import OrganMasker, organ_attention_shares
 
 SCHEDULE_KEYS = ("teacher_temp", "noise_std")
@@ -138,6 +139,9 @@ class PanFMSSL(nn.Module):
         self.organs = cfg.data.organ_set()
         self.masker = OrganMasker(self.organs, t.masking)
         self.num_patches = {o: cfg.data.organs[o].num_patches for o in self.organs}
+        self.crop_sizes = None if t.local_crop >= 1.0 else {
+            o: crop_size(tuple(cfg.data.organs[o].grid), tuple(cfg.data.organs[o].patch), t.local_crop) for o in self.organs
+        }
         self.augmenter = OrganAugmenter(t.augment)
         self._ema_params: tuple[list[Tensor], list[Tensor]] | None = None
 
@@ -173,7 +177,7 @@ class PanFMSSL(nn.Module):
             layer.noise_std = float(sched["noise_std"])
         t = self.cfg.train
         views = make_views(batch, GLOBAL_VIEWS, t.local_views, (t.local_keep_ratio[0], t.local_keep_ratio[1]),
-                           self.augmenter, generator)
+                           self.augmenter, generator, self.crop_sizes)
         gv, B = views.global_views, batch.size
 
         with torch.no_grad():

@@ -11,6 +11,10 @@ organ embeddings are added. The student thus knows that the organ was imaged and
 patch sits, and must predict the teacher's features there from the other organs (the iBOT
 loss covers these positions). A consequence we rely on: for the same batch the student's and
 the teacher's token layouts are identical, so their tokens align position by position.
+
+A batch may hold an organ's images at a smaller size than its grid (a local view's crops,
+``model/views.py``): whole patches per axis. They are embedded at their own patch grid with the
+positional embedding interpolated to it, as DINO embeds its smaller local crops.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedpanfm.config import OrganSpec
@@ -100,6 +105,8 @@ class OrganTokenizer(nn.Module):
     def __init__(self, spec: OrganSpec, dim: int, stem_channels: int = 0) -> None:
         super().__init__()
         self.grid = tuple(spec.grid)
+        self.patch = tuple(spec.patch)
+        self.patch_grid = tuple(g // p for g, p in zip(spec.grid, spec.patch))
         self.num_patches = spec.num_patches
         conv = nn.Conv2d if len(spec.grid) == 2 else nn.Conv3d
         # Our choice (docs/method.md, "Convolutional stem"): two 3x3 convolutions before the patch
@@ -122,6 +129,30 @@ class OrganTokenizer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
         nn.init.trunc_normal_(self.organ_embed, std=INIT_STD)
 
+    def fits(self, size: tuple[int, ...]) -> bool:
+        """Whether images of spatial ``size`` can be embedded: the grid, or a crop of whole patches."""
+        return len(size) == len(self.grid) and all(
+            0 < s <= g and s % p == 0 for s, g, p in zip(size, self.grid, self.patch))
+
+    def patches_of(self, size: tuple[int, ...]) -> int:
+        """Tokens of one image of spatial ``size`` (one that :meth:`fits`)."""
+        return math.prod(s // p for s, p in zip(size, self.patch))
+
+    def position_embedding(self, size: tuple[int, ...]) -> Tensor:
+        """(P, D) positional embeddings for images of spatial ``size``.
+
+        The organ's own at its grid; for a crop, the grid's embeddings interpolated to the crop's
+        patch grid (bicubic in 2D, trilinear in 3D: DINO's ``interpolate_pos_encoding`` rule), so
+        a crop reads as the organ seen at a smaller size rather than as a part at a fixed place.
+        """
+        grid = tuple(s // p for s, p in zip(size, self.patch))
+        if grid == self.patch_grid:
+            return self.pos_embed
+        dim = self.pos_embed.shape[-1]
+        pos = self.pos_embed.T.reshape(1, dim, *self.patch_grid)
+        mode = "bicubic" if len(grid) == 2 else "trilinear"
+        return F.interpolate(pos, size=grid, mode=mode, align_corners=False).reshape(dim, -1).T
+
     def patchify(self, images: Tensor) -> Tensor:
         """(n, 1, *grid) images -> (n, P, D) patch embeddings (no position / organ added)."""
         x = images.to(self.patch_embed.weight.dtype)
@@ -132,10 +163,10 @@ class OrganTokenizer(nn.Module):
         return patch_embedding(x, self.patch_embed)
 
     def forward(self, images: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
-        """Embed ``images`` (n, 1, *grid) into (n, P, D) tokens.
+        """Embed ``images`` (n, 1, *size) into (n, P, D) tokens.
 
         Args:
-            images: the organ's images.
+            images: the organ's images at its grid, or crops of whole patches (:meth:`fits`).
             mask: optional (n, P) bool; True patches are replaced by ``mask_token``.
             mask_token: (D,) the replacement, required with ``mask``.
         """
@@ -144,7 +175,8 @@ class OrganTokenizer(nn.Module):
             if mask_token is None:
                 raise ValueError("OrganTokenizer: a mask needs a mask_token")
             x = torch.where(mask[..., None], mask_token.to(x.dtype), x)
-        return x + self.pos_embed.to(x.dtype) + self.organ_embed.to(x.dtype)
+        pos = self.position_embedding(tuple(images.shape[2:]))
+        return x + pos.to(x.dtype) + self.organ_embed.to(x.dtype)
 
 
 class PanOrganTokenizer(nn.Module):
@@ -155,8 +187,6 @@ class PanOrganTokenizer(nn.Module):
         specs: organ -> preprocessing spec; must cover every organ of ``organs``.
         dim: token width D.
     """
-
-    num_patches: Tensor
 
     def __init__(self, organs: OrganSet, specs: dict[str, OrganSpec], dim: int, stem_channels: int = 0) -> None:
         super().__init__()
@@ -169,9 +199,6 @@ class PanOrganTokenizer(nn.Module):
         self.mask_token = nn.Parameter(torch.empty(dim))
         nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
         nn.init.trunc_normal_(self.mask_token, std=INIT_STD)
-        self.register_buffer(
-            "num_patches", torch.tensor([self.organs[o].num_patches for o in organs], dtype=torch.long), persistent=False
-        )
 
     def tokenizer(self, organ: str) -> OrganTokenizer:
         """The organ's own tokenizer (typed: ``ModuleDict`` items are plain modules to a type checker)."""
@@ -188,8 +215,9 @@ class PanOrganTokenizer(nn.Module):
             if o not in self.organs:
                 raise ValueError(f"batch.images has unknown organ {o!r}; known: {', '.join(names)}")
             tok = self.tokenizer(o)
-            if x.dim() != 2 + len(tok.grid) or x.shape[1] != 1 or tuple(x.shape[2:]) != tok.grid:
-                raise ValueError(f"batch.images[{o!r}] has shape {tuple(x.shape)}, expected (n, 1, {', '.join(map(str, tok.grid))})")
+            if x.dim() != 2 + len(tok.grid) or x.shape[1] != 1 or not tok.fits(tuple(x.shape[2:])):
+                raise ValueError(f"batch.images[{o!r}] has shape {tuple(x.shape)}, expected (n, 1, {', '.join(map(str, tok.grid))}) "
+                                 f"or a crop of whole {'x'.join(map(str, tok.patch))} patches")
             idx = batch.index.get(o)
             if idx is None or idx.shape != (x.shape[0],):
                 raise ValueError(f"batch.index[{o!r}] must be a ({x.shape[0]},) tensor of batch rows")
@@ -208,7 +236,7 @@ class PanOrganTokenizer(nn.Module):
         for o, m in (patch_mask or {}).items():
             if o not in batch.images:
                 raise ValueError(f"patch_mask[{o!r}]: organ not in this batch")
-            want = (batch.images[o].shape[0], self.organs[o].num_patches)
+            want = (batch.images[o].shape[0], self.tokenizer(o).patches_of(tuple(batch.images[o].shape[2:])))
             if m.dtype != torch.bool or tuple(m.shape) != want:
                 raise ValueError(f"patch_mask[{o!r}] must be bool of shape {want}, got {m.dtype} {tuple(m.shape)}")
 
@@ -232,7 +260,10 @@ class PanOrganTokenizer(nn.Module):
         dim = self.cls_token.shape[-1]
         device = self.cls_token.device
         present = batch.present.to(device)
-        offsets, length = sequence_layout(present, self.num_patches)
+        # Tokens per organ in this batch: its grid's, or fewer where the batch holds crops.
+        counts = [self.tokenizer(o).patches_of(tuple(batch.images[o].shape[2:])) if o in batch.images else 0
+                  for o in self.organ_set]
+        offsets, length = sequence_layout(present, torch.tensor(counts, dtype=torch.long, device=device))
 
         # All tokens of the batch are gathered into one flat list and scattered into the padded
         # (B * length) buffer in one index_copy: no loop over subjects, differentiable.
@@ -246,13 +277,14 @@ class PanOrganTokenizer(nn.Module):
                 continue
             tok = self.tokenizer(o)
             rows = batch.index[o].to(device)
-            mask = torch.zeros(rows.shape[0], tok.num_patches, dtype=torch.bool, device=device)
+            n_patches = counts[k]
+            mask = torch.zeros(rows.shape[0], n_patches, dtype=torch.bool, device=device)
             if organ_mask is not None:
                 mask |= organ_mask.to(device)[rows, k][:, None]
             if patch_mask is not None and o in patch_mask:
                 mask |= patch_mask[o].to(device)
             x = tok(batch.images[o].to(device), mask, self.mask_token)
-            pos = offsets[rows, k][:, None] + torch.arange(tok.num_patches, device=device)[None]
+            pos = offsets[rows, k][:, None] + torch.arange(n_patches, device=device)[None]
             positions[o] = pos
             values.append(x.reshape(-1, dim))
             dest.append((rows[:, None] * length + pos).reshape(-1))

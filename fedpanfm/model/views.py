@@ -7,7 +7,12 @@ each image; the teacher sees the global crops only. Our subjects are sets of org
 - a GLOBAL view holds every organ the subject has, each image independently augmented;
 - a LOCAL view holds a random subset of the subject's present organs (a share drawn in
   ``train.local_keep_ratio``, at least one organ), independently augmented: the student must
-  match, from part of the body, what the teacher says about the whole.
+  match, from part of the body, what the teacher says about the whole. With
+  ``train.local_crop`` < 1 each kept organ is also a CROP: a window of whole patches per axis
+  (``crop_size``) at a random pixel offset, exact pixels (no resampling), which the tokenizer
+  embeds at its own smaller patch grid (as DINO's local crops are smaller images). Two crops of
+  an organ share its disease statistics but not its pixels, so matching them cannot rest on
+  instance detail (docs/method.md, "Organ crops in the local views").
 
 All views of one kind are stacked into ONE :class:`SubjectBatch`, view-major (row ``v * B + b``
 is subject ``b`` in view ``v``), so the encoder runs once per kind of view, not once per view.
@@ -20,7 +25,7 @@ otherwise from torch's global RNG.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -77,17 +82,55 @@ def augment_batch(batch: SubjectBatch, augmenter: OrganAugmenter, generator: tor
     ``purpose`` names the keyed draws (generator None, in a training micro-step): stacks of
     different kinds of view must use different names.
     """
-    return SubjectBatch(
-        subject_ids=batch.subject_ids,
-        organ_names=batch.organ_names,
-        images={o: augmenter(o, x, draws_for(f"{purpose}/augment/{o}", batch.index[o], batch.size, generator))
-                for o, x in batch.images.items()},
-        index=batch.index,
-        present=batch.present,
-        labels=batch.labels,
-        label_names=batch.label_names,
-        sites=batch.sites,
-    )
+    return replace(batch, images={
+        o: augmenter(o, x, draws_for(f"{purpose}/augment/{o}", batch.index[o], batch.size, generator))
+        for o, x in batch.images.items()
+    })
+
+
+def crop_size(grid: tuple[int, ...], patch: tuple[int, ...], share: float) -> tuple[int, ...]:
+    """A local crop's size per axis: ``share`` of the grid rounded to whole patches, 1 to all of them.
+
+    Args:
+        grid: the organ's grid.
+        patch: its patch size (divides ``grid``).
+        share: the crop's side as a share of each axis (``train.local_crop``); 1 = the whole grid.
+    """
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"crop_size: share {share} must be in (0, 1]")
+    return tuple(min(g // p, max(1, round(share * g / p))) * p for g, p in zip(grid, patch))
+
+
+def crop_stack(images: Tensor, size: tuple[int, ...], generator: torch.Generator | None, purpose: str,
+               rows: Tensor, n_rows: int) -> Tensor:
+    """One window of ``size`` per image of ``images`` (n, 1, *grid), at its own uniform pixel offset.
+
+    Exact pixels (one gather, no loop over images). The draws are keyed like the augmentations'
+    (``purpose``, the images' batch ``rows`` of ``n_rows``).
+    """
+    grid = tuple(images.shape[2:])
+    if len(size) != len(grid) or any(c > g for c, g in zip(size, grid)):
+        raise ValueError(f"crop_stack: crop {size} does not fit the images' grid {grid}")
+    if size == grid or images.shape[0] == 0:
+        return images
+    n, dev = images.shape[0], images.device
+    u = draws_for(purpose, rows, n_rows, generator).rand(len(grid), dtype=torch.float64)
+    span = torch.tensor([g - c + 1 for g, c in zip(grid, size)], dtype=torch.float64)
+    start = (u * span).floor().long().clamp(max=span.long() - 1).to(dev)  # (n, ndim)
+    index: list[Tensor] = [torch.arange(n, device=dev).view(n, *([1] * len(grid))), torch.zeros((), dtype=torch.long, device=dev)]
+    for a, c in enumerate(size):
+        shape = [n] + [1] * len(grid)
+        shape[1 + a] = c
+        index.append((start[:, a, None] + torch.arange(c, device=dev)[None]).view(shape))
+    return images[tuple(index)].unsqueeze(1)
+
+
+def crop_batch(batch: SubjectBatch, sizes: dict[str, tuple[int, ...]], generator: torch.Generator | None = None,
+               purpose: str = "views/local") -> SubjectBatch:
+    """``batch`` with each organ's images cropped to ``sizes[organ]`` (organs not named: unchanged)."""
+    images = {o: crop_stack(x, sizes[o], generator, f"{purpose}/crop/{o}", batch.index[o], batch.size) if o in sizes else x
+              for o, x in batch.images.items()}
+    return replace(batch, images=images)
 
 
 def organ_subsets(present: Tensor, keep_ratio: tuple[float, float], generator: torch.Generator | None = None) -> Tensor:
@@ -123,6 +166,7 @@ def make_views(
     keep_ratio: tuple[float, float],
     augmenter: OrganAugmenter | None,
     generator: torch.Generator | None = None,
+    crop_sizes: dict[str, tuple[int, ...]] | None = None,
 ) -> Views:
     """The global and local views of ``batch``.
 
@@ -132,8 +176,10 @@ def make_views(
         n_local: organ-subset views (0 = none).
         keep_ratio: (low, high) share of a subject's organs each local view keeps.
         augmenter: per-organ augmentation (None: views differ only in their organ subsets).
-        generator: CPU generator for the subsets and the augmentations (None: keyed draws in a
-            training micro-step, else the global RNG).
+        generator: CPU generator for the subsets, crops and augmentations (None: keyed draws in
+            a training micro-step, else the global RNG).
+        crop_sizes: organ -> the size of its local crops (:func:`crop_size`); None or an organ
+            not named: local views hold the whole image.
     """
     if not bool(batch.present.any(dim=1).all()):
         raise ValueError("make_views: a subject of the batch has no organ (nothing to view)")
@@ -144,6 +190,8 @@ def make_views(
         keep = organ_subsets(stacked.present, keep_ratio, generator)
         # Subsets first, augmentation after: only the kept images are transformed.
         local_views = stacked.drop_per_subject(stacked.present & ~keep)
+        if crop_sizes:
+            local_views = crop_batch(local_views, crop_sizes, generator)
     if augmenter is not None:
         global_views = augment_batch(global_views, augmenter, generator, "views/global")
         if local_views is not None:
@@ -151,4 +199,4 @@ def make_views(
     return Views(global_views, local_views, n_global, n_local, batch.size)
 
 
-__all__ = ["Views", "augment_batch", "make_views", "organ_subsets", "stack_views"]
+__all__ = ["Views", "augment_batch", "crop_batch", "crop_size", "crop_stack", "make_views", "organ_subsets", "stack_views"]

@@ -57,7 +57,7 @@ def _redraw(model: PanFMSSL, batch, seed: int):
     """The views and masks ``model.forward`` draws from ``Generator(seed)``, in its order."""
     t = model.cfg.train
     gen = torch.Generator().manual_seed(seed)
-    views = make_views(batch, GLOBAL_VIEWS, t.local_views, tuple(t.local_keep_ratio), model.augmenter, gen)
+    views = make_views(batch, GLOBAL_VIEWS, t.local_views, tuple(t.local_keep_ratio), model.augmenter, gen, model.crop_sizes)
     masker = copy.deepcopy(model.masker)
     organ_mask = masker.sample(views.global_views.present, gen)
     patch_mask = masker.sample_patch_mask(views.global_views, organ_mask, model.num_patches, gen)
@@ -274,3 +274,18 @@ def test_organ_contrast_pairs_each_local_organ_with_its_subjects_visible_global_
     want = organ_contrast_loss(queries, keys, torch.tensor([1, 2, 0, 1, 2]), cfg.train.organ_contrast_temp)
     got = model._organ_contrast(present(g_rows), g_out, present(l_rows), l_out, 2)  # type: ignore[arg-type]
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_local_crops_train_the_positional_embeddings_through_their_interpolation() -> None:
+    cfg = tiny_config(["train.local_crop=0.5", "train.loss.organ_contrast=1.0", "train.local_keep_ratio=[1.0, 1.0]"])
+    model = _model(cfg)
+    assert model.crop_sizes is not None and model.crop_sizes["heart"] == (8, 8)  # of 16x16
+    batch = make_batch(cfg, ORGAN_SETS, seed=3)
+    views, _, _ = _redraw(model, batch, seed=4)
+    assert views.local_views is not None and views.local_views.images["heart"].shape[2:] == (8, 8)
+    out = model(batch, SCHED, generator=torch.Generator().manual_seed(4))
+    assert torch.isfinite(out.loss) and "loss/organ_contrast" in out.metrics
+    # only the local views hold crops: a loss on their CLS alone still reaches the heart's positions
+    local_cls = model.student(views.local_views).cls
+    local_cls.square().sum().backward()
+    assert model.student.encoder.tokenizer.tokenizer("heart").pos_embed.grad.abs().sum() > 0

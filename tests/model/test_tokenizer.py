@@ -111,7 +111,8 @@ def test_missing_organ_contributes_nothing():
 @pytest.mark.parametrize(
     "breaker, message",
     [
-        (lambda b: b.images.__setitem__("heart", torch.randn(1, 1, 8, 8)), "images\\['heart'\\] has shape"),
+        (lambda b: b.images.__setitem__("heart", torch.randn(1, 1, 10, 10)), "images\\['heart'\\] has shape"),
+        (lambda b: b.images.__setitem__("heart", torch.randn(1, 1, 20, 20)), "images\\['heart'\\] has shape"),
         (lambda b: b.index.__setitem__("heart", torch.tensor([1])), "disagrees with batch.present"),
         (lambda b: b.index.__setitem__("heart", torch.tensor([5])), "outside"),
         (lambda b: b.images.pop("liver"), "liver"),
@@ -155,3 +156,28 @@ def test_patch_embedding_is_the_patch_convolution(conv: nn.Module, shape: tuple[
     mine = torch.autograd.grad(patch_embedding(x, conv).square().sum(), [conv.weight, x])
     for a, b in zip(mine, grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_crops_embed_at_their_own_patch_grid_with_interpolated_positions() -> None:
+    tz, cfg = make_tokenizer()
+    heart, brain = tz.tokenizer("heart"), tz.tokenizer("brain")  # 16x16 / 4x4 patches; 8x8x8 / 4^3
+    assert torch.equal(heart.position_embedding((16, 16)), heart.pos_embed)
+    # A constant field interpolates to itself; a crop's grid gets one embedding per patch.
+    with torch.no_grad():
+        heart.pos_embed.copy_(torch.ones_like(heart.pos_embed) * torch.arange(32.0))
+        brain.pos_embed.copy_(torch.ones_like(brain.pos_embed) * torch.arange(32.0))
+    assert torch.allclose(heart.position_embedding((8, 12)), torch.arange(32.0).expand(6, 32), atol=1e-5)
+    assert torch.allclose(brain.position_embedding((4, 4, 4)), torch.arange(32.0).expand(1, 32), atol=1e-5)
+    # A batch with crops: the sequence holds the crops' patches, each where positions say.
+    batch = make_batch(cfg, [["heart", "liver"], ["heart"]])
+    batch.images["heart"] = batch.images["heart"][..., 4:12, 0:12]  # 2x3 patches
+    ts = tz(batch)
+    P_liver = cfg.data.organs["liver"].num_patches
+    assert (~ts.pad).sum(1).tolist() == [1 + 6 + P_liver, 1 + 6]
+    assert tuple(ts.positions["heart"].shape) == (2, 6)
+    assert torch.allclose(gather_organ_tokens(ts.tokens, batch, ts.positions, "heart"), heart(batch.images["heart"]))
+    # patch masks of a crop have the crop's patch count
+    ts = tz(batch, patch_mask={"heart": torch.ones(2, 6, dtype=torch.bool)})
+    assert int(ts.masked.sum()) == 12
+    with pytest.raises(ValueError, match="patch_mask\\['heart'\\]"):
+        tz(batch, patch_mask={"heart": torch.ones(2, 16, dtype=torch.bool)})

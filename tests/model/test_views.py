@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from conftest import make_batch, tiny_config
 
 from fedpanfm.augment import OrganAugmenter
-from fedpanfm.model.views import make_views, organ_subsets
+from fedpanfm.model.views import crop_size, crop_stack, make_views, organ_subsets
 
 ORGAN_SETS = [["heart", "adipose", "liver", "kidney"], ["brain"], ["spleen", "pancreas", "heart"], ["adipose", "brain"]]
 
@@ -66,3 +69,60 @@ def test_organ_subsets_sizes_follow_the_keep_ratio() -> None:
     assert float(rate.min()) > 0.35 and float(rate.max()) < 0.55
     single = organ_subsets(torch.eye(3, dtype=torch.bool), (0.0, 0.0), torch.Generator().manual_seed(0))
     assert torch.equal(single, torch.eye(3, dtype=torch.bool))
+
+
+def test_crop_size_is_whole_patches_between_one_and_all() -> None:
+    assert crop_size((24, 24), (8, 8), 0.67) == (16, 16)
+    assert crop_size((32, 32), (8, 8), 0.67) == (24, 24)
+    assert crop_size((32, 16), (8, 4), 0.5) == (16, 8)
+    assert crop_size((8, 8, 8), (4, 4, 4), 0.01) == (4, 4, 4)  # never below one patch
+    assert crop_size((24, 24), (8, 8), 1.0) == (24, 24)
+    with pytest.raises(ValueError, match="share"):
+        crop_size((24, 24), (8, 8), 0.0)
+
+
+@pytest.mark.parametrize("grid, size", [((12, 10), (8, 4)), ((8, 8, 8), (4, 4, 4))])
+def test_crop_stack_takes_exact_windows_at_uniform_offsets(grid: tuple[int, ...], size: tuple[int, ...]) -> None:
+    n = 400
+    # Each pixel holds its own flat index: a window's first pixel says where the window starts.
+    images = torch.arange(n * math.prod(grid), dtype=torch.float32).view(n, 1, *grid)
+    out = crop_stack(images, size, torch.Generator().manual_seed(0), "test", torch.arange(n), n)
+    assert out.shape == (n, 1, *size)
+    starts = []
+    for i in range(n):
+        flat = int(out[i].flatten()[0]) - i * math.prod(grid)
+        start = []
+        for g in reversed(grid):
+            start.append(flat % g)
+            flat //= g
+        start = start[::-1]
+        window = images[(i, 0, *[slice(a, a + c) for a, c in zip(start, size)])]
+        assert torch.equal(out[i, 0], window)
+        starts.append(start)
+    # every offset 0 .. grid - size occurs on every axis, and none beyond
+    for a, (g, c) in enumerate(zip(grid, size)):
+        assert {s[a] for s in starts} == set(range(g - c + 1))
+    assert crop_stack(images, grid, None, "test", torch.arange(n), n) is images
+    with pytest.raises(ValueError, match="does not fit"):
+        crop_stack(images, tuple(g + 1 for g in grid), None, "test", torch.arange(n), n)
+
+
+def test_local_crops_are_windows_of_their_subjects_images_globals_whole() -> None:
+    cfg = tiny_config()
+    batch = make_batch(cfg, ORGAN_SETS, seed=2)
+    B = batch.size
+    sizes = {o: crop_size(tuple(s.grid), tuple(s.patch), 0.5) for o, s in cfg.data.organs.items()}
+    views = make_views(batch, 2, 3, (0.5, 1.0), None, torch.Generator().manual_seed(2), sizes)
+    assert all(x.shape[2:] == batch.images[o].shape[2:] for o, x in views.global_views.images.items())
+    lv = views.local_views
+    assert lv is not None
+    for organ, rows in lv.index.items():
+        assert tuple(lv.images[organ].shape[2:]) == sizes[organ]
+        src_pos = {int(r): i for i, r in enumerate(batch.index[organ])}
+        for img, row in zip(lv.images[organ], rows.tolist()):
+            source = batch.images[organ][src_pos[row % B], 0]
+            windows = source
+            for axis, c in enumerate(sizes[organ]):
+                windows = windows.unfold(axis, c, 1)  # every window of the crop's size
+            windows = windows.reshape(-1, *sizes[organ])
+            assert any(torch.equal(w, img[0]) for w in windows)
