@@ -70,6 +70,7 @@ class PanOrganEncoder(nn.Module):
         batch: SubjectBatch,
         organ_mask: Tensor | None = None,
         patch_mask: dict[str, Tensor] | None = None,
+        crops: bool = False,
     ) -> EncoderOutput:
         """Encode a batch.
 
@@ -77,8 +78,9 @@ class PanOrganEncoder(nn.Module):
             batch: the subjects.
             organ_mask: optional (B, n_organs) bool, True = organ masked for that subject.
             patch_mask: optional organ -> (n_o, P_o) bool, True = patch masked.
+            crops: the batch may hold organ crops (a local view's; ``PanOrganTokenizer.forward``).
         """
-        ts = self.tokenizer(batch, organ_mask, patch_mask)
+        ts = self.tokenizer(batch, organ_mask, patch_mask, crops)
         x = ts.tokens
         cls_attn: Tensor | None = None
         aux: list[DexAux | None] = []

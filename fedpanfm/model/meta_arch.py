@@ -73,10 +73,11 @@ class SSLNetwork(nn.Module):
             self.organ_projector = organ_projector
 
     def forward(
-        self, batch: SubjectBatch, organ_mask: Tensor | None = None, patch_mask: dict[str, Tensor] | None = None
+        self, batch: SubjectBatch, organ_mask: Tensor | None = None, patch_mask: dict[str, Tensor] | None = None,
+        crops: bool = False,
     ) -> EncoderOutput:
-        """The encoder's output for ``batch`` (masks as in :meth:`PanOrganEncoder.forward`)."""
-        return self.encoder(batch, organ_mask, patch_mask)
+        """The encoder's output for ``batch`` (masks and crops as in :meth:`PanOrganEncoder.forward`)."""
+        return self.encoder(batch, organ_mask, patch_mask, crops)
 
 
 @dataclass
@@ -193,7 +194,9 @@ class PanFMSSL(nn.Module):
         s_out = self.student(gv, organ_mask, patch_mask)
         if not (torch.equal(s_out.pad, t_out.pad) and torch.equal(s_out.organ_id, t_out.organ_id)):
             raise RuntimeError("PanFMSSL: student and teacher token layouts differ for the same view")
-        s_local = self.student(views.local_views) if views.local_views is not None else None
+        s_local = None
+        if views.local_views is not None:
+            s_local = self.student(views.local_views, crops=self.crop_sizes is not None)
         sel = s_out.masked & ~s_out.pad
         rows = sel.nonzero()[:, 0]  # the (view, subject) row: iBOT averages per row first
         s_cls = [s_out.cls] + ([s_local.cls] if s_local is not None else [])

@@ -12,9 +12,11 @@ patch sits, and must predict the teacher's features there from the other organs 
 loss covers these positions). A consequence we rely on: for the same batch the student's and
 the teacher's token layouts are identical, so their tokens align position by position.
 
-A batch may hold an organ's images at a smaller size than its grid (a local view's crops,
-``model/views.py``): whole patches per axis. They are embedded at their own patch grid with the
-positional embedding interpolated to it, as DINO embeds its smaller local crops.
+A batch may hold an organ's images at a smaller size than its grid where the caller allows it (a
+local view's crops, ``model/views.py``): whole patches per axis. They are embedded at their own
+patch grid with the positional embedding interpolated to it, as DINO embeds its smaller local
+crops. Elsewhere (global views, evaluation) an image must be at its organ's grid: a loader that
+produced the wrong size is an error, not a crop.
 """
 
 from __future__ import annotations
@@ -204,7 +206,8 @@ class PanOrganTokenizer(nn.Module):
         """The organ's own tokenizer (typed: ``ModuleDict`` items are plain modules to a type checker)."""
         return cast(OrganTokenizer, self.organs[organ])
 
-    def _check(self, batch: SubjectBatch, organ_mask: Tensor | None, patch_mask: dict[str, Tensor] | None) -> None:
+    def _check(self, batch: SubjectBatch, organ_mask: Tensor | None, patch_mask: dict[str, Tensor] | None,
+               crops: bool) -> None:
         names = self.organ_set.names
         if tuple(batch.organ_names) != names:
             raise ValueError(f"batch organ vocabulary {tuple(batch.organ_names)} differs from the model's {names}")
@@ -215,9 +218,10 @@ class PanOrganTokenizer(nn.Module):
             if o not in self.organs:
                 raise ValueError(f"batch.images has unknown organ {o!r}; known: {', '.join(names)}")
             tok = self.tokenizer(o)
-            if x.dim() != 2 + len(tok.grid) or x.shape[1] != 1 or not tok.fits(tuple(x.shape[2:])):
-                raise ValueError(f"batch.images[{o!r}] has shape {tuple(x.shape)}, expected (n, 1, {', '.join(map(str, tok.grid))}) "
-                                 f"or a crop of whole {'x'.join(map(str, tok.patch))} patches")
+            size = tuple(x.shape[2:])
+            if x.dim() != 2 + len(tok.grid) or x.shape[1] != 1 or not (size == tok.grid or crops and tok.fits(size)):
+                also = f" or a crop of whole {'x'.join(map(str, tok.patch))} patches" if crops else ""
+                raise ValueError(f"batch.images[{o!r}] has shape {tuple(x.shape)}, expected (n, 1, {', '.join(map(str, tok.grid))}){also}")
             idx = batch.index.get(o)
             if idx is None or idx.shape != (x.shape[0],):
                 raise ValueError(f"batch.index[{o!r}] must be a ({x.shape[0]},) tensor of batch rows")
@@ -245,6 +249,7 @@ class PanOrganTokenizer(nn.Module):
         batch: SubjectBatch,
         organ_mask: Tensor | None = None,
         patch_mask: dict[str, Tensor] | None = None,
+        crops: bool = False,
     ) -> TokenSet:
         """Embed and assemble the batch.
 
@@ -254,8 +259,9 @@ class PanOrganTokenizer(nn.Module):
                 subject (all its patch tokens become the mask token).
             patch_mask: optional organ -> (n_o, P_o) bool, True = this patch is masked
                 (rows follow ``batch.images[organ]``).
+            crops: allow images smaller than their organ's grid (whole patches; local views).
         """
-        self._check(batch, organ_mask, patch_mask)
+        self._check(batch, organ_mask, patch_mask, crops)
         B = batch.size
         dim = self.cls_token.shape[-1]
         device = self.cls_token.device

@@ -286,6 +286,6 @@ def test_local_crops_train_the_positional_embeddings_through_their_interpolation
     out = model(batch, SCHED, generator=torch.Generator().manual_seed(4))
     assert torch.isfinite(out.loss) and "loss/organ_contrast" in out.metrics
     # only the local views hold crops: a loss on their CLS alone still reaches the heart's positions
-    local_cls = model.student(views.local_views).cls
+    local_cls = model.student(views.local_views, crops=True).cls
     local_cls.square().sum().backward()
     assert model.student.encoder.tokenizer.tokenizer("heart").pos_embed.grad.abs().sum() > 0

@@ -111,6 +111,7 @@ def test_missing_organ_contributes_nothing():
 @pytest.mark.parametrize(
     "breaker, message",
     [
+        (lambda b: b.images.__setitem__("heart", torch.randn(1, 1, 8, 8)), "images\\['heart'\\] has shape"),
         (lambda b: b.images.__setitem__("heart", torch.randn(1, 1, 10, 10)), "images\\['heart'\\] has shape"),
         (lambda b: b.images.__setitem__("heart", torch.randn(1, 1, 20, 20)), "images\\['heart'\\] has shape"),
         (lambda b: b.index.__setitem__("heart", torch.tensor([1])), "disagrees with batch.present"),
@@ -171,13 +172,18 @@ def test_crops_embed_at_their_own_patch_grid_with_interpolated_positions() -> No
     # A batch with crops: the sequence holds the crops' patches, each where positions say.
     batch = make_batch(cfg, [["heart", "liver"], ["heart"]])
     batch.images["heart"] = batch.images["heart"][..., 4:12, 0:12]  # 2x3 patches
-    ts = tz(batch)
+    with pytest.raises(ValueError, match="expected \\(n, 1, 16, 16\\)$"):
+        tz(batch)  # a smaller image is an error unless crops are allowed
+    ts = tz(batch, crops=True)
     P_liver = cfg.data.organs["liver"].num_patches
     assert (~ts.pad).sum(1).tolist() == [1 + 6 + P_liver, 1 + 6]
     assert tuple(ts.positions["heart"].shape) == (2, 6)
     assert torch.allclose(gather_organ_tokens(ts.tokens, batch, ts.positions, "heart"), heart(batch.images["heart"]))
     # patch masks of a crop have the crop's patch count
-    ts = tz(batch, patch_mask={"heart": torch.ones(2, 6, dtype=torch.bool)})
+    ts = tz(batch, patch_mask={"heart": torch.ones(2, 6, dtype=torch.bool)}, crops=True)
     assert int(ts.masked.sum()) == 12
     with pytest.raises(ValueError, match="patch_mask\\['heart'\\]"):
-        tz(batch, patch_mask={"heart": torch.ones(2, 16, dtype=torch.bool)})
+        tz(batch, patch_mask={"heart": torch.ones(2, 16, dtype=torch.bool)}, crops=True)
+    batch.images["heart"] = torch.randn(2, 1, 10, 10)
+    with pytest.raises(ValueError, match="or a crop of whole 4x4 patches"):
+        tz(batch, crops=True)
