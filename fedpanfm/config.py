@@ -166,6 +166,7 @@ class ModelConfig:
     stem_channels: int = option(0, lo=0, doc="channels of the two 3x3 convolutions before each organ's patch embedding; 0 = linear patch embedding")
     organ_proj_hidden_dim: int = option(256, lo=8, doc="hidden width of the organ-contrast projector (train.loss.organ_contrast)")
     organ_proj_dim: int = option(64, lo=8, doc="output width of the organ-contrast projector")
+    layerscale: float = option(0.0, lo=0.0, doc="initial per-channel scale of each residual branch (DINOv2's LayerScale, 1e-5 there); 0 = off")
     dex: DexConfig = field(default_factory=DexConfig)
 
 

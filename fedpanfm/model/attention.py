@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -50,6 +51,21 @@ class Attention(nn.Module):
         return out, cls_attn
 
 
+class LayerScale(nn.Module):
+    """Learned per-channel scale of a residual branch, started at ``init`` (DINOv2's LayerScale).
+
+    Starting every branch near zero keeps each block near the identity early on, so a larger
+    learning rate does not tip the residual stream over before the branches have learned.
+    """
+
+    def __init__(self, dim: int, init: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
     """Pre-norm block: x = x + attn(norm1(x)); x = x + mlp(norm2(x)).
 
@@ -60,21 +76,26 @@ class Block(nn.Module):
         dex: DEX config; ``mlp`` is a :class:`DEXLayer` when ``dex.enabled``, else a
             :class:`PlainMLP`.
         return_cls_attn: this block reports the CLS attention (the last block).
+        layerscale: initial :class:`LayerScale` of both branches; 0 = no LayerScale.
     """
 
-    def __init__(self, dim: int, heads: int, hidden: int, dex: DexConfig, return_cls_attn: bool = False) -> None:
+    def __init__(
+        self, dim: int, heads: int, hidden: int, dex: DexConfig, return_cls_attn: bool = False, layerscale: float = 0.0
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, return_cls_attn)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp: DEXLayer | PlainMLP = DEXLayer(dim, hidden, dex) if dex.enabled else PlainMLP(dim, hidden)
+        self.ls1: nn.Module = LayerScale(dim, layerscale) if layerscale > 0 else nn.Identity()
+        self.ls2: nn.Module = LayerScale(dim, layerscale) if layerscale > 0 else nn.Identity()
 
     def forward(self, x: Tensor, pad: Tensor) -> tuple[Tensor, Tensor | None, DexAux | None]:
         """x (B, N, D), pad (B, N) -> (x, cls_attn (B, N) or None, DexAux or None)."""
         a, cls_attn = self.attn(self.norm1(x), pad)
-        x = x + a
+        x = x + self.ls1(a)
         m, aux = self.mlp(self.norm2(x), pad)
-        return x + m, cls_attn, aux
+        return x + self.ls2(m), cls_attn, aux
 
 
-__all__ = ["Attention", "Block"]
+__all__ = ["Attention", "Block", "LayerScale"]

@@ -57,7 +57,10 @@ class PanOrganEncoder(nn.Module):
         hidden = max(1, int(round(m.dim * m.mlp_ratio)))
         self.tokenizer = PanOrganTokenizer(cfg.data.organ_set(), cfg.data.organs, m.dim, m.stem_channels)
         self.blocks = nn.ModuleList(
-            [Block(m.dim, m.heads, hidden, m.dex, return_cls_attn=(i == m.depth - 1)) for i in range(m.depth)]
+            [
+                Block(m.dim, m.heads, hidden, m.dex, return_cls_attn=(i == m.depth - 1), layerscale=m.layerscale)
+                for i in range(m.depth)
+            ]
         )
         self.norm = nn.LayerNorm(m.dim)
 

@@ -154,3 +154,36 @@ def test_dino_head_normalised_prototypes():
         head.last_layer.weight[3] *= 5.0
     assert torch.allclose(head(x), logits, atol=1e-6)
     assert sum(isinstance(m, torch.nn.Linear) for m in head.mlp) == 3
+
+
+def test_layerscale_scales_each_residual_branch():
+    """model.layerscale: both branches of every block are scaled per channel from the given start
+    (the blocks start near the identity), the scales train without weight decay, and 0 leaves the
+    block without them."""
+    from fedpanfm.model.attention import LayerScale
+    from fedpanfm.train.engine import param_groups
+
+    plain, _ = make_encoder()
+    assert not any(isinstance(m, LayerScale) for m in plain.modules())
+    enc, cfg = make_encoder(overrides=["model.layerscale=0.25"])
+    block = enc.blocks[0]
+    assert isinstance(block.ls1, LayerScale) and torch.equal(block.ls2.gamma, torch.full((32,), 0.25))
+    # The block is x + g1 * attn(norm1(x)), then + g2 * mlp(norm2(.)): recompute it by hand.
+    torch.manual_seed(3)
+    x, pad = torch.randn(2, 5, 32), torch.zeros(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        block.ls1.gamma.uniform_(0.1, 0.5)
+        block.ls2.gamma.uniform_(0.1, 0.5)
+        y, _, _ = block.eval()(x, pad)
+        h = x + block.ls1.gamma * block.attn(block.norm1(x), pad)[0]
+        expected = h + block.ls2.gamma * block.mlp.eval()(block.norm2(h), pad)[0]
+    assert torch.allclose(y, expected, atol=1e-6)
+    # Started at 1e-5, every block is the identity to within its scale.
+    tiny, cfg = make_encoder(overrides=["model.layerscale=1e-5"])
+    with torch.no_grad():
+        for b in tiny.blocks:
+            out, _, _ = b.eval()(x, pad)
+            assert (out - x).abs().max() < 1e-3 and not torch.equal(out, x)
+    groups = param_groups(tiny)
+    no_decay = {id(p) for g in groups if g["wd_scale"] == 0.0 for p in g["params"]}
+    assert all(id(b.ls1.gamma) in no_decay and id(b.ls2.gamma) in no_decay for b in tiny.blocks)
