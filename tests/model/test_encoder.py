@@ -160,7 +160,9 @@ def test_layerscale_scales_each_residual_branch():
     """model.layerscale: both branches of every block are scaled per channel from the given start
     (the blocks start near the identity), the scales train without weight decay, and 0 leaves the
     block without them."""
+    from fedpanfm.federation.param_groups import classify
     from fedpanfm.model.attention import LayerScale
+    from fedpanfm.model.meta_arch import PanFMSSL
     from fedpanfm.train.engine import param_groups
 
     plain, _ = make_encoder()
@@ -187,3 +189,7 @@ def test_layerscale_scales_each_residual_branch():
     groups = param_groups(tiny)
     no_decay = {id(p) for g in groups if g["wd_scale"] == 0.0 for p in g["params"]}
     assert all(id(b.ls1.gamma) in no_decay and id(b.ls2.gamma) in no_decay for b in tiny.blocks)
+    # The federation averages them with the backbone (not a DEX director, expert or organ group).
+    keys = [k for k in PanFMSSL(cfg).state_dict() if k.endswith((".ls1.gamma", ".ls2.gamma"))]
+    assert len(keys) == 2 * 2 * cfg.model.depth  # student and teacher, two per block
+    assert {(classify(k).kind, classify(k).layer) for k in keys} == {("shared", None)}
