@@ -156,7 +156,7 @@ class OrganTokenizer(nn.Module):
         return F.interpolate(pos, size=grid, mode=mode, align_corners=False).reshape(dim, -1).T
 
     def patchify(self, images: Tensor) -> Tensor:
-        """(n, 1, *grid) images -> (n, P, D) patch embeddings (no position / organ added)."""
+        """(n, 1, *size) images (the grid or a crop, :meth:`fits`) -> (n, P, D) patch embeddings (no position / organ added)."""
         x = images.to(self.patch_embed.weight.dtype)
         if self.stem is not None:
             # Channels-last: with 16 channels oneDNN's NCHW convolutions (and their backward) took

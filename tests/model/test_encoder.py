@@ -8,9 +8,13 @@ import pytest
 import torch
 from conftest import make_batch, tiny_config
 
+from fedpanfm.federation.param_groups import classify
+from fedpanfm.model.attention import LayerScale
 from fedpanfm.model.encoder import PanOrganEncoder
 from fedpanfm.model.heads import DINOHead
+from fedpanfm.model.meta_arch import PanFMSSL
 from fedpanfm.model.tokenizer import TokenSet
+from fedpanfm.train.engine import param_groups
 
 ORGANS = ["brain", "heart", "adipose", "liver", "kidney", "spleen", "pancreas"]
 
@@ -160,11 +164,6 @@ def test_layerscale_scales_each_residual_branch():
     """model.layerscale: both branches of every block are scaled per channel from the given start
     (the blocks start near the identity), the scales train without weight decay, and 0 leaves the
     block without them."""
-    from fedpanfm.federation.param_groups import classify
-    from fedpanfm.model.attention import LayerScale
-    from fedpanfm.model.meta_arch import PanFMSSL
-    from fedpanfm.train.engine import param_groups
-
     plain, _ = make_encoder()
     assert not any(isinstance(m, LayerScale) for m in plain.modules())
     enc, cfg = make_encoder(overrides=["model.layerscale=0.25"])
