@@ -28,7 +28,8 @@ readout (:mod:`fedpanfm.evaluation.readouts`); ``evaluation.study.primary_readou
 subject passed once through a training step), ``S = rounds x local epochs x N`` with N the
 training subjects of all sites (after each site's validation hold-out), and therefore the same
 number of optimiser steps when each site's training count is a multiple of the batch size (the
-supervised reference excepted: it is a reference, trained to convergence, not a compared arm):
+supervised reference excepted: it is a reference, not a compared arm, and may take more steps;
+on the study's 1024 training subjects it converges by ~2880, docs/results.md, "Sixteenth session"):
 centralized trains ``rounds x epochs`` epochs over the pooled N; a single site k trains
 ``S / n_k`` epochs over its n_k; the federation trains ``epochs`` local epochs per round at
 every site, steps summed over sites. :func:`plan_budget` computes it and refuses a cohort where
