@@ -25,6 +25,7 @@ from fedpanfm.config import ExperimentConfig, load_config
 from fedpanfm.data.dataset import pooled_dataset
 from fedpanfm.data.synthetic import generate_cohort
 from fedpanfm.evaluation import baseline_macro_aurocs, collate_dataset, embed_batches, fit_and_score
+from fedpanfm.evaluation.baselines import TEXTURE_SCALES
 from fedpanfm.evaluation.factors import load_cohort_factors
 from fedpanfm.evaluation.probe import probe_split
 from fedpanfm.evaluation.readouts import READOUTS, readout
@@ -34,6 +35,31 @@ EVAL_SETTINGS = [
     "synth.site_organs=[[brain,heart,adipose,liver,kidney,spleen,pancreas],"
     "[brain,heart,adipose,liver,kidney,spleen,pancreas]]",
 ]
+
+
+def texture_block(images: np.ndarray, scales: tuple[int, ...]) -> np.ndarray:
+    """Independent numpy version of the ``texture_stats`` row for one organ: (n, *grid) images ->
+    (n, 3 x len(scales)) log mean / median / 90th percentile of the forward-difference gradient
+    magnitude of each standardised image, average-pooled by each scale (zeros where one does not fit)."""
+    n, grid = images.shape[0], images.shape[1:]
+    flat = images.reshape(n, -1).astype(np.float64)
+    z = ((flat - flat.mean(1, keepdims=True)) / np.maximum(flat.std(1, keepdims=True), 1e-6)).reshape(images.shape)
+    out = []
+    for s in scales:
+        if min(grid) < 2 * s:
+            out.append(np.zeros((n, 3)))
+            continue
+        cut = tuple(slice(0, (g // s) * s) for g in grid)
+        pooled = z[(slice(None), *cut)].reshape(n, *[v for g in grid for v in (g // s, s)])
+        pooled = pooled.mean(axis=tuple(range(2, 2 + 2 * len(grid), 2)))
+        square = np.zeros_like(pooled)
+        for axis in range(1, pooled.ndim):
+            d = np.diff(pooled, axis=axis)
+            square += np.concatenate([d, np.zeros_like(np.take(d, [0], axis=axis))], axis=axis) ** 2
+        g = np.sqrt(square).reshape(n, -1)
+        stats = np.stack([g.mean(1), np.quantile(g, 0.5, axis=1), np.quantile(g, 0.9, axis=1)], 1)
+        out.append(np.log(np.maximum(stats, 1e-6)))
+    return np.concatenate(out, 1)
 
 
 def sklearn_rows(batches: list, factors: tuple, label_names: tuple[str, ...]) -> dict[str, float]:
@@ -49,7 +75,7 @@ def sklearn_rows(batches: list, factors: tuple, label_names: tuple[str, ...]) ->
     present = np.concatenate([b.present.numpy() for b in batches]).astype(float)
     labels = np.concatenate([b.labels.numpy() for b in batches])
     organs = batches[0].organ_names
-    pixels, stats = [], []
+    pixels, stats, textures = [], [], []
     for k, organ in enumerate(organs):
         shape = next(b.images[organ].shape[1:] for b in batches if organ in b.images)
         block = np.zeros((len(ids), int(np.prod(shape))), dtype=np.float32)
@@ -61,10 +87,12 @@ def sklearn_rows(batches: list, factors: tuple, label_names: tuple[str, ...]) ->
         pixels.append(block)
         q = np.quantile(block, [0.05, 0.25, 0.5, 0.75, 0.95], axis=1).T
         stats.append(np.concatenate([block.mean(1, keepdims=True), block.std(1, keepdims=True), q], 1) * present[:, [k]])
+        textures.append(texture_block(block.reshape(len(ids), *shape[1:]), TEXTURE_SCALES) * present[:, [k]])
     subject_factors, signal, _ = factors
     inputs = {
         "presence": present,
         "pixel_stats": np.concatenate(stats + [present], 1),
+        "texture_stats": np.concatenate(textures + [present], 1),
         "pca_pixels": np.concatenate([PCA(32, random_state=0).fit_transform(np.concatenate(pixels, 1)), present], 1),
         "oracle": np.array([[subject_factors[s][f] for f in signal] for s in ids]),
     }

@@ -408,8 +408,8 @@ class EvalConfig:
     max_iter: int = option(50, lo=1, doc="Newton iterations per probe fit at most")
     probe_seed: int = option(7919, doc="offset of the probe split seed: split = probe_seed + run seed, so the split "
                                    "never shares a seed with model initialisation")
-    baselines: bool = option(True, doc="score the baseline rows (presence, pixel_stats, pca_pixels, oracle, "
-                                   "random_init) beside the encoder")
+    baselines: bool = option(True, doc="score the baseline rows (presence, pixel_stats, texture_stats, pca_pixels, "
+                                   "oracle, random_init) beside the encoder")
     pca_components: int = option(32, lo=1, doc="components of the pca_pixels baseline")
     bootstrap: int = option(1000, lo=0, doc="bootstrap resamples of the test set for CIs; 0 = none")
     ci_level: float = option(0.95, lo=0.5, hi=0.999)

@@ -9,6 +9,9 @@ subjects, the same L2 search) so the rows compare directly:
 - ``presence``: the O organ-presence flags alone;
 - ``pixel_stats``: per organ, its presence flag and the preprocessed image's mean, std and
   :data:`QUANTILES` (zeros where the organ is absent);
+- ``texture_stats``: per organ, its presence flag and statistics of the gradient magnitude of the
+  image standardised to zero mean and unit variance, at :data:`TEXTURE_SCALES` (zeros where
+  absent): hand-made texture features, what an encoder should at least learn;
 - ``pca_pixels``: the first ``evaluation.pca_components`` principal components of every organ's
   preprocessed image concatenated (zero-filled where absent), PCA fitted on the probe-train
   subjects only, plus the presence flags;
@@ -38,8 +41,12 @@ from fedpanfm.evaluation.readouts import READOUTS, readout
 #: Pixel-statistics baseline: quantiles of each organ's preprocessed image.
 QUANTILES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
 
+#: Texture-statistics baseline: the gradient magnitude is read on the image average-pooled by each
+#: of these factors along every axis (1 = the image itself).
+TEXTURE_SCALES: tuple[int, ...] = (1, 2, 4)
+
 #: Feature baselines (no encoder) in report order; ``random_init`` follows with every readout.
-FEATURE_BASELINES: tuple[str, ...] = ("presence", "pixel_stats", "pca_pixels", "oracle")
+FEATURE_BASELINES: tuple[str, ...] = ("presence", "pixel_stats", "texture_stats", "pca_pixels", "oracle")
 
 
 def _cat(batches: Sequence[SubjectBatch], attr: str) -> Tensor:
@@ -71,12 +78,12 @@ def presence_features(batches: Sequence[SubjectBatch]) -> Tensor:
 
 
 def _organ_images(batches: Sequence[SubjectBatch], organ: str) -> tuple[Tensor, Tensor]:
-    """(rows of the subjects that have ``organ`` over all batches, their flattened images)."""
+    """(rows of the subjects that have ``organ`` over all batches, their images (n, 1, *grid))."""
     rows, images, offset = [], [], 0
     for b in batches:
         if organ in b.index:
             rows.append(b.index[organ].cpu() + offset)
-            images.append(b.images[organ].detach().cpu().float().flatten(1))
+            images.append(b.images[organ].detach().cpu().float())
         offset += b.size
     if not rows:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
@@ -94,9 +101,58 @@ def pixel_stats_features(batches: Sequence[SubjectBatch], quantiles: Sequence[fl
         rows, x = _organ_images(batches, organ)
         if not len(rows):
             continue
+        x = x.flatten(1)
         stats = torch.cat([torch.ones(len(x), 1), x.mean(1, keepdim=True), x.std(1, unbiased=False, keepdim=True),
                            torch.quantile(x, q, dim=1).T], dim=1)
         out[rows, k * width:(k + 1) * width] = stats
+    return out
+
+
+def gradient_magnitude(x: Tensor) -> Tensor:
+    """(n, 1, *S) images -> (n, 1, *S) magnitude of their forward-difference gradient over every
+    spatial axis (the last slice of each axis has no forward neighbour and counts as flat)."""
+    square = torch.zeros_like(x)
+    for axis in range(2, x.dim()):
+        pad = [0, 0] * (x.dim() - 1 - axis) + [0, 1]  # F.pad lists the last axis first
+        square = square + torch.nn.functional.pad(torch.diff(x, dim=axis), pad) ** 2
+    return square.sqrt()
+
+
+def texture_stats_features(batches: Sequence[SubjectBatch], scales: Sequence[int] = TEXTURE_SCALES) -> Tensor:
+    """(N, O x (1 + 3 x len(scales))) per organ: presence flag, then per scale the log of the mean,
+    median and 90th percentile of the gradient magnitude; zeros where absent.
+
+    Each image is first standardised (its own mean and std over its voxels), so intensity gain
+    and offset, per scanner or per image, do not enter; what is left is how fast intensity
+    changes: texture scale, lesion edges, outline roughness. Why a row of its own: the
+    benchmark generator v2 shows disease through exactly these (docs/synthetic-cohort.md) at a
+    fixed intensity histogram, which ``pixel_stats`` reads, so this row is the floor a
+    pre-trained encoder should clear with features it learned. A scale whose pooled image would
+    have fewer than 2 voxels along an axis contributes zeros.
+    """
+    n = len(_ids(batches))
+    organs = batches[0].organ_names
+    width = 1 + 3 * len(scales)
+    q = torch.tensor([0.5, 0.9])
+    out = torch.zeros(n, len(organs) * width)
+    for k, organ in enumerate(organs):
+        rows, x = _organ_images(batches, organ)
+        if not len(rows):
+            continue
+        flat = x.flatten(1)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        x = (x - flat.mean(1).view(shape)) / flat.std(1, unbiased=False).clamp(min=1e-6).view(shape)
+        stats = [torch.ones(len(x), 1)]
+        for s in scales:
+            if min(x.shape[2:]) < 2 * s:
+                stats.append(torch.zeros(len(x), 3))
+                continue
+            pooled = x if s == 1 else (torch.nn.functional.avg_pool2d if x.dim() == 4 else torch.nn.functional.avg_pool3d)(x, s)
+            g = gradient_magnitude(pooled).flatten(1)
+            # log: texture scale multiplies the gradient (e^{0.45 z} in the generator), so the
+            # probe's linear read is on the log.
+            stats.append(torch.cat([g.mean(1, keepdim=True), torch.quantile(g, q, dim=1).T], 1).clamp(min=1e-6).log())
+        out[rows, k * width:(k + 1) * width] = torch.cat(stats, 1)
     return out
 
 
@@ -113,6 +169,7 @@ def pixel_matrix(batches: Sequence[SubjectBatch], sizes: Mapping[str, int] | Non
     blocks = []
     for organ in batches[0].organ_names:
         rows, x = _organ_images(batches, organ)
+        x = x.flatten(1)
         width = (sizes or {}).get(organ, x.shape[1] if len(rows) else 0)
         block = torch.zeros(n, width)
         if len(rows):
@@ -185,7 +242,7 @@ def baseline_scores(
         random_embeddings: the random encoder's embeddings if already computed.
 
     Returns:
-        row -> :class:`ProbeScores`: ``presence``, ``pixel_stats``, ``pca_pixels``, ``oracle``
+        row -> :class:`ProbeScores`: ``presence``, ``pixel_stats``, ``texture_stats``, ``pca_pixels``, ``oracle``
         (with factors) and ``random_init:<readout>`` for every readout.
     """
     ev = cfg.evaluation
@@ -207,12 +264,13 @@ def feature_baseline_scores(
     split: ProbeSplit | None = None,
 ) -> dict[str, ProbeScores]:
     """The encoder-free rows of :func:`baseline_scores`: ``presence``, ``pixel_stats``,
-    ``pca_pixels`` and (with factors) ``oracle``; arguments as there."""
+    ``texture_stats``, ``pca_pixels`` and (with factors) ``oracle``; arguments as there."""
     ev = cfg.evaluation
     split = split or probe_split(_ids(batches), ev, seed)
     feats: dict[str, Tensor] = {
         "presence": presence_features(batches),
         "pixel_stats": pixel_stats_features(batches),
+        "texture_stats": texture_stats_features(batches),
         "pca_pixels": pca_pixel_features(batches, split.train, ev.pca_components),
     }
     if factors is not None:
@@ -240,13 +298,16 @@ def baseline_macro_aurocs(
 __all__ = [
     "FEATURE_BASELINES",
     "QUANTILES",
+    "TEXTURE_SCALES",
     "baseline_macro_aurocs",
     "baseline_scores",
     "feature_baseline_scores",
     "feature_embeddings",
+    "gradient_magnitude",
     "oracle_features",
     "pca_pixel_features",
     "pixel_matrix",
     "pixel_stats_features",
     "presence_features",
+    "texture_stats_features",
 ]

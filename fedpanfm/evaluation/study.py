@@ -19,7 +19,7 @@ Arms (``evaluation.study.arms``, names in ``fedpanfm.config.STUDY_ARMS``):
 ========================  ==========================================================================
 
 Baseline rows (:mod:`fedpanfm.evaluation.baselines`: ``presence``, ``pixel_stats``,
-``pca_pixels``, ``oracle``) are scored once per seed on that seed's probe split, the split every
+``texture_stats``, ``pca_pixels``, ``oracle``) are scored once per seed on that seed's probe split, the split every
 arm of the seed is probed on (``evaluation.probe_seed + seed``). Every arm is probed under every
 readout (:mod:`fedpanfm.evaluation.readouts`); ``evaluation.study.primary_readout`` decides
 ``macro_auroc``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,10 +17,13 @@ from sklearn.preprocessing import StandardScaler
 from fedpanfm.data.batch import SubjectBatch
 from fedpanfm.evaluation.baselines import (
     QUANTILES,
+    TEXTURE_SCALES,
     baseline_macro_aurocs,
     feature_baseline_scores,
+    gradient_magnitude,
     pixel_matrix,
     pixel_stats_features,
+    texture_stats_features,
 )
 from fedpanfm.evaluation.embed import Embeddings, collate_dataset, embed_batches, organ_token_means, random_encoder
 from fedpanfm.evaluation.probe import probe_split
@@ -61,6 +65,47 @@ def test_pixel_stats_by_hand() -> None:
     m = pixel_matrix([b])
     assert m.shape == (2, b.images["brain"][0].numel() + b.images["heart"][0].numel())
     assert torch.all(m[1, : b.images["brain"][0].numel()] == 0)
+
+
+def test_texture_stats_by_hand() -> None:
+    b = make_batch(CFG, [["brain", "heart"], ["heart"]])
+    grid = tuple(b.images["heart"].shape[2:])
+    ramp = torch.arange(grid[-1], dtype=torch.float32).expand(grid)  # rises by 1 along the last axis
+    b.images["heart"] = torch.stack([ramp, 3.0 * ramp + 7.0])[:, None]  # the second: gain and offset
+    f = texture_stats_features([b])
+    width = 1 + 3 * len(TEXTURE_SCALES)
+    heart, brain = ORGANS.index("heart"), ORGANS.index("brain")
+    row = f[:, heart * width:(heart + 1) * width]
+    assert row[:, 0].tolist() == [1.0, 1.0]
+    assert torch.allclose(row[0], row[1], atol=1e-5)  # standardised first: gain and offset do not enter
+    # By hand at scale 1: after standardising, each step along the last axis is 1 / std of 0..W-1;
+    # the last column has no forward neighbour (0), so the mean is (W-1)/W of that, median and 90 % the step.
+    w = grid[-1]
+    step = 1.0 / float(np.arange(w).std())
+    assert row[0, 1:4].tolist() == pytest.approx([math.log(step * (w - 1) / w), math.log(step), math.log(step)], abs=1e-5)
+    assert torch.all(f[1, brain * width:(brain + 1) * width] == 0)  # absent: zeros, flag 0
+    # Texture scale: white noise changes faster than the same noise smoothed.
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 1, *grid, generator=g)
+    b.images["heart"] = torch.cat([noise[:1], torch.nn.functional.avg_pool2d(noise[1:], 3, 1, 1)])
+    rough, smooth = texture_stats_features([b])[:, heart * width + 1]
+    assert rough > smooth + 0.5
+
+
+def test_texture_stats_in_3d_and_scales_that_do_not_fit() -> None:
+    b = make_batch(CFG, [["heart"], ["heart"]])
+    vol = torch.zeros(2, 1, 4, 8, 8)
+    vol[:, 0] += torch.arange(4.0)[:, None, None]  # a ramp along the first axis
+    b3 = replace(b, images={"heart": vol}, index={"heart": torch.tensor([0, 1])})
+    f = texture_stats_features([b3], scales=(1, 2, 4))
+    heart = ORGANS.index("heart")
+    row = f[0, heart * 10:(heart + 1) * 10]
+    step = 1.0 / float(np.arange(4).std())
+    assert row[1:4].tolist() == pytest.approx([math.log(step * 3 / 4), math.log(step), math.log(step)], abs=1e-5)
+    assert torch.all(row[4:7] != 0)  # scale 2: 2 x 4 x 4 voxels
+    assert torch.all(row[7:] == 0)  # scale 4 would leave 1 voxel along the first axis: zeros
+    mag = gradient_magnitude(vol)
+    assert torch.allclose(mag[:, :, :3], torch.ones(2, 1, 3, 8, 8)) and torch.all(mag[:, :, 3] == 0)
 
 
 def test_presence_row_is_chance_when_presence_is_independent_of_labels() -> None:
@@ -166,6 +211,6 @@ def test_encoder_readouts_and_every_row_on_a_generated_cohort(tmp_path) -> None:
     assert torch.all(emb.organ_mean[~emb.present] == 0) and torch.all(emb.organ_mean[emb.present].abs().sum(-1) > 0)
     assert readout(emb, "both").cls.shape == (n, d + len(ORGANS) * d + len(ORGANS))
     rows = baseline_macro_aurocs(batches, cfg, seed=0, factors=load_cohort_factors(tmp_path / "c"))
-    assert set(rows) == {"presence", "pixel_stats", "pca_pixels", "oracle",
+    assert set(rows) == {"presence", "pixel_stats", "texture_stats", "pca_pixels", "oracle",
                          "random_init:cls", "random_init:organ_mean", "random_init:both"}
     assert all(0.0 <= v <= 1.0 for v in rows.values() if not math.isnan(v))

@@ -177,7 +177,7 @@ def test_micro_study_end_to_end(tmp_path) -> None:
         assert set(s.readouts) == {"cls", "organ_mean", "both"} and s.readout == "cls"
         assert s.macro == s.readouts["cls"]  # the primary readout decides macro_auroc
     # Baseline rows once per seed, on the split every arm of the seed is probed on.
-    assert set(study.baselines[3]) == {"presence", "pixel_stats", "pca_pixels", "oracle"}
+    assert set(study.baselines[3]) == {"presence", "pixel_stats", "texture_stats", "pca_pixels", "oracle"}
     assert all(0.0 <= v.macro <= 1.0 for v in study.baselines[3].values())
     assert 0.0 < study.reference["adipose_heart_attention"] < 1.0
     paths = write_study(runs, study.out, study.budget, study.seconds, study.single_site_choice, "fedpanfm study (test)",
@@ -192,7 +192,7 @@ def test_micro_study_end_to_end(tmp_path) -> None:
     assert all(float(r[std]) == 0.0 for r in rows[1:])
     md = paths["results.md"].read_text()
     assert "| centralized | 1 |" in md and "## Targets (issue 14)" in md and "| not run |" in md
-    assert "| pca_pixels |" in md and "| oracle |" in md
+    assert "| pca_pixels |" in md and "| texture_stats |" in md and "| oracle |" in md
     latest = json.loads(paths["study-latest.json"].read_text())
     assert latest["commit"] == "abc123" and latest["command"] == "fedpanfm study (test)"
     assert set(latest["arms"]) == {"random_init", "single_site", "centralized"} and latest["seeds"] == [3]
