@@ -4,8 +4,8 @@ Writes an evaluation-style cohort with the study config (2 full-body sites x 600
 presence independent of disease) and prints the macro AUROC of every baseline row with the
 project's probes (split and L2 as every study arm) at 3 probe seeds, and, independently of the
 project's probe code, of presence, per-organ pixel statistics, per-organ texture statistics (its own
-numpy version), PCA-32 of the pixels + presence and the oracle with scikit-learn's 5-fold cross-validated ``LogisticRegressionCV``. ``--supervised
-DIR`` also trains the supervised reference on the training cohort DIR (>= 768 subjects) and probes
+numpy version), PCA-32 of the pixels + presence and the oracle with scikit-learn's 5-fold
+cross-validated ``LogisticRegressionCV``. ``--supervised DIR`` also trains the supervised reference on the training cohort DIR (>= 768 subjects) and probes
 it; ``--set evaluation.study.supervised_epochs=N`` gives it N epochs (the study's 30 by default).
 The targets are in docs/synthetic-cohort.md ("Acceptance figures").
 """

@@ -25,7 +25,7 @@ Entry points: :func:`baseline_scores` (each row's :class:`ProbeScores`) and
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ QUANTILES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
 #: Texture-statistics baseline: the gradient magnitude is read on the image average-pooled by each
 #: of these factors along every axis (1 = the image itself).
 TEXTURE_SCALES: tuple[int, ...] = (1, 2, 4)
+
+#: Average pooling by the images' rank: (n, 1, H, W) or (n, 1, D, H, W).
+_AVG_POOL: dict[int, Callable[..., Tensor]] = {4: torch.nn.functional.avg_pool2d, 5: torch.nn.functional.avg_pool3d}
 
 #: Feature baselines (no encoder) in report order; ``random_init`` follows with every readout.
 FEATURE_BASELINES: tuple[str, ...] = ("presence", "pixel_stats", "texture_stats", "pca_pixels", "oracle")
@@ -90,22 +93,29 @@ def _organ_images(batches: Sequence[SubjectBatch], organ: str) -> tuple[Tensor, 
     return torch.cat(rows), torch.cat(images)
 
 
-def pixel_stats_features(batches: Sequence[SubjectBatch], quantiles: Sequence[float] = QUANTILES) -> Tensor:
-    """(N, O x (3 + Q)) per organ: presence flag, mean, std and ``quantiles`` of its image; zeros where absent."""
+def _organ_blocks(batches: Sequence[SubjectBatch], width: int, features: Callable[[Tensor], Tensor]) -> Tensor:
+    """(N, O x ``width``): per organ, a presence flag and ``features`` of its images (n, 1, *grid) ->
+    (n, width - 1), in vocabulary order; zeros where the organ is absent."""
     n = len(_ids(batches))
     organs = batches[0].organ_names
-    q = torch.tensor(list(quantiles))
-    width = 3 + len(q)
     out = torch.zeros(n, len(organs) * width)
     for k, organ in enumerate(organs):
         rows, x = _organ_images(batches, organ)
-        if not len(rows):
-            continue
-        x = x.flatten(1)
-        stats = torch.cat([torch.ones(len(x), 1), x.mean(1, keepdim=True), x.std(1, unbiased=False, keepdim=True),
-                           torch.quantile(x, q, dim=1).T], dim=1)
-        out[rows, k * width:(k + 1) * width] = stats
+        if len(rows):
+            out[rows, k * width:(k + 1) * width] = torch.cat([torch.ones(len(x), 1), features(x)], dim=1)
     return out
+
+
+def pixel_stats_features(batches: Sequence[SubjectBatch], quantiles: Sequence[float] = QUANTILES) -> Tensor:
+    """(N, O x (3 + Q)) per organ: presence flag, mean, std and ``quantiles`` of its image; zeros where absent."""
+    q = torch.tensor(list(quantiles))
+
+    def stats(x: Tensor) -> Tensor:
+        x = x.flatten(1)
+        return torch.cat([x.mean(1, keepdim=True), x.std(1, unbiased=False, keepdim=True), torch.quantile(x, q, dim=1).T],
+                         dim=1)
+
+    return _organ_blocks(batches, 3 + len(q), stats)
 
 
 def gradient_magnitude(x: Tensor) -> Tensor:
@@ -130,30 +140,24 @@ def texture_stats_features(batches: Sequence[SubjectBatch], scales: Sequence[int
     pre-trained encoder should clear with features it learned. A scale whose pooled image would
     have fewer than 2 voxels along an axis contributes zeros.
     """
-    n = len(_ids(batches))
-    organs = batches[0].organ_names
-    width = 1 + 3 * len(scales)
     q = torch.tensor([0.5, 0.9])
-    out = torch.zeros(n, len(organs) * width)
-    for k, organ in enumerate(organs):
-        rows, x = _organ_images(batches, organ)
-        if not len(rows):
-            continue
+
+    def stats(x: Tensor) -> Tensor:
         flat = x.flatten(1)
         shape = (-1,) + (1,) * (x.dim() - 1)
         x = (x - flat.mean(1).view(shape)) / flat.std(1, unbiased=False).clamp(min=1e-6).view(shape)
-        stats = [torch.ones(len(x), 1)]
+        per_scale = []
         for s in scales:
             if min(x.shape[2:]) < 2 * s:
-                stats.append(torch.zeros(len(x), 3))
+                per_scale.append(torch.zeros(len(x), 3))
                 continue
-            pooled = x if s == 1 else (torch.nn.functional.avg_pool2d if x.dim() == 4 else torch.nn.functional.avg_pool3d)(x, s)
-            g = gradient_magnitude(pooled).flatten(1)
+            g = gradient_magnitude(x if s == 1 else _AVG_POOL[x.dim()](x, s)).flatten(1)
             # log: texture scale multiplies the gradient (e^{0.45 z} in the generator), so the
             # probe's linear read is on the log.
-            stats.append(torch.cat([g.mean(1, keepdim=True), torch.quantile(g, q, dim=1).T], 1).clamp(min=1e-6).log())
-        out[rows, k * width:(k + 1) * width] = torch.cat(stats, 1)
-    return out
+            per_scale.append(torch.cat([g.mean(1, keepdim=True), torch.quantile(g, q, dim=1).T], 1).clamp(min=1e-6).log())
+        return torch.cat(per_scale, dim=1)
+
+    return _organ_blocks(batches, 1 + 3 * len(scales), stats)
 
 
 def pixel_matrix(batches: Sequence[SubjectBatch], sizes: Mapping[str, int] | None = None) -> Tensor:

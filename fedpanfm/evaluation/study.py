@@ -19,10 +19,10 @@ Arms (``evaluation.study.arms``, names in ``fedpanfm.config.STUDY_ARMS``):
 ========================  ==========================================================================
 
 Baseline rows (:mod:`fedpanfm.evaluation.baselines`: ``presence``, ``pixel_stats``,
-``texture_stats``, ``pca_pixels``, ``oracle``) are scored once per seed on that seed's probe split, the split every
-arm of the seed is probed on (``evaluation.probe_seed + seed``). Every arm is probed under every
-readout (:mod:`fedpanfm.evaluation.readouts`); ``evaluation.study.primary_readout`` decides
-``macro_auroc``.
+``texture_stats``, ``pca_pixels``, ``oracle``) are scored once per seed on that seed's probe split,
+the split every arm of the seed is probed on (``evaluation.probe_seed + seed``). Every arm is
+probed under every readout (:mod:`fedpanfm.evaluation.readouts`);
+``evaluation.study.primary_readout`` decides ``macro_auroc``.
 
 **Budget (our definition).** Every trained arm gets the same number of *subject-epochs* (one
 subject passed once through a training step), ``S = rounds x local epochs x N`` with N the
